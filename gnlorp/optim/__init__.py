@@ -1,0 +1,6 @@
+"""The projected 8-bit optimizer core: GaLore and GradNormLoRP with rank-r, optionally 8-bit, state."""
+
+from .adamw import ProjectedAdamW, state_bytes
+from .layerwise import LayerwiseHandle, register_layerwise_step
+
+__all__ = ["LayerwiseHandle", "ProjectedAdamW", "register_layerwise_step", "state_bytes"]

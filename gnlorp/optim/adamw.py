@@ -1,0 +1,223 @@
+"""ProjectedAdamW: AdamW, GaLore and GradNormLoRP in one optimizer, with 32- or 8-bit moments.
+
+Groups without `rank` are plain AdamW. Groups with `rank` keep Adam moments in rank-r space (GaLore);
+with `weight_norm=True` as well, the projected quantity is the direction of W = diag(g)·D and g gets its
+own small Adam (GradNormLoRP). Conventions follow galore-torch's AdamW (eps outside the square root,
+bias correction folded into the step size, decoupled weight decay after the update), so the two can be
+compared step by step. All state is tensors in `self.state`.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from itertools import chain
+from typing import Any, Callable, Iterable
+
+import torch
+from torch.optim import Optimizer
+
+from .moments import init_moments, read_moment, write_moment
+from .projector import PROJ_TYPES, add_projected_back_, compute_projector, project, projection_side
+from .weight_norm import renormalize_, row_norms, split_gradient
+
+PROJECTION_DEFAULTS = {"update_proj_gap": 200, "scale": 0.25, "proj_type": "std", "weight_norm": False}
+PROJ_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class ProjectedAdamW(Optimizer):
+    """AdamW whose groups may carry `rank`, `update_proj_gap`, `scale`, `proj_type` and `weight_norm`.
+
+    `bits` (32 or 8) sets how Adam moments are stored. `proj_dtype` ('float32' or 'bfloat16') sets how
+    projectors are stored; by default float32 at 32 bits, so the trajectory matches GaLore exactly, and
+    bfloat16 at 8 bits, where memory is the point and the projector's rounding is far below the moments'.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        bits: int = 32,
+        proj_dtype: str | torch.dtype | None = None,
+    ):
+        defaults = {
+            "lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay,
+            "bits": bits, "proj_dtype": proj_dtype,
+        }
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            _complete_and_validate(group)
+        except ValueError:
+            self.param_groups.pop()
+            raise
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._update(p, group)
+        return loss
+
+    @torch.no_grad()
+    def step_param(self, p: torch.Tensor) -> None:
+        """Update one parameter, as `step` would; the layer-wise mode calls it from a gradient hook."""
+        if p.grad is None:
+            return
+        group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
+        self._update(p, group)
+
+    def _update(self, p: torch.Tensor, group: dict[str, Any]) -> None:
+        state = self.state[p]
+        if not state:
+            _init_state(p, group, state)
+        beta1, beta2 = group["betas"]
+        lr, weight_decay = group["lr"], group["weight_decay"]
+        projected, weight_norm = "rank" in group, group.get("weight_norm", False)
+        grad = p.grad.float()
+
+        # GradNormLoRP: split G into the gradient of the magnitude g and of the direction D.
+        if weight_norm:
+            weight = p if p.dtype == torch.float32 else p.float()
+            magnitude = state["magnitude"]
+            grad_magnitude, grad = split_gradient(weight, grad, magnitude)
+
+        # GaLore: refresh the projector every update_proj_gap steps (counted from 0), then project.
+        if projected:
+            side = projection_side(p.shape, group["proj_type"])
+            if int(state["step"]) % group["update_proj_gap"] == 0:
+                rank = min(group["rank"], *p.shape)
+                state["projector"] = compute_projector(grad, rank, side, PROJ_DTYPES[group["proj_dtype"]])
+            grad = project(grad, state["projector"], side)
+
+        state["step"] += 1
+        t = int(state["step"])
+        step_size = lr * math.sqrt(1 - beta2**t) / (1 - beta1**t)
+        direction = _adam_direction(state, "", grad, beta1, beta2, group["eps"])
+
+        if weight_norm:
+            new_magnitude = magnitude - step_size * _adam_direction(
+                state, "magnitude_", grad_magnitude, beta1, beta2, group["eps"]
+            )
+            if weight_decay:
+                new_magnitude.mul_(1 - lr * weight_decay)
+            # weight = diag(g)·D, so adding diag(g)·back(N) gives diag(g)·D' without forming D.
+            add_projected_back_(
+                weight, direction, state["projector"], side, -step_size * group["scale"], row_scale=magnitude
+            )
+            renormalize_(weight, new_magnitude)
+            magnitude.copy_(new_magnitude)
+            if weight is not p:
+                p.copy_(weight)
+        else:
+            if projected:
+                add_projected_back_(p, direction, state["projector"], side, -step_size * group["scale"])
+            else:
+                p.add_(direction.to(p.dtype), alpha=-step_size)
+            if weight_decay:
+                p.mul_(1 - lr * weight_decay)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Like torch's, but keeps each state tensor's dtype.
+
+        torch casts floating state to the parameter's dtype, which would turn bf16 projectors into fp32
+        and, for a bf16 model, round the fp32 magnitude and moments.
+        """
+        saved_state = state_dict["state"]
+        super().load_state_dict({**state_dict, "state": {}})
+        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        params = chain.from_iterable(g["params"] for g in self.param_groups)
+        for saved_id, p in zip(saved_ids, params):
+            if saved_id in saved_state:
+                self.state[p] = {
+                    key: value.to(p.device, copy=True) if key != "step" else value.clone()
+                    for key, value in saved_state[saved_id].items()
+                }
+
+
+def _adam_direction(state: dict, prefix: str, grad: torch.Tensor, beta1: float, beta2: float, eps: float):
+    """Update the moments under `prefix` with `grad` and return N = M / (√S + ε)."""
+    exp_avg = read_moment(state, prefix + "exp_avg")
+    exp_avg_sq = read_moment(state, prefix + "exp_avg_sq")
+    exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    write_moment(state, prefix + "exp_avg", exp_avg)
+    write_moment(state, prefix + "exp_avg_sq", exp_avg_sq)
+    return exp_avg / exp_avg_sq.sqrt().add_(eps)
+
+
+def _init_state(p: torch.Tensor, group: dict[str, Any], state: dict) -> None:
+    state["step"] = torch.zeros((), dtype=torch.int64)
+    shape = p.shape
+    if "rank" in group:
+        m, n = p.shape
+        rank = min(group["rank"], m, n)
+        shape = torch.Size((m, rank) if projection_side(p.shape, group["proj_type"]) == "right" else (rank, n))
+    init_moments(state, shape, p.device, group["bits"])
+    if group.get("weight_norm"):
+        state["magnitude"] = row_norms(p)
+        state["magnitude_exp_avg"] = torch.zeros_like(state["magnitude"])
+        state["magnitude_exp_avg_sq"] = torch.zeros_like(state["magnitude"])
+
+
+def _complete_and_validate(group: dict[str, Any]) -> None:
+    """Fill the projection defaults into a group and reject bad values with a message that says the fix."""
+    _check(group["lr"] >= 0, f"lr must be >= 0, got {group['lr']}")
+    beta1, beta2 = group["betas"]
+    _check(0 <= beta1 < 1 and 0 <= beta2 < 1, f"betas must each be in [0, 1), got {group['betas']}")
+    _check(group["eps"] >= 0, f"eps must be >= 0, got {group['eps']}")
+    _check(group["weight_decay"] >= 0, f"weight_decay must be >= 0, got {group['weight_decay']}")
+    _check(group["bits"] in (32, 8), f"bits must be 32 or 8, got {group['bits']}")
+    group["proj_dtype"] = _resolve_proj_dtype(group["proj_dtype"], group["bits"])
+    if "rank" not in group:
+        _check(not group.get("weight_norm"), "weight_norm=True needs a rank: give the group a 'rank'")
+        return
+    for key, default in PROJECTION_DEFAULTS.items():
+        group.setdefault(key, default)
+    rank = group["rank"]
+    _check(isinstance(rank, int) and rank > 0, f"rank must be a positive integer, got {rank!r}")
+    gap = group["update_proj_gap"]
+    _check(isinstance(gap, int) and gap > 0, f"update_proj_gap must be a positive integer, got {gap!r}")
+    _check(group["scale"] > 0, f"scale must be > 0, got {group['scale']}")
+    _check(group["proj_type"] in PROJ_TYPES, f"proj_type must be one of {', '.join(PROJ_TYPES)}, got {group['proj_type']!r}")
+    for p in group["params"]:
+        _check(p.dim() == 2, f"rank needs 2-D parameters, got one of shape {tuple(p.shape)}: put it in a group without rank")
+        if rank > min(p.shape):
+            warnings.warn(
+                f"rank {rank} exceeds min{tuple(p.shape)}; using rank {min(p.shape)} for that parameter",
+                stacklevel=4,
+            )
+
+
+def _resolve_proj_dtype(proj_dtype: str | torch.dtype | None, bits: int) -> str:
+    if proj_dtype is None:
+        return "float32" if bits == 32 else "bfloat16"
+    name = str(proj_dtype).removeprefix("torch.")
+    _check(name in PROJ_DTYPES, f"proj_dtype must be one of {', '.join(PROJ_DTYPES)}, got {proj_dtype!r}")
+    return name
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def state_bytes(optimizer: Optimizer) -> int:
+    """Bytes held by every tensor in `optimizer.state`: the number the memory estimator must predict."""
+    return sum(
+        value.numel() * value.element_size()
+        for state in optimizer.state.values()
+        for value in state.values()
+        if torch.is_tensor(value)
+    )
