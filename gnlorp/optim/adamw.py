@@ -12,7 +12,8 @@ from __future__ import annotations
 import math
 import warnings
 from itertools import chain
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch.optim import Optimizer
@@ -138,7 +139,7 @@ class ProjectedAdamW(Optimizer):
         super().load_state_dict({**state_dict, "state": {}})
         saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = chain.from_iterable(g["params"] for g in self.param_groups)
-        for saved_id, p in zip(saved_ids, params):
+        for saved_id, p in zip(saved_ids, params, strict=True):
             if saved_id in saved_state:
                 self.state[p] = {
                     key: value.to(p.device, copy=True) if key != "step" else value.clone()

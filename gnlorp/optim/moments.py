@@ -8,7 +8,7 @@ stay fp32: their scales would cost more than they save.
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 import bitsandbytes.functional as bnbf
 import torch
@@ -20,7 +20,7 @@ MIN_8BIT_NUMEL = 4096
 SIGNED = {"exp_avg": True, "exp_avg_sq": False}
 
 
-@lru_cache(maxsize=None)
+@cache
 def _code(signed: bool, device: torch.device) -> torch.Tensor:
     return bnbf.create_dynamic_map(signed=signed).to(device)
 
