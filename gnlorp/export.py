@@ -1,0 +1,153 @@
+"""Export a run as a plain Hugging Face folder: merge the trained model, save it, reload it and check it.
+
+The folder must load with `AutoModelFor...from_pretrained` and compute what the run trained, so the
+export proves it before it is put in place: the reloaded folder's logits are compared with the
+trained (unmerged) model's on fixed probe inputs. Everything is written to a temp folder beside the
+output and renamed into place only after that check, so a failed export leaves nothing behind.
+The model is rebuilt, merged and saved in float32: the trained weights upcast losslessly, and the
+merge adds no rounding of its own, which is what makes a 1e-4 tolerance meaningful for any run dtype.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_model as load_safetensors
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+from .atomic import atomic_dir
+from .config import ConfigError, RunConfig
+from .methods import get_method
+from .models import load_model
+
+TOLERANCE = 1e-4  # max |logit difference| between the reloaded folder and the trained model
+PROBE_BATCH, PROBE_LEN = 2, 32  # at most the run's seq_len, the positions it trained on
+AUTO_CLASSES = {"causal-lm": AutoModelForCausalLM, "seq-cls": AutoModelForSequenceClassification}
+
+
+@dataclass
+class ExportReport:
+    """What was written and how closely the written folder reproduces the trained model."""
+
+    output: Path
+    max_abs_logit_diff: float
+    files: dict[str, int]  # file name -> bytes
+    architecture: str
+
+
+def export_run(run_dir: str | Path, output_dir: str | Path, *, force: bool = False) -> ExportReport:
+    """Merge the run's final weights into a plain model folder at `output_dir`, verified by reloading it.
+
+    Refuses a non-empty `output_dir` unless `force`, in which case the old folder is replaced only once
+    the new one has passed the check.
+    """
+    run, output = Path(run_dir), Path(output_dir)
+    cfg, weights = _read_run(run)
+    _check_output(run, output, force)
+    labels = _read_labels(run) if cfg.task == "seq-cls" else None
+    tokenizer = _load_run_tokenizer(run / "final", cfg)
+
+    method = get_method(cfg.method)
+    model = method.prepare(_base_model(cfg, labels), cfg)
+    _load_weights(model, weights, cfg)
+    probe = _probe_inputs(model, tokenizer.pad_token_id, min(PROBE_LEN, cfg.seq_len), cfg.seed)
+    expected = _logits(model, probe)
+    merged = method.merge(model)
+    if labels is not None:
+        merged.config.id2label = dict(enumerate(labels))
+        merged.config.label2id = {name: i for i, name in enumerate(labels)}
+    architecture = type(merged).__name__
+
+    with atomic_dir(output) as tmp:
+        merged.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        del model, merged
+        reloaded = AUTO_CLASSES[cfg.task].from_pretrained(tmp, dtype=torch.float32, local_files_only=True,
+                                                          trust_remote_code=cfg.trust_remote_code)
+        diff = float((_logits(reloaded, probe) - expected).abs().max())
+        if not diff <= TOLERANCE:
+            raise ConfigError(f"export check failed: the saved model's logits differ from the trained "
+                              f"model's by {diff:.3g} (> {TOLERANCE}); nothing was written to {output}")
+    files = {p.name: p.stat().st_size for p in sorted(output.iterdir()) if p.is_file()}
+    return ExportReport(output, diff, files, architecture)
+
+
+def _read_run(run: Path) -> tuple[RunConfig, Path]:
+    if not (run / "config.yaml").is_file():
+        raise ConfigError(f"{run} has no config.yaml; give --run the folder a training run wrote")
+    cfg = RunConfig.from_yaml(run / "config.yaml")
+    weights = run / "final" / "model.safetensors"
+    if not weights.is_file():
+        raise ConfigError(f"{run} has no final weights ({weights.relative_to(run)}); let the run finish "
+                          "or resume it, then export")
+    return cfg, weights
+
+
+def _check_output(run: Path, output: Path, force: bool) -> None:
+    if output.exists() and not output.is_dir():
+        raise ConfigError(f"output {output} is a file; give a folder path")
+    if output.resolve() == run.resolve() or output.resolve() in run.resolve().parents:
+        raise ConfigError(f"output {output} would replace the run folder {run}; choose another folder")
+    if output.is_dir() and any(output.iterdir()) and not force:
+        raise ConfigError(f"output {output} is not empty; choose another folder or add --force to replace it")
+
+
+def _read_labels(run: Path) -> list[str]:
+    """The class names in label-id order, from final/labels.json (or the run folder's labels.json)."""
+    path = next((p for p in (run / "final" / "labels.json", run / "labels.json") if p.is_file()), None)
+    if path is None:
+        raise ConfigError(f"{run} is a seq-cls run without labels.json; export needs its class names")
+    labels = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(labels, list) or len(labels) < 2:
+        raise ConfigError(f"{path} must hold a list of at least two class names")
+    return [str(name) for name in labels]
+
+
+def _load_run_tokenizer(folder: Path, cfg: RunConfig):
+    try:
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True,
+                                             trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot load the tokenizer saved in {folder} ({type(exc).__name__}); it should "
+                          "hold tokenizer.json and tokenizer_config.json") from None
+
+
+def _base_model(cfg: RunConfig, labels: list[str] | None) -> torch.nn.Module:
+    num_labels = len(labels) if labels is not None else None
+    return load_model(cfg.model, cfg.task, num_labels=num_labels, dtype=torch.float32,
+                      trust_remote_code=cfg.trust_remote_code, seed=cfg.seed)
+
+
+def _load_weights(model: torch.nn.Module, weights: Path, cfg: RunConfig) -> None:
+    """Load every tensor of the trained model; any missing, extra or misshapen one means a different setup."""
+    try:
+        missing, unexpected = load_safetensors(model, weights, strict=False)
+    except RuntimeError as exc:
+        missing, unexpected = [str(exc).strip().splitlines()[-1].strip()], []
+    if missing or unexpected:
+        problem = f"missing {missing[0]!r}" if missing else f"unexpected {unexpected[0]!r}"
+        count = len(missing) + len(unexpected)
+        raise ConfigError(f"{weights} does not fit {cfg.model} prepared for {cfg.method} ({problem}, {count} "
+                          "mismatches); was config.yaml edited after training?")
+
+
+def _probe_inputs(model: torch.nn.Module, pad_id: int | None, length: int,
+                  seed: int) -> dict[str, torch.Tensor]:
+    """Fixed random token ids, the second row right-padded so the padding path is checked too."""
+    vocab = model.get_input_embeddings().num_embeddings
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (PROBE_BATCH, length), generator=generator)
+    mask = torch.ones_like(ids)
+    if pad_id is not None:
+        ids[1, length // 2:] = pad_id
+        mask[1, length // 2:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@torch.no_grad()
+def _logits(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    model.eval()
+    return model(**inputs).logits.float()
