@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from itertools import chain
 from collections.abc import Callable, Iterable
+from itertools import chain
 from typing import Any
 
 import torch
@@ -191,9 +191,11 @@ def _complete_and_validate(group: dict[str, Any]) -> None:
     gap = group["update_proj_gap"]
     _check(isinstance(gap, int) and gap > 0, f"update_proj_gap must be a positive integer, got {gap!r}")
     _check(group["scale"] > 0, f"scale must be > 0, got {group['scale']}")
-    _check(group["proj_type"] in PROJ_TYPES, f"proj_type must be one of {', '.join(PROJ_TYPES)}, got {group['proj_type']!r}")
+    proj_type = group["proj_type"]
+    _check(proj_type in PROJ_TYPES, f"proj_type must be one of {', '.join(PROJ_TYPES)}, got {proj_type!r}")
     for p in group["params"]:
-        _check(p.dim() == 2, f"rank needs 2-D parameters, got one of shape {tuple(p.shape)}: put it in a group without rank")
+        _check(p.dim() == 2,
+               f"rank needs 2-D parameters, got one of shape {tuple(p.shape)}: put it in a group without rank")
         if rank > min(p.shape):
             warnings.warn(
                 f"rank {rank} exceeds min{tuple(p.shape)}; using rank {min(p.shape)} for that parameter",
