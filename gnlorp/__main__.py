@@ -1,0 +1,156 @@
+"""Command-line entry point: ``python -m gnlorp <command>``.
+
+Each subcommand is registered by a small ``_add_<name>`` function listed in ``_COMMANDS``. The
+modules they name keep torch out of their import path, so ``--help`` and bad input answer at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import NoReturn
+
+from gnlorp import __version__, demo
+from gnlorp.config import ConfigError, add_config_arguments, config_from_args
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line on stderr (no usage dump) and exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: error: {message} (see: {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _int_in_range(low: int, high: int | None = None, why: str = "") -> Callable[[str], int]:
+    """An argparse type that accepts an integer in [low, high], saying why the bound exists."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            bound = f"at least {low}" if high is None else f"between {low} and {high}"
+            raise argparse.ArgumentTypeError(f"must be {bound}{why}, got {value}")
+        return value
+
+    return parse
+
+
+def _add_demo(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "demo",
+        help="train a tiny LLaMA on CPU with every optimizer mode and compare loss and state memory",
+        description="Train a tiny byte-level LLaMA on the Zen of Python with AdamW, GaLore and "
+        "GradNormLoRP (32- and 8-bit) from the same initialisation, then print a comparison table.",
+    )
+    parser.add_argument(
+        "--steps",
+        type=_int_in_range(1),
+        default=demo.DEFAULT_STEPS,
+        help=f"training steps per mode ({demo.DEFAULT_STEPS})",
+    )
+    parser.add_argument(
+        "--rank",
+        type=_int_in_range(1, demo.HIDDEN_SIZE, " (the demo model's hidden size)"),
+        default=demo.DEFAULT_RANK,
+        help=f"projection rank of the GaLore and GradNormLoRP modes ({demo.DEFAULT_RANK})",
+    )
+    parser.add_argument(
+        "--seed", type=_int_in_range(0), default=demo.DEFAULT_SEED, help=f"random seed ({demo.DEFAULT_SEED})"
+    )
+    parser.set_defaults(run=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    results = demo.run_demo(steps=args.steps, rank=args.rank, seed=args.seed)
+    print(demo.format_table(results))
+    return 0
+
+
+def _add_train(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "train", help="train a model into a run folder",
+        description="Train with any method; flags override --config. Ctrl-C stops after the current step "
+        "and saves a checkpoint; --resume continues from the run folder's latest checkpoint.",
+    )
+    parser.add_argument("--config", help="a YAML run config (e.g. presets/tiny-gradnormlorp.yaml)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --output from its checkpoint")
+    add_config_arguments(parser)
+    parser.set_defaults(run=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from gnlorp.engine import TrainingRun
+    from gnlorp.progress import follow
+
+    if args.resume and not args.config and args.output and (Path(args.output) / "config.yaml").is_file():
+        args.config = str(Path(args.output) / "config.yaml")
+    return follow(TrainingRun(config_from_args(args), resume=args.resume))
+
+
+def _add_export(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "export", help="merge a run into a plain Hugging Face model folder and verify it",
+        description="Merge the run's trained weights (adapters folded in) into a safetensors model folder, "
+        "reload it and compare its logits with the trained model.",
+    )
+    parser.add_argument("--run", required=True, help="the run folder written by `gnlorp train`")
+    parser.add_argument("--output", required=True, help="the model folder to write")
+    parser.add_argument("--force", action="store_true", help="replace a non-empty --output")
+    parser.set_defaults(run=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from gnlorp.export import export_run
+
+    report = export_run(args.run, args.output, force=args.force)
+    print(f"exported {report.architecture} to {report.output} "
+          f"(max |logit difference| after reload: {report.max_abs_logit_diff:.2e})")
+    for name, size in sorted(report.files.items()):
+        print(f"  {name}  {size:,} bytes")
+    return 0
+
+
+def _add_methods(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("methods", help="list the training methods and what each trades")
+    parser.set_defaults(run=_run_methods)
+
+
+def _run_methods(args: argparse.Namespace) -> int:
+    from gnlorp.methods import METHODS
+
+    width = max(len(name) for name in METHODS)
+    for name, method in METHODS.items():
+        print(f"{name:<{width}}  {method.summary}")
+    return 0
+
+
+_COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_add_train, _add_export, _add_methods, _add_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The CLI parser with every registered subcommand."""
+    parser = _Parser(prog="gnlorp", description="Memory-efficient language-model training.")
+    parser.add_argument("--version", action="version", version=f"gnlorp {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in _COMMANDS:
+        add(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; return the process exit code (argparse exits 2 on bad input)."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except ConfigError as exc:
+        print(f"gnlorp {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""RunConfig: every knob of a run in one dataclass, the single source for the CLI flags, the YAML and the studio.
+
+Each field carries its help text and its allowed values or range in `metadata`; `validate` checks them
+generically, so a knob is described once and never re-described by a widget or a flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .atomic import write_text_atomic
+
+METHOD_NAMES = ("full", "lora", "dora", "vera", "galore", "gradnormlorp")
+TASKS = ("causal-lm", "seq-cls")
+
+
+class ConfigError(ValueError):
+    """A bad setting; the message is one line that says what is wrong and how to fix it."""
+
+
+def knob(default: Any, help: str, *, choices: tuple | None = None, min: float | None = None,
+         max: float | None = None, group: str = "basic") -> Any:
+    """A config field with what the CLI, the YAML and the studio need to show and check it."""
+    return field(default=default, metadata={"help": help, "choices": choices, "min": min, "max": max, "group": group})
+
+
+@dataclass
+class RunConfig:
+    model: str = knob("tiny", "A preset name (tiny, llama-60m … llama-7b) or a local Hugging Face model folder.")
+    data: str = knob("presets/data/fortunes.jsonl",
+                     "A .jsonl, .json, .csv, .tsv, .parquet or .txt file, or a `datasets` save_to_disk folder.")
+    task: str = knob("causal-lm", "causal-lm: next-token prediction; seq-cls: classify each text.", choices=TASKS)
+    method: str = knob("gradnormlorp", "What trains and how its optimizer state is kept.", choices=METHOD_NAMES)
+    rank: int = knob(8, "Rank r of the adapter or of the gradient projection.", min=1, max=65536)
+    optim_bits: int = knob(8, "Adam moments in 32-bit or 8-bit blockwise quantized form.", choices=(32, 8))
+    output: str = knob("runs/latest", "Run folder to write (config, metrics, checkpoints, weights).")
+    max_steps: int = knob(100, "Optimizer steps to train.", min=1, max=10**9)
+    batch_size: int = knob(8, "Sequences per micro-batch.", min=1, max=65536)
+    seq_len: int = knob(128, "Tokens per sequence (longer texts are cut, shorter ones padded).", min=8, max=1 << 20)
+    lr: float = knob(1e-3, "Peak learning rate.", min=0.0, max=10.0)
+    seed: int = knob(0, "Seed for initialisation, data order and the held-out split.", min=0, max=2**32 - 1)
+    text_column: str = knob("text", "Column holding the text.", group="data")
+    prompt_column: str = knob("prompt", "Column holding the prompt (with response_column: loss on the response only).",
+                              group="data")
+    response_column: str = knob("response", "Column holding the response.", group="data")
+    label_column: str = knob("label", "Column holding the class label (seq-cls).", group="data")
+    eval_fraction: float = knob(0.1, "Share of the data held out for evaluation.", min=0.0, max=0.5, group="data")
+    warmup_steps: int = knob(10, "Linear warm-up steps before the cosine decay.", min=0, max=10**9, group="advanced")
+    grad_accum: int = knob(1, "Micro-batches per optimizer step.", min=1, max=4096, group="advanced")
+    max_grad_norm: float = knob(1.0, "Clip the global gradient norm to this (0 = off).", min=0.0, max=1e6,
+                                group="advanced")
+    weight_decay: float = knob(0.0, "Decoupled weight decay.", min=0.0, max=1.0, group="advanced")
+    update_proj_gap: int = knob(200, "Steps between projector refreshes (galore, gradnormlorp).", min=1,
+                                max=10**9, group="advanced")
+    scale: float = knob(0.25, "Scale α of the back-projected update (galore, gradnormlorp).", min=1e-6, max=100.0,
+                        group="advanced")
+    proj_type: str = knob("std", "Which side the gradient is projected on.",
+                          choices=("std", "reverse_std", "left", "right"), group="advanced")
+    lora_alpha: float = knob(16.0, "LoRA/DoRA scaling α (the update is scaled by α/r).", min=1e-6, max=1e6,
+                             group="advanced")
+    vera_d_initial: float = knob(0.1, "VeRA: initial value of the d vectors.", min=0.0, max=10.0, group="advanced")
+    targets: str = knob("auto", "Comma-separated module names to adapt or project; auto = attention and MLP linears.",
+                        group="advanced")
+    grad_checkpointing: bool = knob(False, "Recompute activations in backward to save memory.", group="advanced")
+    layerwise: bool = knob(False, "Step each weight in its gradient hook so full gradients never coexist.",
+                           group="advanced")
+    dtype: str = knob("float32", "Weight dtype (bfloat16 autocast is used on CUDA either way).",
+                      choices=("float32", "bfloat16"), group="advanced")
+    eval_every: int = knob(50, "Evaluate every N steps (and at the end).", min=1, max=10**9, group="advanced")
+    checkpoint_every: int = knob(50, "Save a checkpoint every N steps (and at the end).", min=1, max=10**9,
+                                 group="advanced")
+    trust_remote_code: bool = knob(False, "Run model code shipped inside a model folder. Only for folders you trust.",
+                                   group="advanced")
+
+    def validate(self) -> RunConfig:
+        """Check every field against its metadata and the fields against each other; return self."""
+        for f in fields(self):
+            value, meta = getattr(self, f.name), f.metadata
+            expected = type(f.default)
+            if expected is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+                setattr(self, f.name, value)
+            if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+                raise ConfigError(f"{f.name} must be a {expected.__name__}, got {value!r}")
+            if meta["choices"] and value not in meta["choices"]:
+                valid = ", ".join(str(c) for c in meta["choices"])
+                raise ConfigError(f"{f.name} must be one of: {valid} (got {value!r})")
+            if meta["min"] is not None and value < meta["min"]:
+                raise ConfigError(f"{f.name} must be at least {meta['min']}, got {value}")
+            if meta["max"] is not None and value > meta["max"]:
+                raise ConfigError(f"{f.name} must be at most {meta['max']}, got {value}")
+        if self.layerwise and self.grad_accum > 1:
+            raise ConfigError("layerwise cannot be combined with grad_accum > 1: set one of them off")
+        if self.layerwise and self.max_grad_norm > 0:
+            raise ConfigError("layerwise cannot clip the global gradient norm: set max_grad_norm to 0")
+        if self.layerwise and self.method not in ("full", "galore", "gradnormlorp"):
+            raise ConfigError(f"layerwise applies to full, galore and gradnormlorp, not {self.method}")
+        return self
+
+    def to_yaml(self, path: str | os.PathLike) -> None:
+        """Write the resolved config atomically (temp file, then rename)."""
+        write_text_atomic(Path(path), yaml.safe_dump(asdict(self), sort_keys=False))
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike, **overrides: Any) -> RunConfig:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except OSError as exc:
+            raise ConfigError(f"cannot read config {path}: {exc.strerror}; check the path") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path} is not valid YAML ({str(exc).splitlines()[0]}); fix the file") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path} must hold a mapping of setting: value")
+        return cls.from_dict({**loaded, **overrides}, source=str(path))
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "settings") -> RunConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown setting {unknown[0]!r} in {source}; valid settings: {', '.join(sorted(known))}")
+        return cls(**values).validate()
+
+
+def config_fields() -> list:
+    """The dataclass fields, for anything that derives widgets or flags from them."""
+    return list(fields(RunConfig))
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, names: list[str] | None = None) -> None:
+    """One --flag per RunConfig field (or the chosen ones); defaults stay None so a YAML value is kept unless given."""
+    for f in config_fields():
+        if names is not None and f.name not in names:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        meta = f.metadata
+        default = f.default if f.default is not MISSING else None
+        if isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=meta["help"])
+        else:
+            parser.add_argument(flag, type=type(default), default=None, help=f"{meta['help']} (default: {default})",
+                                metavar=type(default).__name__.upper())
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """--config YAML first, then every flag that was given on top of it."""
+    overrides = {f.name: getattr(args, f.name) for f in config_fields()
+                 if getattr(args, f.name, None) is not None}
+    if getattr(args, "config", None):
+        return RunConfig.from_yaml(args.config, **overrides)
+    return RunConfig.from_dict(overrides, source="the command line")

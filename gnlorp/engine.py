@@ -1,0 +1,348 @@
+"""One training run, read top to bottom: set up, loop over steps, evaluate, checkpoint, finish.
+
+The run can go in a background thread and reports typed events on a queue, which the CLI and the studio
+both consume; it also appends every step to metrics.jsonl. It is built on `accelerate`, so
+`accelerate launch -m gnlorp train ...` runs it data-parallel with nothing else to change.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import queue
+import shutil
+import threading
+import time
+import traceback
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_model, save_model
+
+from .atomic import atomic_dir, write_text_atomic
+from .config import ConfigError, RunConfig
+from .data import batches, collate, prepare_data
+from .memory import MemoryMonitor, predict_optimizer_state_bytes
+from .methods import get_method
+from .models import load_model as load_base_model
+from .models import load_tokenizer
+from .optim import ProjectedAdamW, register_layerwise_step, state_bytes
+
+CHECKPOINTS_KEPT = 2
+
+
+@dataclass
+class StepEvent:
+    step: int
+    loss: float
+    lr: float
+    grad_norm: float | None
+    tokens_per_s: float
+    mem_bytes: int
+    peak_mem_bytes: int
+    time: float
+
+
+@dataclass
+class EvalEvent:
+    step: int
+    eval_loss: float
+    eval_accuracy: float | None = None
+
+
+@dataclass
+class CheckpointEvent:
+    step: int
+    path: str
+
+
+@dataclass
+class DoneEvent:
+    status: str  # "finished" or "stopped"
+    summary: dict = field(default_factory=dict)
+
+
+@dataclass
+class ErrorEvent:
+    message: str
+    internal: bool = False  # a bug rather than bad input; its traceback is in the run folder's error.log
+
+
+Event = StepEvent | EvalEvent | CheckpointEvent | DoneEvent | ErrorEvent
+
+
+@dataclass
+class Position:
+    """Where the run is: enough, with the checkpointed tensors, to continue it exactly."""
+    step: int = 0
+    epoch: int = 0
+    batch_index: int = 0
+
+
+class TrainingRun:
+    """Train `cfg` into the run folder `cfg.output`; `resume=True` continues from its latest checkpoint."""
+
+    def __init__(self, cfg: RunConfig, events: queue.Queue | None = None, resume: bool = False):
+        self.cfg = cfg.validate()
+        self.events = events if events is not None else queue.Queue()
+        self.resume = resume
+        self.run_dir = Path(cfg.output)
+        self._stop = threading.Event()
+
+    def start(self) -> threading.Thread:
+        """Run in a background thread; events arrive on `self.events`, the last one a DoneEvent or ErrorEvent."""
+        thread = threading.Thread(target=self.run, daemon=True, name="gnlorp-train")
+        thread.start()
+        return thread
+
+    def stop(self) -> None:
+        """Ask the run to save a checkpoint and end after the optimizer step in progress."""
+        self._stop.set()
+
+    def run(self) -> dict | None:
+        """Train to the end (or to a stop), returning the summary; errors become an ErrorEvent."""
+        try:
+            return self._train()
+        except ConfigError as exc:
+            self._emit(ErrorEvent(str(exc)))
+        except torch.OutOfMemoryError:
+            self._emit(ErrorEvent("out of memory: lower --batch-size or --seq-len, or turn on "
+                                  "--grad-checkpointing / a lower --rank / --optim-bits 8"))
+        except Exception as exc:  # a bug, not bad input: keep the traceback for the report
+            log = self.run_dir / "error.log"
+            log.parent.mkdir(parents=True, exist_ok=True)
+            log.write_text(traceback.format_exc(), encoding="utf-8")
+            self._emit(ErrorEvent(f"internal error ({type(exc).__name__}: {exc}); details in {log}", internal=True))
+        return None
+
+    def _emit(self, event: Event) -> None:
+        self.events.put(event)
+
+    def _train(self) -> dict | None:
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        accelerator = Accelerator(mixed_precision="bf16" if torch.cuda.is_available() else "no")
+        main = accelerator.is_main_process
+        memory = MemoryMonitor(accelerator.device)
+        self._check_run_dir()
+
+        # Data, model, method, optimizer, schedule.
+        tokenizer = load_tokenizer(cfg.model)
+        data = prepare_data(cfg, tokenizer)
+        model = load_base_model(
+            cfg.model, cfg.task, num_labels=len(data.label_names or []) or None,
+            dtype=getattr(torch, cfg.dtype), trust_remote_code=cfg.trust_remote_code, seed=cfg.seed,
+        )
+        method = get_method(cfg.method)
+        model = method.prepare(model, cfg)
+        if cfg.grad_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        groups = method.param_groups(model, cfg)
+        optimizer = ProjectedAdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, bits=cfg.optim_bits)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        predicted_state = predict_optimizer_state_bytes(groups, cfg.optim_bits)
+
+        model, optimizer = accelerator.prepare(model, optimizer)
+        position = Position()
+        if self.resume:
+            position = self._load_checkpoint(accelerator.unwrap_model(model), optimizer, scheduler)
+            if main:
+                self._truncate_metrics(position.step)
+        if cfg.layerwise:
+            if accelerator.num_processes > 1:
+                raise ConfigError("layerwise cannot run data-parallel (its hooks fire before the all-reduce)")
+            register_layerwise_step(optimizer.optimizer)
+        if main:
+            cfg.to_yaml(self.run_dir / "config.yaml")
+            if data.label_names:
+                write_text_atomic(self.run_dir / "labels.json", json.dumps(data.label_names))
+
+        # The loop: one optimizer step per iteration, over grad_accum micro-batches on each process.
+        world, rank = accelerator.num_processes, accelerator.process_index
+        stream = micro_batches(data.train, cfg, position, world, rank, tokenizer.pad_token_id)
+        started, last_loss, status = time.time(), float("nan"), "finished"
+        model.train()
+        while position.step < cfg.max_steps:
+            tick = time.perf_counter()
+            loss_sum, tokens = 0.0, 0
+            for i in range(cfg.grad_accum):
+                batch, position.epoch, position.batch_index = next(stream)
+                batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+                sync = nullcontext() if i == cfg.grad_accum - 1 else accelerator.no_sync(model)
+                with sync:
+                    loss = model(**batch).loss / cfg.grad_accum
+                    accelerator.backward(loss)
+                loss_sum += loss.item()
+                tokens += int(batch["attention_mask"].sum())
+            loss_value = accelerator.reduce(torch.tensor(loss_sum, device=accelerator.device), "mean").item()
+            if not math.isfinite(loss_value):
+                raise self._diverged(position.step + 1, f"the loss became {loss_value}")
+            grad_norm = None
+            if cfg.max_grad_norm > 0 and not cfg.layerwise:
+                grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
+            if not cfg.layerwise:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            lr = scheduler.get_last_lr()[0]
+            scheduler.step()
+            position.step += 1
+            last_loss = loss_value
+
+            if main:
+                elapsed = time.perf_counter() - tick
+                event = StepEvent(position.step, loss_value, lr, grad_norm, tokens * world / elapsed,
+                                  memory.current(), memory.peak(), time.time())
+                self._append_metrics(asdict(event))
+                self._emit(event)
+            if position.step % cfg.eval_every == 0 or position.step == cfg.max_steps:
+                self._evaluate(model, data.eval, tokenizer.pad_token_id, accelerator, position.step, main)
+            stopping = self._stop.is_set()
+            if main and (position.step % cfg.checkpoint_every == 0 or position.step == cfg.max_steps or stopping):
+                unwrapped = accelerator.unwrap_model(model)
+                if not all(torch.isfinite(p).all() for p in unwrapped.parameters() if p.requires_grad):
+                    raise self._diverged(position.step, "the weights became non-finite")
+                self._save_checkpoint(unwrapped, optimizer, scheduler, position)
+            if stopping:
+                status = "stopped"
+                break
+
+        accelerator.wait_for_everyone()
+        summary = None
+        if main:
+            unwrapped = accelerator.unwrap_model(model)
+            self._save_final(unwrapped, tokenizer, method.uses_adapter)
+            summary = {
+                "status": status,
+                "trainable_params": trainable,
+                "optimizer_state_bytes": state_bytes(optimizer.optimizer),
+                "predicted_optimizer_state_bytes": predicted_state,
+                "peak_mem_bytes": memory.peak(),
+                "predicted_peak_bytes": None,
+                "batch_size": cfg.batch_size,
+                "seq_len": cfg.seq_len,
+                "steps": position.step,
+                "final_loss": last_loss,
+                "wall_s": time.time() - started,
+            }
+            write_text_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=1))
+            self._emit(DoneEvent(status, summary))
+        memory.close()
+        return summary
+
+    def _diverged(self, step: int, what: str) -> ConfigError:
+        return ConfigError(f"training diverged at step {step}: {what}; lower --lr or use --optim-bits 32 "
+                           f"(the last good checkpoint is kept in {self.run_dir / 'checkpoints'})")
+
+    def _check_run_dir(self) -> None:
+        has_checkpoint = (self.run_dir / "checkpoints").is_dir() and any((self.run_dir / "checkpoints").iterdir())
+        if self.resume and not has_checkpoint:
+            raise ConfigError(f"nothing to resume in {self.run_dir}: it has no checkpoints; start without --resume")
+        if not self.resume and self.run_dir.exists() and any(self.run_dir.iterdir()):
+            raise ConfigError(f"run folder {self.run_dir} is not empty; choose another --output or add --resume")
+
+    def _append_metrics(self, record: dict[str, Any]) -> None:
+        with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop lines logged after the checkpoint we resume from, so the resumed run does not log them twice."""
+        metrics = self.run_dir / "metrics.jsonl"
+        if metrics.exists():
+            lines = metrics.read_text(encoding="utf-8").splitlines()
+            kept = [line for line in lines if json.loads(line)["step"] <= step]
+            write_text_atomic(metrics, "".join(line + "\n" for line in kept))
+
+    @torch.no_grad()
+    def _evaluate(self, model, examples, pad_id: int, accelerator: Accelerator, step: int, main: bool) -> None:
+        if not examples:
+            return
+        model.eval()
+        loss_total, weight_total, correct = 0.0, 0, 0
+        for start in range(0, len(examples), self.cfg.batch_size):
+            batch = collate(examples[start:start + self.cfg.batch_size], pad_id)
+            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            out = model(**batch)
+            labels = batch["labels"]
+            weight = int((labels[:, 1:] != -100).sum()) if self.cfg.task == "causal-lm" else labels.numel()
+            loss_total += out.loss.item() * weight
+            weight_total += weight
+            if self.cfg.task == "seq-cls":
+                correct += int((out.logits.argmax(-1) == labels).sum())
+        model.train()
+        accuracy = correct / len(examples) if self.cfg.task == "seq-cls" else None
+        event = EvalEvent(step, loss_total / max(weight_total, 1), accuracy)
+        if main:
+            record = {"step": step, "eval_loss": event.eval_loss, "time": time.time()}
+            if accuracy is not None:
+                record["eval_accuracy"] = accuracy
+            self._append_metrics(record)
+            self._emit(event)
+
+    def _save_checkpoint(self, model, optimizer, scheduler, position: Position) -> None:
+        """Write into a temp folder and rename, so a crash mid-write leaves the previous checkpoint whole."""
+        root = self.run_dir / "checkpoints"
+        final = root / f"step-{position.step:06d}"
+        with atomic_dir(final) as tmp:
+            save_model(model, str(tmp / "model.safetensors"))
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save({"cpu": torch.get_rng_state(),
+                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}, tmp / "rng.pt")
+            state = {"position": asdict(position), "scheduler": scheduler.state_dict()}
+            (tmp / "trainer_state.json").write_text(json.dumps(state), encoding="utf-8")
+        for old in sorted(root.glob("step-*"))[:-CHECKPOINTS_KEPT]:
+            shutil.rmtree(old)
+        self._emit(CheckpointEvent(position.step, str(final)))
+
+    def _load_checkpoint(self, model, optimizer, scheduler) -> Position:
+        latest = sorted((self.run_dir / "checkpoints").glob("step-*"))[-1]
+        load_model(model, str(latest / "model.safetensors"))
+        optimizer.load_state_dict(torch.load(latest / "optimizer.pt", weights_only=True))
+        rng = torch.load(latest / "rng.pt", weights_only=True)
+        torch.set_rng_state(rng["cpu"])
+        if rng["cuda"]:
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        state = json.loads((latest / "trainer_state.json").read_text(encoding="utf-8"))
+        scheduler.load_state_dict(state["scheduler"])
+        return Position(**state["position"])
+
+    def _save_final(self, model, tokenizer, uses_adapter: bool) -> None:
+        """final/ holds the trained model's full state (export merges it); adapter/ the peft adapter alone."""
+        with atomic_dir(self.run_dir / "final") as tmp:
+            save_model(model, str(tmp / "model.safetensors"))
+            tokenizer.save_pretrained(tmp)
+        if uses_adapter:
+            with atomic_dir(self.run_dir / "adapter") as tmp:
+                model.save_pretrained(tmp)
+
+
+def lr_factor(step: int, cfg: RunConfig) -> float:
+    """Linear warm-up, then cosine decay to 10% of the peak (GaLore's schedule)."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def micro_batches(examples, cfg: RunConfig, position: Position, world: int, rank: int, pad_id: int):
+    """Endless micro-batches for this process, starting at `position`, each with the position after it.
+
+    Every process walks the same global order of batches of batch_size × world and takes its own slice,
+    which is what makes data-parallel training and resuming both exact.
+    """
+    if len(examples) < cfg.batch_size * world:
+        raise ConfigError(f"only {len(examples)} training examples for a global batch of {cfg.batch_size * world}; "
+                          "lower --batch-size or add data")
+    epoch, index = position.epoch, position.batch_index
+    while True:
+        global_size = cfg.batch_size * world
+        epoch_batches = [b for b in batches(examples, global_size, cfg.seed, epoch) if len(b) == global_size]
+        for i in range(index, len(epoch_batches)):
+            shard = epoch_batches[i][rank * cfg.batch_size:(rank + 1) * cfg.batch_size]
+            following = (epoch, i + 1) if i + 1 < len(epoch_batches) else (epoch + 1, 0)
+            yield collate(shard, pad_id), *following
+        epoch, index = epoch + 1, 0

@@ -1,0 +1,79 @@
+"""Measure memory during a run, and predict the optimizer-state part of it exactly.
+
+On CUDA the allocator's own counters are exact. On CPU the only honest number is the process's
+resident set size; its peak is caught by a light sampling thread and reported above the baseline taken
+before the model was loaded (RSS does not shrink when memory is freed, so compare runs in fresh processes).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import psutil
+import torch
+
+from .optim.moments import BLOCKSIZE, MIN_8BIT_NUMEL
+from .optim.projector import projection_side
+
+_PROJ_DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
+
+
+class MemoryMonitor:
+    """Current and peak memory of this process (bytes above the baseline at construction on CPU)."""
+
+    def __init__(self, device: torch.device, interval_s: float = 0.02):
+        self.cuda = device.type == "cuda"
+        self._process = psutil.Process()
+        self._baseline = 0 if self.cuda else self._process.memory_info().rss
+        self._peak = 0
+        self._stop = threading.Event()
+        self._interval = interval_s
+        self._thread = None if self.cuda else threading.Thread(target=self._sample, daemon=True, name="gnlorp-mem")
+        if self._thread is not None:
+            self._thread.start()
+
+    def current(self) -> int:
+        if self.cuda:
+            return torch.cuda.memory_allocated()
+        return max(0, self._process.memory_info().rss - self._baseline)
+
+    def peak(self) -> int:
+        if self.cuda:
+            return torch.cuda.max_memory_allocated()
+        return max(self._peak, self.current())
+
+    def close(self) -> None:
+        self._stop.set()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self._interval):
+            self._peak = max(self._peak, self.current())
+
+
+def moment_bytes(numel: int, bits: int) -> int:
+    """Bytes of one Adam moment of `numel` elements: fp32, or 8-bit codes plus one fp32 scale per block."""
+    if bits == 8 and numel >= MIN_8BIT_NUMEL:
+        return numel + 4 * -(-numel // BLOCKSIZE)
+    return 4 * numel
+
+
+def predict_optimizer_state_bytes(param_groups: list[dict], bits: int, proj_dtype: str | None = None) -> int:
+    """Closed-form size of ProjectedAdamW's state for these groups (DESIGN §3), one 8-byte step counter each."""
+    proj_dtype = proj_dtype or ("float32" if bits == 32 else "bfloat16")
+    total = 0
+    for group in param_groups:
+        for p in group["params"]:
+            if not p.requires_grad:
+                continue
+            total += 8
+            if "rank" not in group:
+                total += 2 * moment_bytes(p.numel(), bits)
+                continue
+            m, n = p.shape
+            rank = min(group["rank"], m, n)
+            right = projection_side(p.shape, group.get("proj_type", "std")) == "right"
+            kept, projected = (m, n) if right else (n, m)
+            total += 2 * moment_bytes(rank * kept, bits) + rank * projected * _PROJ_DTYPE_BYTES[proj_dtype]
+            if group.get("weight_norm"):
+                total += 3 * 4 * m
+    return total
