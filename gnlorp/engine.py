@@ -91,6 +91,7 @@ class TrainingRun:
         self.events = events if events is not None else queue.Queue()
         self.resume = resume
         self.run_dir = Path(cfg.output)
+        self.model = None  # the trained model once run() returns, for callers in the same process
         self._stop = threading.Event()
 
     def start(self) -> threading.Thread:
@@ -125,7 +126,9 @@ class TrainingRun:
     def _train(self) -> dict | None:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
-        accelerator = Accelerator(mixed_precision="bf16" if torch.cuda.is_available() else "no")
+        cuda = torch.cuda.is_available()
+        # cpu=True on a machine without CUDA is what lets torchrun start gloo data-parallel processes.
+        accelerator = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda else "no")
         main = accelerator.is_main_process
         memory = MemoryMonitor(accelerator.device)
         self._check_run_dir()
@@ -212,6 +215,7 @@ class TrainingRun:
                 break
 
         accelerator.wait_for_everyone()
+        self.model = accelerator.unwrap_model(model)
         summary = None
         if main:
             unwrapped = accelerator.unwrap_model(model)
