@@ -84,12 +84,13 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
+    if args.resume and not args.config and args.output and (Path(args.output) / "config.yaml").is_file():
+        args.config = str(Path(args.output) / "config.yaml")
+    cfg = config_from_args(args)  # bad settings are answered before torch is imported
     from gnlorp.engine import TrainingRun
     from gnlorp.progress import follow
 
-    if args.resume and not args.config and args.output and (Path(args.output) / "config.yaml").is_file():
-        args.config = str(Path(args.output) / "config.yaml")
-    return follow(TrainingRun(config_from_args(args), resume=args.resume))
+    return follow(TrainingRun(cfg, resume=args.resume))
 
 
 def _add_export(commands: argparse._SubParsersAction) -> None:
@@ -98,7 +99,7 @@ def _add_export(commands: argparse._SubParsersAction) -> None:
         description="Merge the run's trained weights (adapters folded in) into a safetensors model folder, "
         "reload it and compare its logits with the trained model.",
     )
-    parser.add_argument("--run", required=True, help="the run folder written by `gnlorp train`")
+    parser.add_argument("--run", dest="run_dir", required=True, help="the run folder written by `gnlorp train`")
     parser.add_argument("--output", required=True, help="the model folder to write")
     parser.add_argument("--force", action="store_true", help="replace a non-empty --output")
     parser.set_defaults(run=_run_export)
@@ -107,7 +108,7 @@ def _add_export(commands: argparse._SubParsersAction) -> None:
 def _run_export(args: argparse.Namespace) -> int:
     from gnlorp.export import export_run
 
-    report = export_run(args.run, args.output, force=args.force)
+    report = export_run(args.run_dir, args.output, force=args.force)
     print(f"exported {report.architecture} to {report.output} "
           f"(max |logit difference| after reload: {report.max_abs_logit_diff:.2e})")
     for name, size in sorted(report.files.items()):

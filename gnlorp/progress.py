@@ -40,11 +40,13 @@ def follow(run: TrainingRun) -> int:
                 bar.set_description(f"train (saved step {event.step})")
             elif isinstance(event, DoneEvent):
                 _close(bar)
+                thread.join()  # exiting under a live torch thread can abort the process (rc 134)
                 print(f"{event.status}: {event.summary['steps']} steps, final loss {event.summary['final_loss']:.4f}, "
                       f"run folder {run.run_dir}")
                 return 0
             elif isinstance(event, ErrorEvent):
                 _close(bar)
+                thread.join()
                 print(f"gnlorp train: error: {event.message}", file=sys.stderr)
                 return 1 if event.internal else 2
     except KeyboardInterrupt:
