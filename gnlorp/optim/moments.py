@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from functools import cache
 
-import bitsandbytes.functional as bnbf
 import torch
 
 BLOCKSIZE = 256
@@ -21,8 +20,16 @@ SIGNED = {"exp_avg": True, "exp_avg_sq": False}
 
 
 @cache
+def _bnb():
+    """bitsandbytes, imported on first use: it takes seconds, and a CLI that only checks its input needs none."""
+    import bitsandbytes.functional
+
+    return bitsandbytes.functional
+
+
+@cache
 def _code(signed: bool, device: torch.device) -> torch.Tensor:
-    return bnbf.create_dynamic_map(signed=signed).to(device)
+    return _bnb().create_dynamic_map(signed=signed).to(device)
 
 
 def init_moments(state: dict, shape: torch.Size, device: torch.device, bits: int) -> None:
@@ -42,7 +49,7 @@ def read_moment(state: dict, key: str) -> torch.Tensor:
     stored = state[key]
     if stored.dtype != torch.uint8:
         return stored
-    return bnbf.dequantize_blockwise(
+    return _bnb().dequantize_blockwise(
         stored, absmax=state[key + "_absmax"], code=_code(SIGNED[key], stored.device), blocksize=BLOCKSIZE
     )
 
@@ -52,7 +59,7 @@ def write_moment(state: dict, key: str, value: torch.Tensor) -> None:
     stored = state[key]
     if stored.dtype != torch.uint8:
         return
-    bnbf.quantize_blockwise(
+    _bnb().quantize_blockwise(
         value.contiguous(), code=_code(SIGNED[key], stored.device), absmax=state[key + "_absmax"],
         out=stored, blocksize=BLOCKSIZE,
     )
