@@ -123,7 +123,7 @@ class TrainingRun:
     def _emit(self, event: Event) -> None:
         self.events.put(event)
 
-    def _train(self) -> dict | None:
+    def _train(self) -> dict:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
         cuda = torch.cuda.is_available()
@@ -216,25 +216,23 @@ class TrainingRun:
 
         accelerator.wait_for_everyone()
         self.model = accelerator.unwrap_model(model)
-        summary = None
-        if main:
-            unwrapped = accelerator.unwrap_model(model)
-            self._save_final(unwrapped, tokenizer, method.uses_adapter)
-            summary = {
-                "status": status,
-                "trainable_params": trainable,
-                "optimizer_state_bytes": state_bytes(optimizer.optimizer),
-                "predicted_optimizer_state_bytes": predicted_state,
-                "peak_mem_bytes": memory.peak(),
-                "predicted_peak_bytes": None,
-                "batch_size": cfg.batch_size,
-                "seq_len": cfg.seq_len,
-                "steps": position.step,
-                "final_loss": last_loss,
-                "wall_s": time.time() - started,
-            }
+        summary = {
+            "status": status,
+            "trainable_params": trainable,
+            "optimizer_state_bytes": state_bytes(optimizer.optimizer),
+            "predicted_optimizer_state_bytes": predicted_state,
+            "peak_mem_bytes": memory.peak(),
+            "predicted_peak_bytes": None,
+            "batch_size": cfg.batch_size,
+            "seq_len": cfg.seq_len,
+            "steps": position.step,
+            "final_loss": last_loss,
+            "wall_s": time.time() - started,
+        }
+        if main:  # every process has the same weights; one writes them
+            self._save_final(self.model, tokenizer, method.uses_adapter)
             write_text_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=1))
-            self._emit(DoneEvent(status, summary))
+        self._emit(DoneEvent(status, summary))
         memory.close()
         return summary
 
