@@ -1,0 +1,158 @@
+"""The CLI end to end, as a user runs it: `python -m gnlorp ...` in a subprocess from the repository root."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import MISSING, fields
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_model as load_safetensors
+from transformers import AutoModelForCausalLM
+
+from gnlorp.config import RunConfig
+from gnlorp.models import load_model
+
+ROOT = Path(__file__).resolve().parents[1]
+PRESETS = sorted((ROOT / "presets").glob("*.yaml"))
+DEMO = ROOT / "presets" / "tiny-gradnormlorp.yaml"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+FAST = {"max_steps": 4, "batch_size": 4, "seq_len": 64, "eval_every": 2, "checkpoint_every": 2, "warmup_steps": 1}
+METHODS = ["full", "lora", "dora", "vera", "galore", "gradnormlorp"]
+
+
+def gnlorp(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    """Run `python -m gnlorp ARGS` from the repository root with one OpenMP thread."""
+    return subprocess.run([sys.executable, "-m", "gnlorp", *map(str, args)], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=300)
+
+
+def flags(values: dict[str, object]) -> list[str]:
+    """RunConfig field values as the command-line flags that set them."""
+    return [item for name, value in values.items() for item in (f"--{name.replace('_', '-')}", str(value))]
+
+
+def succeeded(proc: subprocess.CompletedProcess[str]) -> None:
+    """Assert exit 0, showing stderr when not."""
+    assert proc.returncode == 0, proc.stderr
+
+
+def one_line_error(proc: subprocess.CompletedProcess[str]) -> str:
+    """Assert a failure reported as exactly one non-empty stderr line without a traceback; return the line."""
+    assert proc.returncode != 0, proc.stdout
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].strip(), proc.stderr
+    return lines[0]
+
+
+def logged_steps(run: Path) -> list[int]:
+    """The step of every training line (not eval line) in the run's metrics.jsonl, in file order."""
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [record["step"] for record in records if "loss" in record]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished 4-step run of the demo preset, shrunk by flags."""
+    folder = tmp_path_factory.mktemp("cli") / "run"
+    succeeded(gnlorp("train", "--config", DEMO, "--output", folder, *flags(FAST)))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def exported(run: Path) -> Path:
+    """The run exported once to a model folder."""
+    folder = run.parent / "exported"
+    succeeded(gnlorp("export", "--run", run, "--output", folder))
+    return folder
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=[p.stem for p in PRESETS])
+def test_every_preset_is_a_valid_run_config(preset: Path) -> None:
+    values = yaml.safe_load(preset.read_text())
+    assert isinstance(values, dict) and set(values) <= {f.name for f in fields(RunConfig)}
+    cfg = RunConfig.from_yaml(preset)
+    assert all(getattr(cfg, name) == value for name, value in values.items())
+
+
+def test_presets_readme_has_one_line_per_preset() -> None:
+    readme = (ROOT / "presets" / "README.md").read_text()
+    assert all(sum(preset.name in line for line in readme.splitlines()) == 1 for preset in PRESETS)
+
+
+def test_train_writes_the_yaml_overridden_by_the_flags(run: Path) -> None:
+    defaults = {f.name: f.default for f in fields(RunConfig) if f.default is not MISSING}
+    expected = {**defaults, **yaml.safe_load(DEMO.read_text()), **FAST, "output": str(run)}
+    assert yaml.safe_load((run / "config.yaml").read_text()) == expected
+    assert logged_steps(run) == [1, 2, 3, 4]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["batch_size"] == 4 and summary["seq_len"] == 64
+
+
+def test_export_gives_a_folder_with_the_trained_logits(run: Path, exported: Path) -> None:
+    names = {p.name for p in exported.iterdir()}
+    assert {"config.json", "tokenizer.json"} <= names and any(n.endswith(".safetensors") for n in names)
+    trained = load_model("tiny", "causal-lm", dtype=torch.float32)
+    load_safetensors(trained, run / "final" / "model.safetensors")  # strict: every tensor must fit
+    reloaded = AutoModelForCausalLM.from_pretrained(exported, local_files_only=True)
+    ids = torch.arange(7, 7 + 2 * 48).reshape(2, 48)
+    with torch.no_grad():
+        diff = (reloaded.eval()(input_ids=ids).logits - trained.eval()(input_ids=ids).logits).abs().max()
+    assert diff <= 1e-4
+
+
+def test_export_refuses_a_non_empty_output_unless_forced(run: Path, exported: Path) -> None:
+    assert "--force" in one_line_error(gnlorp("export", "--run", run, "--output", exported))
+    succeeded(gnlorp("export", "--run", run, "--output", exported, "--force"))
+
+
+def test_methods_lists_the_six_methods() -> None:
+    proc = gnlorp("methods")
+    succeeded(proc)
+    assert [line.split()[0] for line in proc.stdout.strip().splitlines()] == METHODS
+
+
+def test_resume_continues_a_finished_run_to_the_new_max_steps(run: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    succeeded(gnlorp("train", "--resume", "--output", copy, "--max-steps", "8"))
+    assert logged_steps(copy) == list(range(1, 9))
+    assert json.loads((copy / "summary.json").read_text())["steps"] == 8
+
+
+def bad_files(tmp: Path) -> dict[str, str]:
+    """The files and folders the bad-input cases point at, by placeholder name."""
+    broken = tmp / "broken.jsonl"
+    broken.write_text('{"text": "one"}\n{"text": "two"}\n{"text": three\n{"text": "four"}\n')
+    unknown = tmp / "unknown.yaml"
+    unknown.write_text("model: tiny\nlearning_rate: 0.1\n")
+    (tmp / "empty").mkdir()
+    (tmp / "notarun").mkdir()
+    (tmp / "notarun" / "notes.txt").write_text("not a run\n")
+    return {"tmp": str(tmp), "out": str(tmp / "out"), "broken": str(broken), "unknown": str(unknown),
+            "empty": str(tmp / "empty"), "notarun": str(tmp / "notarun")}
+
+
+@pytest.mark.parametrize(("args", "named"), [
+    pytest.param("train --model /does/not/exist --output {out}", ["/does/not/exist"], id="missing-model"),
+    pytest.param("train --data {broken} --output {out}", ["broken.jsonl", "line 3"], id="broken-json"),
+    pytest.param("train --rank 0 --output {out}", ["rank"], id="rank-0"),
+    pytest.param("train --method nope --output {out}", ["nope", *METHODS], id="unknown-method"),
+    pytest.param("train --config {tmp}/missing.yaml --output {out}", ["missing.yaml"], id="missing-config"),
+    pytest.param("train --config {unknown} --output {out}", ["learning_rate"], id="unknown-yaml-key"),
+    pytest.param("train --lr -1 --output {out}", ["lr", "-1"], id="negative-lr"),
+    pytest.param("train --resume --output {empty}", ["resume", "empty"], id="resume-empty-folder"),
+    pytest.param("export --run {notarun} --output {out}", ["notarun"], id="export-not-a-run"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(args: str, named: list[str], tmp_path: Path) -> None:
+    argv = args.format(**bad_files(tmp_path)).split()
+    line = one_line_error(gnlorp(*argv, *(flags(FAST) if argv[0] == "train" else [])))
+    assert all(word in line for word in named), line
+    assert not (tmp_path / "out").exists() and not any((tmp_path / "empty").iterdir())
