@@ -92,6 +92,7 @@ class TrainingRun:
         self.resume = resume
         self.run_dir = Path(cfg.output)
         self.model = None  # the trained model once run() returns, for callers in the same process
+        self._memory: MemoryMonitor | None = None
         self._stop = threading.Event()
 
     def start(self) -> threading.Thread:
@@ -118,6 +119,9 @@ class TrainingRun:
             log.parent.mkdir(parents=True, exist_ok=True)
             log.write_text(traceback.format_exc(), encoding="utf-8")
             self._emit(ErrorEvent(f"internal error ({type(exc).__name__}: {exc}); details in {log}", internal=True))
+        finally:
+            if self._memory is not None:
+                self._memory.close()
         return None
 
     def _emit(self, event: Event) -> None:
@@ -130,8 +134,8 @@ class TrainingRun:
         # cpu=True on a machine without CUDA is what lets torchrun start gloo data-parallel processes.
         accelerator = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda else "no")
         main = accelerator.is_main_process
-        memory = MemoryMonitor(accelerator.device)
         self._check_run_dir()
+        memory = self._memory = MemoryMonitor(accelerator.device)
 
         # Data, model, method, optimizer, schedule.
         tokenizer = load_tokenizer(cfg.model)
@@ -233,7 +237,6 @@ class TrainingRun:
             self._save_final(self.model, tokenizer, method.uses_adapter)
             write_text_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=1))
         self._emit(DoneEvent(status, summary))
-        memory.close()
         return summary
 
     def _diverged(self, step: int, what: str) -> ConfigError:
