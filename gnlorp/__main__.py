@@ -116,6 +116,35 @@ def _run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_estimate(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "estimate", help="predict the memory a run needs, from the model's shapes alone",
+        description="Weights, gradients, optimizer states and projectors counted exactly from the model config "
+        "(nothing is loaded); activations are the logits term only until the full estimator lands.",
+    )
+    parser.add_argument("--config", help="a YAML run config")
+    parser.add_argument("--json", action="store_true", help="print one JSON object of byte counts")
+    add_config_arguments(parser, ["model", "task", "method", "rank", "optim_bits", "batch_size", "seq_len",
+                                  "targets", "proj_type", "layerwise", "dtype"])
+    parser.set_defaults(run=_run_estimate)
+
+
+def _run_estimate(args: argparse.Namespace) -> int:
+    import json
+
+    cfg = config_from_args(args)
+    from gnlorp.memory import estimate
+
+    result = estimate(cfg)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    for key, value in result.items():
+        shown = f"{value:,}" if key == "trainable_params" else f"{value / 2**30:8.3f} GiB"
+        print(f"{key:<18} {shown}")
+    return 0
+
+
 def _add_methods(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("methods", help="list the training methods and what each trades")
     parser.set_defaults(run=_run_methods)
@@ -130,7 +159,9 @@ def _run_methods(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_add_train, _add_export, _add_methods, _add_demo)
+_COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
+    _add_train, _add_estimate, _add_export, _add_methods, _add_demo,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -59,8 +59,13 @@ def moment_bytes(numel: int, bits: int) -> int:
 
 def predict_optimizer_state_bytes(param_groups: list[dict], bits: int, proj_dtype: str | None = None) -> int:
     """Closed-form size of ProjectedAdamW's state for these groups (DESIGN §3), one 8-byte step counter each."""
+    return sum(optimizer_state_parts(param_groups, bits, proj_dtype))
+
+
+def optimizer_state_parts(param_groups: list[dict], bits: int, proj_dtype: str | None = None) -> tuple[int, int]:
+    """(moments, step counters and magnitudes; projectors): the two optimizer terms the estimate reports apart."""
     proj_dtype = proj_dtype or ("float32" if bits == 32 else "bfloat16")
-    total = 0
+    total, projectors = 0, 0
     for group in param_groups:
         for p in group["params"]:
             if not p.requires_grad:
@@ -73,7 +78,37 @@ def predict_optimizer_state_bytes(param_groups: list[dict], bits: int, proj_dtyp
             rank = min(group["rank"], m, n)
             right = projection_side(p.shape, group.get("proj_type", "std")) == "right"
             kept, projected = (m, n) if right else (n, m)
-            total += 2 * moment_bytes(rank * kept, bits) + rank * projected * _PROJ_DTYPE_BYTES[proj_dtype]
+            total += 2 * moment_bytes(rank * kept, bits)
+            projectors += rank * projected * _PROJ_DTYPE_BYTES[proj_dtype]
             if group.get("weight_norm"):
                 total += 3 * 4 * m
-    return total
+    return total, projectors
+
+
+def estimate(cfg) -> dict[str, int]:
+    """Bytes a run of `cfg` needs, from the model's shapes alone (meta device, no weights loaded).
+
+    Weights, gradients, optimizer states and projectors are exact counts. Activations are, for now, only
+    the logits and their gradient (batch·seq·vocab·4 each), often the largest single activation; the
+    per-layer activation term comes with the estimator.
+    """
+    from .methods import get_method
+    from .models import meta_model
+
+    method = get_method(cfg.method)
+    num_labels = 2 if cfg.task == "seq-cls" else None  # the head's size barely matters; the data is not read
+    model = method.prepare(meta_model(cfg.model, cfg.task, num_labels), cfg)
+    weight_bytes = 2 if cfg.dtype == "bfloat16" else 4
+    params = list(model.parameters())
+    trainable = [p for p in params if p.requires_grad]
+    gradients = max(p.numel() for p in trainable) if cfg.layerwise else sum(p.numel() for p in trainable)
+    states, projectors = optimizer_state_parts(method.param_groups(model, cfg), cfg.optim_bits)
+    outputs = cfg.seq_len * (model.config.vocab_size if cfg.task == "causal-lm" else model.config.num_labels)
+    parts = {
+        "weights": sum(p.numel() for p in params) * weight_bytes,
+        "gradients": gradients * weight_bytes,
+        "optimizer_states": states,
+        "projectors": projectors,
+        "activations": 2 * 4 * cfg.batch_size * outputs,
+    }
+    return {**parts, "total": sum(parts.values()), "trainable_params": sum(p.numel() for p in trainable)}
