@@ -160,3 +160,37 @@ def test_bad_input_is_one_line_error(tmp_path):
     _, events = train(tmp_path / "run", data=str(tmp_path / "bad.jsonl"))
     assert isinstance(events[-1], ErrorEvent) and "line 2" in events[-1].message
     assert not (tmp_path / "run").exists(), "nothing may be written for a run that could not start"
+
+
+def final_weights(run_dir) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "final" / "model.safetensors")
+
+
+def max_weight_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
+    """Two micro-batches of 2 are the same examples as one batch of 4 (consecutive slices of one order)."""
+    common = {"method": "galore", "optim_bits": 32, "max_steps": 6}
+    _, accumulated = train(tmp_path / "accum", batch_size=2, grad_accum=2, **common)
+    _, whole = train(tmp_path / "whole", batch_size=4, grad_accum=1, **common)
+    assert step_losses(accumulated) == pytest.approx(step_losses(whole), abs=1e-5)
+    assert max_weight_diff(final_weights(tmp_path / "accum"), final_weights(tmp_path / "whole")) < 1e-5
+
+
+@pytest.mark.parametrize("method", ["galore", "gradnormlorp", "full"])
+def test_layerwise_updates_equal_ordinary_steps(tmp_path, method):
+    common = {"method": method, "optim_bits": 8, "max_steps": 5, "max_grad_norm": 0.0}
+    _, layerwise = train(tmp_path / "layerwise", layerwise=True, **common)
+    _, ordinary = train(tmp_path / "ordinary", layerwise=False, **common)
+    assert step_losses(layerwise) == pytest.approx(step_losses(ordinary), abs=1e-6)
+    assert max_weight_diff(final_weights(tmp_path / "layerwise"), final_weights(tmp_path / "ordinary")) <= 1e-6
+
+
+def test_activation_checkpointing_changes_memory_not_the_result(tmp_path):
+    common = {"method": "gradnormlorp", "optim_bits": 32, "max_steps": 4}
+    _, checkpointed = train(tmp_path / "ckpt", grad_checkpointing=True, **common)
+    _, plain = train(tmp_path / "plain", grad_checkpointing=False, **common)
+    assert step_losses(checkpointed) == pytest.approx(step_losses(plain), abs=1e-5)
+    assert max_weight_diff(final_weights(tmp_path / "ckpt"), final_weights(tmp_path / "plain")) < 1e-5
