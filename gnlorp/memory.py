@@ -12,10 +12,9 @@ import threading
 import psutil
 import torch
 
+from .optim.adamw import PROJ_DTYPES, resolve_proj_dtype
 from .optim.moments import BLOCKSIZE, MIN_8BIT_NUMEL
 from .optim.projector import projection_side
-
-_PROJ_DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
 
 
 class MemoryMonitor:
@@ -64,7 +63,7 @@ def predict_optimizer_state_bytes(param_groups: list[dict], bits: int, proj_dtyp
 
 def optimizer_state_parts(param_groups: list[dict], bits: int, proj_dtype: str | None = None) -> tuple[int, int]:
     """(moments, step counters and magnitudes; projectors): the two optimizer terms the estimate reports apart."""
-    proj_dtype = proj_dtype or ("float32" if bits == 32 else "bfloat16")
+    projector_bytes = PROJ_DTYPES[resolve_proj_dtype(proj_dtype, bits)].itemsize
     total, projectors = 0, 0
     for group in param_groups:
         for p in group["params"]:
@@ -79,7 +78,7 @@ def optimizer_state_parts(param_groups: list[dict], bits: int, proj_dtype: str |
             right = projection_side(p.shape, group.get("proj_type", "std")) == "right"
             kept, projected = (m, n) if right else (n, m)
             total += 2 * moment_bytes(rank * kept, bits)
-            projectors += rank * projected * _PROJ_DTYPE_BYTES[proj_dtype]
+            projectors += rank * projected * projector_bytes
             if group.get("weight_norm"):
                 total += 3 * 4 * m
     return total, projectors

@@ -180,7 +180,7 @@ def _complete_and_validate(group: dict[str, Any]) -> None:
     _check(group["eps"] >= 0, f"eps must be >= 0, got {group['eps']}")
     _check(group["weight_decay"] >= 0, f"weight_decay must be >= 0, got {group['weight_decay']}")
     _check(group["bits"] in (32, 8), f"bits must be 32 or 8, got {group['bits']}")
-    group["proj_dtype"] = _resolve_proj_dtype(group["proj_dtype"], group["bits"])
+    group["proj_dtype"] = resolve_proj_dtype(group["proj_dtype"], group["bits"])
     if "rank" not in group:
         _check(not group.get("weight_norm"), "weight_norm=True needs a rank: give the group a 'rank'")
         return
@@ -203,7 +203,8 @@ def _complete_and_validate(group: dict[str, Any]) -> None:
             )
 
 
-def _resolve_proj_dtype(proj_dtype: str | torch.dtype | None, bits: int) -> str:
+def resolve_proj_dtype(proj_dtype: str | torch.dtype | None, bits: int) -> str:
+    """The stored projector dtype's name: the given one, or float32 at 32 bits and bfloat16 at 8 bits."""
     if proj_dtype is None:
         return "float32" if bits == 32 else "bfloat16"
     name = str(proj_dtype).removeprefix("torch.")
