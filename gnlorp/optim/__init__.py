@@ -2,5 +2,6 @@
 
 from .adamw import ProjectedAdamW, state_bytes
 from .layerwise import LayerwiseHandle, register_layerwise_step
+from .projector import projector_state_bytes
 
-__all__ = ["LayerwiseHandle", "ProjectedAdamW", "register_layerwise_step", "state_bytes"]
+__all__ = ["LayerwiseHandle", "ProjectedAdamW", "projector_state_bytes", "register_layerwise_step", "state_bytes"]

@@ -5,12 +5,20 @@ with `weight_norm=True` as well, the projected quantity is the direction of W = 
 own small Adam (GradNormLoRP). Conventions follow galore-torch's AdamW (eps outside the square root,
 bias correction folded into the step size, decoupled weight decay after the update), so the two can be
 compared step by step. All state is tensors in `self.state`.
+
+Built to survive long runs: a gradient with a NaN or Inf skips that parameter's update (its moments stay
+clean, as AMP's inf-skip does for a whole step); a failed SVD is retried in float64, else the previous
+projector is kept. Each incident is counted in the parameter's state (`nonfinite_skips`,
+`projector_fallbacks`, created on the first one) and described by `pop_incidents()` for the run's log.
+With `stagger_refresh`, the matrices of a group take their SVDs at different steps of the
+`update_proj_gap` window, so no single step pays for all of them.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
+from collections import deque
 from collections.abc import Callable, Iterable
 from itertools import chain
 from typing import Any
@@ -19,19 +27,31 @@ import torch
 from torch.optim import Optimizer
 
 from .moments import init_moments, read_moment, write_moment
-from .projector import PROJ_TYPES, add_projected_back_, compute_projector, project, projection_side
+from .projector import (
+    PROJ_DTYPES,
+    PROJ_TYPES,
+    add_projected_back_,
+    load_projector,
+    project,
+    projection_side,
+    store_projector,
+    svd_basis,
+)
 from .weight_norm import renormalize_, row_norms, split_gradient
 
-PROJECTION_DEFAULTS = {"update_proj_gap": 200, "scale": 0.25, "proj_type": "std", "weight_norm": False}
-PROJ_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+PROJECTION_DEFAULTS = {
+    "update_proj_gap": 200, "scale": 0.25, "proj_type": "std", "weight_norm": False, "stagger_refresh": False,
+}
+INCIDENTS_KEPT = 100
 
 
 class ProjectedAdamW(Optimizer):
     """AdamW whose groups may carry `rank`, `update_proj_gap`, `scale`, `proj_type` and `weight_norm`.
 
-    `bits` (32 or 8) sets how Adam moments are stored. `proj_dtype` ('float32' or 'bfloat16') sets how
-    projectors are stored; by default float32 at 32 bits, so the trajectory matches GaLore exactly, and
-    bfloat16 at 8 bits, where memory is the point and the projector's rounding is far below the moments'.
+    `bits` (32 or 8) sets how Adam moments are stored. `proj_dtype` ('float32', 'bfloat16' or 'int8') sets
+    how projectors are stored; by default ('auto') float32 at 32 bits, so the trajectory matches GaLore
+    exactly, and bfloat16 at 8 bits, where memory is the point and the projector's rounding is far below
+    the moments'. `stagger_refresh` (a group key too) spreads the refreshes after the first one.
     """
 
     def __init__(
@@ -43,11 +63,14 @@ class ProjectedAdamW(Optimizer):
         weight_decay: float = 0.0,
         bits: int = 32,
         proj_dtype: str | torch.dtype | None = None,
+        stagger_refresh: bool = PROJECTION_DEFAULTS["stagger_refresh"],
     ):
         defaults = {
             "lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay,
-            "bits": bits, "proj_dtype": proj_dtype,
+            "bits": bits, "proj_dtype": proj_dtype, "stagger_refresh": stagger_refresh,
         }
+        self._position: dict[int, int] = {}  # id(p) -> index in its group, for the staggered schedule
+        self._incidents: deque[str] = deque(maxlen=INCIDENTS_KEPT)
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -58,6 +81,22 @@ class ProjectedAdamW(Optimizer):
         except ValueError:
             self.param_groups.pop()
             raise
+        self._position.update((id(p), i) for i, p in enumerate(group["params"]))
+
+    def pop_incidents(self) -> list[str]:
+        """Describe the skipped updates and SVD fallbacks since the last call, oldest first, and forget them."""
+        incidents = list(self._incidents)
+        self._incidents.clear()
+        return incidents
+
+    def refresh_offset(self, p: torch.Tensor, group: dict[str, Any]) -> int:
+        """The step (mod update_proj_gap) at which `p` refreshes its projector: 0 unless staggered.
+
+        Staggered, the k matrices of a group are spread evenly over the window: offset_i = ⌊i·T/k⌋.
+        """
+        if not group["stagger_refresh"]:
+            return 0
+        return self._position[id(p)] * group["update_proj_gap"] // len(group["params"])
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
@@ -87,6 +126,9 @@ class ProjectedAdamW(Optimizer):
         lr, weight_decay = group["lr"], group["weight_decay"]
         projected, weight_norm = "rank" in group, group.get("weight_norm", False)
         grad = p.grad.float()
+        if not torch.isfinite(grad).all():
+            self._incident(p, group, state, "nonfinite_skips", "its gradient is not finite; update skipped")
+            return
 
         # GradNormLoRP: split G into the gradient of the magnitude g and of the direction D.
         if weight_norm:
@@ -94,13 +136,23 @@ class ProjectedAdamW(Optimizer):
             magnitude = state["magnitude"]
             grad_magnitude, grad = split_gradient(weight, grad, magnitude)
 
-        # GaLore: refresh the projector every update_proj_gap steps (counted from 0), then project.
+        # GaLore: a projector on the first step, then a refresh every update_proj_gap steps (at the
+        # parameter's offset when staggered), then project.
         if projected:
             side = projection_side(p.shape, group["proj_type"])
-            if int(state["step"]) % group["update_proj_gap"] == 0:
-                rank = min(group["rank"], *p.shape)
-                state["projector"] = compute_projector(grad, rank, side, PROJ_DTYPES[group["proj_dtype"]])
-            grad = project(grad, state["projector"], side)
+            t = int(state["step"])
+            if t == 0 or t % group["update_proj_gap"] == self.refresh_offset(p, group):
+                basis, note = svd_basis(grad, min(group["rank"], *p.shape), side)
+                if basis is not None:
+                    store_projector(state, basis, group["proj_dtype"])
+                if note is not None:
+                    kept = ("retried in float64" if basis is not None else
+                            "kept the previous projector" if "projector" in state else "update skipped")
+                    self._incident(p, group, state, "projector_fallbacks", f"{note}; {kept}")
+                if "projector" not in state:
+                    return
+            basis = load_projector(state)
+            grad = project(grad, basis, side)
 
         state["step"] += 1
         t = int(state["step"])
@@ -114,20 +166,30 @@ class ProjectedAdamW(Optimizer):
             if weight_decay:
                 new_magnitude.mul_(1 - lr * weight_decay)
             # weight = diag(g)·D, so adding diag(g)·back(N) gives diag(g)·D' without forming D.
-            add_projected_back_(
-                weight, direction, state["projector"], side, -step_size * group["scale"], row_scale=magnitude
-            )
+            add_projected_back_(weight, direction, basis, side, -step_size * group["scale"], row_scale=magnitude)
             renormalize_(weight, new_magnitude)
             magnitude.copy_(new_magnitude)
             if weight is not p:
                 p.copy_(weight)
         else:
             if projected:
-                add_projected_back_(p, direction, state["projector"], side, -step_size * group["scale"])
+                add_projected_back_(p, direction, basis, side, -step_size * group["scale"])
             else:
                 p.add_(direction.to(p.dtype), alpha=-step_size)
             if weight_decay:
                 p.mul_(1 - lr * weight_decay)
+
+    def _incident(self, p: torch.Tensor, group: dict[str, Any], state: dict, counter: str, what: str) -> None:
+        """Count an incident in the parameter's state and describe it for `pop_incidents`."""
+        if counter not in state:
+            state[counter] = torch.zeros((), dtype=torch.int64)
+        state[counter] += 1
+        group_index = next(i for i, g in enumerate(self.param_groups) if g is group)
+        shape = "×".join(map(str, p.shape))
+        self._incidents.append(
+            f"parameter {self._position[id(p)]} of group {group_index} ({shape}) at its step {int(state['step']) + 1}:"
+            f" {what} ({int(state[counter])} {counter.replace('_', ' ')} so far)"
+        )
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Like torch's, but keeps each state tensor's dtype.
@@ -191,6 +253,8 @@ def _complete_and_validate(group: dict[str, Any]) -> None:
     gap = group["update_proj_gap"]
     _check(isinstance(gap, int) and gap > 0, f"update_proj_gap must be a positive integer, got {gap!r}")
     _check(group["scale"] > 0, f"scale must be > 0, got {group['scale']}")
+    stagger = group["stagger_refresh"]
+    _check(isinstance(stagger, bool), f"stagger_refresh must be True or False, got {stagger!r}")
     proj_type = group["proj_type"]
     _check(proj_type in PROJ_TYPES, f"proj_type must be one of {', '.join(PROJ_TYPES)}, got {proj_type!r}")
     for p in group["params"]:
@@ -204,11 +268,11 @@ def _complete_and_validate(group: dict[str, Any]) -> None:
 
 
 def resolve_proj_dtype(proj_dtype: str | torch.dtype | None, bits: int) -> str:
-    """The stored projector dtype's name: the given one, or float32 at 32 bits and bfloat16 at 8 bits."""
-    if proj_dtype is None:
+    """The stored projector dtype's name: the given one, or (None or 'auto') float32 at 32 bits, bfloat16 at 8."""
+    if proj_dtype is None or proj_dtype == "auto":
         return "float32" if bits == 32 else "bfloat16"
     name = str(proj_dtype).removeprefix("torch.")
-    _check(name in PROJ_DTYPES, f"proj_dtype must be one of {', '.join(PROJ_DTYPES)}, got {proj_dtype!r}")
+    _check(name in PROJ_DTYPES, f"proj_dtype must be auto or one of {', '.join(PROJ_DTYPES)}, got {proj_dtype!r}")
     return name
 
 
