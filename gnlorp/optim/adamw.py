@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections import deque
 from collections.abc import Callable, Iterable
 from itertools import chain
 from typing import Any
@@ -70,7 +69,8 @@ class ProjectedAdamW(Optimizer):
             "bits": bits, "proj_dtype": proj_dtype, "stagger_refresh": stagger_refresh,
         }
         self._position: dict[int, int] = {}  # id(p) -> index in its group, for the staggered schedule
-        self._incidents: deque[str] = deque(maxlen=INCIDENTS_KEPT)
+        self._incidents: list[str] = []  # the first INCIDENTS_KEPT since the last pop_incidents
+        self._incident_count = 0
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -83,11 +83,15 @@ class ProjectedAdamW(Optimizer):
             raise
         self._position.update((id(p), i) for i, p in enumerate(group["params"]))
 
-    def pop_incidents(self) -> list[str]:
-        """Describe the skipped updates and SVD fallbacks since the last call, oldest first, and forget them."""
-        incidents = list(self._incidents)
-        self._incidents.clear()
-        return incidents
+    def pop_incidents(self, limit: int = 5) -> list[str]:
+        """Describe the skipped updates and SVD fallbacks since the last call, oldest first, and forget them.
+
+        At most `limit` lines and one that counts the rest: a clipped NaN gradient reaches every parameter,
+        and a log should not get a line for each. The counters in the state keep the full tally.
+        """
+        incidents, count = self._incidents[:limit], self._incident_count
+        self._incidents, self._incident_count = [], 0
+        return incidents + ([f"and {count - limit} more like these"] if count > limit else [])
 
     def refresh_offset(self, p: torch.Tensor, group: dict[str, Any]) -> int:
         """The step (mod update_proj_gap) at which `p` refreshes its projector: 0 unless staggered.
@@ -186,6 +190,9 @@ class ProjectedAdamW(Optimizer):
         state[counter] += 1
         group_index = next(i for i, g in enumerate(self.param_groups) if g is group)
         shape = "×".join(map(str, p.shape))
+        self._incident_count += 1
+        if len(self._incidents) >= INCIDENTS_KEPT:
+            return
         self._incidents.append(
             f"parameter {self._position[id(p)]} of group {group_index} ({shape}) at its step {int(state['step']) + 1}:"
             f" {what} ({int(state[counter])} {counter.replace('_', ' ')} so far)"
