@@ -125,7 +125,7 @@ def _add_estimate(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--config", help="a YAML run config")
     parser.add_argument("--json", action="store_true", help="print one JSON object of byte counts")
     add_config_arguments(parser, ["model", "task", "method", "rank", "optim_bits", "batch_size", "seq_len",
-                                  "targets", "proj_type", "layerwise", "dtype"])
+                                  "targets", "proj_type", "proj_dtype", "layerwise", "dtype"])
     parser.set_defaults(run=_run_estimate)
 
 

@@ -62,6 +62,12 @@ class RunConfig:
                         group="advanced")
     proj_type: str = knob("std", "Which side the gradient is projected on.",
                           choices=("std", "reverse_std", "left", "right"), group="advanced")
+    proj_dtype: str = knob("auto", "How projectors are stored (galore, gradnormlorp): auto = float32 with 32-bit "
+                           "states, bfloat16 with 8-bit; int8 = blockwise 8-bit codes, half of bfloat16's bytes.",
+                           choices=("auto", "float32", "bfloat16", "int8"), group="advanced")
+    stagger_refresh: bool = knob(True, "Spread projector refreshes over the update_proj_gap window, one matrix at "
+                                 "its own step, so no step pays for every SVD (galore, gradnormlorp).",
+                                 group="advanced")
     lora_alpha: float = knob(16.0, "LoRA/DoRA scaling α (the update is scaled by α/r).", min=1e-6, max=1e6,
                              group="advanced")
     vera_d_initial: float = knob(0.1, "VeRA: initial value of the d vectors.", min=0.0, max=10.0, group="advanced")

@@ -72,7 +72,14 @@ class ErrorEvent:
     internal: bool = False  # a bug rather than bad input; its traceback is in the run folder's error.log
 
 
-Event = StepEvent | EvalEvent | CheckpointEvent | DoneEvent | ErrorEvent
+@dataclass
+class WarningEvent:
+    """Something the run survived but should be seen: a skipped non-finite update, an SVD fallback."""
+    step: int
+    message: str
+
+
+Event = StepEvent | EvalEvent | CheckpointEvent | DoneEvent | ErrorEvent | WarningEvent
 
 
 @dataclass
@@ -206,6 +213,9 @@ class TrainingRun:
                                   memory.current(), memory.peak(), time.time())
                 self._append_metrics(asdict(event))
                 self._emit(event)
+                for message in optimizer.optimizer.pop_incidents():
+                    self._append_metrics({"step": position.step, "warning": message})
+                    self._emit(WarningEvent(position.step, message))
             if position.step % cfg.eval_every == 0 or position.step == cfg.max_steps:
                 self._evaluate(model, data.eval, tokenizer.pad_token_id, accelerator, position.step, main)
             stopping = self._stop.is_set()

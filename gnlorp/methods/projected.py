@@ -34,6 +34,8 @@ class ProjectedMethod(FullMethod):
             "scale": cfg.scale,
             "proj_type": cfg.proj_type,
             "weight_norm": self.weight_norm,
+            "proj_dtype": cfg.proj_dtype,
+            "stagger_refresh": cfg.stagger_refresh,
         }]
         plain = [p for p in params if id(p) not in targets]
         if plain:
