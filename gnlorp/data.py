@@ -69,6 +69,13 @@ def read_records(path: str | os.PathLike, cfg: RunConfig) -> list[dict[str, Any]
     return records
 
 
+def read_table(path: str | os.PathLike, cfg: RunConfig) -> tuple[list[str], list[dict[str, Any]]]:
+    """The file's columns (in order of first appearance) and its records as read, before any mapping: what a
+    preview shows so a person can pick the columns."""
+    rows = _read_rows(resolve_data_path(path), cfg)
+    return _columns(rows), [row for _, row in rows]
+
+
 def _read_rows(path: Path, cfg: RunConfig) -> list[Row]:
     if not path.exists():
         raise ConfigError(f"cannot read data file {path}: {os.strerror(errno.ENOENT)}; check the path")

@@ -1,0 +1,372 @@
+"""Training jobs for the studio: each run is a child process running the CLI, followed by a background thread.
+
+A run in its own process cannot take the studio down when it runs out of memory or crashes, gives its
+memory back when it ends, and is stopped the way a terminal user stops it: SIGINT makes the CLI save a
+checkpoint after the current step; terminate and then kill follow only if it does not end in time.
+The follower thread reads the run folder's metrics.jsonl and the child's output, so callers (the studio's
+timer) only ever copy a snapshot and never wait. One run at a time. Nothing here imports torch or gradio.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import ConfigError, RunConfig
+
+ACTIVE = ("starting", "running", "stopping")
+ERROR_LINE = re.compile(r"^gnlorp(?: \w+)?: error: (.+)$")
+LOG_LINES = 400
+POLL_S = 0.2
+
+
+class JobError(RuntimeError):
+    """A job request that cannot be met now (one already running, nothing to stop); one readable line."""
+
+
+@dataclass
+class JobState:
+    """What the studio knows about a job: small and plain, so a run store can write it to disk as JSON."""
+
+    run_dir: str
+    command: list[str]
+    max_steps: int
+    log_path: str
+    status: str = "starting"  # starting, running, stopping, then finished, stopped or failed
+    pid: int | None = None
+    started_at: float = field(default_factory=time.time)
+    ended_at: float | None = None
+    returncode: int | None = None
+    error: str | None = None
+    predicted_peak_bytes: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Snapshot:
+    """A consistent copy of a job for drawing: its state, every metrics record so far and the log's tail."""
+
+    state: JobState
+    steps: list[dict[str, Any]]
+    evals: list[dict[str, Any]]
+    log: list[str]
+    version: int  # grows whenever anything above changes, so a poller can skip redrawing
+
+    @property
+    def active(self) -> bool:
+        return self.state.status in ACTIVE
+
+    @property
+    def step(self) -> int:
+        return self.steps[-1]["step"] if self.steps else 0
+
+    def eta_s(self, window: int = 20) -> float | None:
+        """Seconds left at the pace of the last `window` logged steps; None before two steps are logged."""
+        recent = self.steps[-window:]
+        if len(recent) < 2 or recent[-1]["step"] <= recent[0]["step"]:
+            return None
+        per_step = (recent[-1]["time"] - recent[0]["time"]) / (recent[-1]["step"] - recent[0]["step"])
+        return max(0.0, per_step * (self.state.max_steps - recent[-1]["step"]))
+
+
+class MetricsReader:
+    """Reads a metrics.jsonl as it grows, one complete line at a time; starts over when the file is replaced
+    (a resumed run rewrites it without the steps after its checkpoint)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.records: list[dict[str, Any]] = []
+        self._offset = 0
+        self._inode: int | None = None
+        self._partial = b""
+
+    def read(self) -> bool:
+        """Take in new complete lines; True when the records changed."""
+        try:
+            stat = self.path.stat()
+        except FileNotFoundError:
+            return False
+        changed = False
+        if stat.st_ino != self._inode or stat.st_size < self._offset:
+            self.records, self._offset, self._partial, self._inode = [], 0, b"", stat.st_ino
+            changed = True
+        if stat.st_size == self._offset:
+            return changed
+        with open(self.path, "rb") as handle:
+            handle.seek(self._offset)
+            chunk = handle.read()
+        self._offset += len(chunk)
+        *lines, self._partial = (self._partial + chunk).split(b"\n")
+        for line in lines:
+            try:
+                self.records.append(json.loads(line))
+            except ValueError:
+                continue  # a line cut by a crash; the run's own reader would fail on it too
+        return changed or bool(lines)
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every record of a run folder's metrics.jsonl (none when it has none yet)."""
+    reader = MetricsReader(Path(run_dir) / "metrics.jsonl")
+    reader.read()
+    return reader.records
+
+
+class Job:
+    """One child process training into one run folder, with the thread that follows it."""
+
+    def __init__(self, state: JobState, process: subprocess.Popen, stop_grace_s: float, term_grace_s: float):
+        self.state = state
+        self._process = process
+        self._grace = (stop_grace_s, term_grace_s)
+        self._lock = threading.Lock()
+        self._metrics = MetricsReader(Path(state.run_dir) / "metrics.jsonl")
+        self._log: deque[str] = deque(maxlen=LOG_LINES)
+        self._line = ""  # the output line still being written (tqdm redraws it with \r)
+        self._version = 0
+        self._stop_requested = False
+        self._output_done = threading.Event()
+        threading.Thread(target=self._read_output, daemon=True, name="gnlorp-job-output").start()
+        threading.Thread(target=self._follow, daemon=True, name="gnlorp-job-follow").start()
+
+    def snapshot(self) -> Snapshot:
+        with self._lock:
+            records = list(self._metrics.records)
+            log = [*self._log, self._line] if self._line else list(self._log)
+            return Snapshot(replace(self.state), [r for r in records if "loss" in r],
+                            [r for r in records if "eval_loss" in r], log, self._version)
+
+    def stop(self) -> None:
+        """Ask for stop-and-save now; terminate, then kill, if the child has not ended after the grace periods."""
+        with self._lock:
+            if self.state.status not in ACTIVE:
+                raise JobError(f"the run in {self.state.run_dir} has already ended ({self.state.status})")
+            if self._stop_requested:
+                return
+            self._stop_requested = True
+            self.state.status = "stopping"
+            self._version += 1
+        threading.Thread(target=self._escalate, daemon=True, name="gnlorp-job-stop").start()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the job has ended and been read to the end; False on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.snapshot().active:
+            if deadline is not None and time.monotonic() > deadline:
+                return False
+            time.sleep(POLL_S / 2)
+        return True
+
+    def _escalate(self) -> None:
+        stop_grace, term_grace = self._grace
+        for send, grace in ((lambda: self._process.send_signal(signal.SIGINT), stop_grace),
+                            (self._process.terminate, term_grace), (self._process.kill, None)):
+            if self._process.poll() is not None:
+                return
+            send()
+            try:
+                self._process.wait(timeout=grace)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+
+    def _read_output(self) -> None:
+        """Copy the child's merged stdout/stderr to the log file and keep the last lines in memory."""
+        assert self._process.stdout is not None
+        with open(self.state.log_path, "ab") as log_file:
+            for chunk in iter(lambda: self._process.stdout.read1(65536), b""):
+                log_file.write(chunk)
+                log_file.flush()
+                self._take_output(chunk.decode("utf-8", errors="replace"))
+        with self._lock:
+            if self._line.strip():
+                self._log.append(self._line)
+            self._line = ""
+        self._output_done.set()
+
+    def _take_output(self, text: str) -> None:
+        with self._lock:
+            pieces = (self._line + text.replace("\r\n", "\n")).split("\n")
+            for piece in pieces[:-1]:
+                shown = [part for part in piece.split("\r") if part.strip()]
+                if shown:
+                    self._log.append(shown[-1])
+            last = [part for part in pieces[-1].split("\r") if part.strip()]
+            self._line = last[-1] if last else ""
+            self._version += 1
+
+    def _follow(self) -> None:
+        """Poll the metrics file until the child exits, then read everything once more and settle the status."""
+        while self._process.poll() is None:
+            self._read_metrics()
+            time.sleep(POLL_S)
+        self._output_done.wait(timeout=10)
+        self._read_metrics()
+        status, error = self._outcome(self._process.returncode)
+        with self._lock:
+            self.state.status, self.state.error = status, error
+            self.state.returncode, self.state.ended_at = self._process.returncode, time.time()
+            self._version += 1
+
+    def _read_metrics(self) -> None:
+        with self._lock:
+            changed = self._metrics.read()
+            if changed:
+                self._version += 1
+            if changed and self.state.status == "starting":
+                self.state.status = "running"
+
+    def _outcome(self, returncode: int) -> tuple[str, str | None]:
+        """(final status, readable error or None) from the exit code, the summary and the output's error line."""
+        if returncode == 0:
+            summary = Path(self.state.run_dir) / "summary.json"
+            status = json.loads(summary.read_text(encoding="utf-8")).get("status") if summary.is_file() else None
+            return (status if status in ("finished", "stopped") else "finished"), None
+        with self._lock:
+            lines = list(self._log)
+        reported = [m.group(1) for m in map(ERROR_LINE.match, lines) if m]
+        if reported:
+            return "failed", reported[-1]
+        if self._stop_requested:
+            return "stopped", (f"the run did not stop at a step boundary in time and was ended by force; "
+                               f"its last checkpoint (if any) is kept in {self.state.run_dir}")
+        if returncode < 0:
+            name = signal.Signals(-returncode).name
+            hint = " (the system may have run out of memory)" if name == "SIGKILL" else ""
+            return "failed", f"the training process was killed by {name}{hint}; its output is in {self.state.log_path}"
+        last = next((line for line in reversed(lines) if line.strip()), "no output")
+        return "failed", (f"the training process exited with code {returncode} ({last.strip()[:200]}); "
+                          f"its output is in {self.state.log_path}")
+
+
+class JobManager:
+    """Starts, follows and stops training jobs under one runs folder, one at a time."""
+
+    def __init__(self, runs_dir: str | os.PathLike, *, python: str = sys.executable,
+                 stop_grace_s: float = 120.0, term_grace_s: float = 15.0, cwd: str | os.PathLike | None = None):
+        self.runs_dir = Path(runs_dir).resolve()
+        self.python = python
+        self.cwd = Path(cwd).resolve() if cwd is not None else Path.cwd()
+        self._grace = (stop_grace_s, term_grace_s)
+        self._lock = threading.Lock()
+        self._job: Job | None = None
+
+    @property
+    def studio_dir(self) -> Path:
+        """The studio's own files (configs it hands to runs, their logs), kept out of the runs list."""
+        return self.runs_dir / ".studio"
+
+    def current(self) -> Job | None:
+        """The running job, or the last one started (ended) in this session."""
+        return self._job
+
+    def start(self, cfg: RunConfig, predicted_peak_bytes: int | None = None) -> Job:
+        """Train `cfg` into the new run folder `cfg.output` (which must not hold anything yet)."""
+        cfg = cfg.validate()
+        run_dir = Path(cfg.output).resolve()
+        if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+            raise ConfigError(f"run folder {run_dir} already exists; choose another run name")
+        config_path = self.studio_dir / "configs" / f"{run_dir.name}.yaml"
+        cfg.to_yaml(config_path)
+        command = [self.python, "-m", "gnlorp", "train", "--config", str(config_path), "--output", str(run_dir)]
+        return self._launch(command, run_dir, cfg.max_steps, predicted_peak_bytes)
+
+    def resume(self, run_dir: str | os.PathLike, max_steps: int | None = None,
+               predicted_peak_bytes: int | None = None) -> Job:
+        """Continue a run folder from its latest checkpoint, optionally to a new step count."""
+        run_dir = Path(run_dir).resolve()
+        config = run_dir / "config.yaml"
+        if not config.is_file():
+            raise ConfigError(f"{run_dir} is not a run folder (no config.yaml); pick a run from the runs table")
+        if not any((run_dir / "checkpoints").glob("step-*")):
+            raise ConfigError(f"{run_dir.name} has no checkpoint to resume from; start a new run instead")
+        steps = int(yaml.safe_load(config.read_text(encoding="utf-8")).get("max_steps", 0))
+        command = [self.python, "-m", "gnlorp", "train", "--resume", "--output", str(run_dir)]
+        if max_steps is not None and max_steps != steps:
+            command += ["--max-steps", str(max_steps)]
+            steps = max_steps
+        return self._launch(command, run_dir, steps, predicted_peak_bytes)
+
+    def stop(self) -> Job:
+        """Stop the running job (save at the next step boundary, escalating if needed); returns at once."""
+        job = self._job
+        if job is None or not job.snapshot().active:
+            raise JobError("no training is running; nothing to stop")
+        job.stop()
+        return job
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop a running job and wait for it, so closing the studio leaves no training process behind."""
+        job = self._job
+        if job is not None and job.snapshot().active:
+            job.stop()
+            job.wait(timeout)
+
+    def _launch(self, command: list[str], run_dir: Path, max_steps: int, predicted: int | None) -> Job:
+        with self._lock:
+            if self._job is not None:
+                running = self._job.snapshot()
+                if running.active:
+                    raise JobError(f"a training run is already going ({Path(running.state.run_dir).name}, step "
+                                   f"{running.step}/{running.state.max_steps}); stop it or wait until it ends")
+            log_path = self.studio_dir / "logs" / f"{run_dir.name}.log"
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # its lines reach the log as they are printed
+            process = subprocess.Popen(command, cwd=self.cwd, env=env, stdin=subprocess.DEVNULL,
+                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            state = JobState(str(run_dir), command, max_steps, str(log_path), pid=process.pid,
+                             predicted_peak_bytes=predicted)
+            self._job = Job(state, process, *self._grace)
+            return self._job
+
+
+@dataclass
+class RunRecord:
+    """A run folder as the runs table shows it: its config, its summary (once it ended) and its metrics."""
+
+    path: Path
+    config: dict[str, Any]
+    summary: dict[str, Any] | None
+    metrics: list[dict[str, Any]]
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def exportable(self) -> bool:
+        return (self.path / "final" / "model.safetensors").is_file()
+
+
+def list_runs(runs_dir: str | os.PathLike) -> list[RunRecord]:
+    """Every run folder (one holding config.yaml) directly under `runs_dir`, newest first."""
+    root = Path(runs_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.iterdir():
+        config = path / "config.yaml"
+        if path.name.startswith(".") or not config.is_file():
+            continue
+        try:
+            loaded = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
+            summary_path = path / "summary.json"
+            summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else None
+        except (OSError, ValueError, yaml.YAMLError):
+            continue  # a folder being written or damaged is left out rather than breaking the table
+        found.append(RunRecord(path, loaded if isinstance(loaded, dict) else {}, summary, read_metrics(path)))
+    return sorted(found, key=lambda r: r.path.stat().st_mtime, reverse=True)

@@ -1,0 +1,100 @@
+"""The Memory budget panel: what the chosen run needs, part by part, whether it fits the chosen device, the
+largest batch that would, and every method side by side. It follows each change of the form."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import gradio as gr
+
+from gnlorp.config import RunConfig
+from gnlorp.memory import PARTS, compare, devices, estimate, fit
+
+from .charts import budget_figure, compare_figure, human_bytes
+from .context import Studio
+from .feedback import guarded, ok, problem
+from .setup_tab import SetupTab
+from .widgets import values_to_config
+
+DEFAULT_DEVICE = "rtx-4090"
+
+
+@dataclass
+class BudgetPanel:
+    device: gr.Dropdown
+    verdict: gr.Markdown
+
+
+def verdict(cfg: RunConfig, device_name: str) -> str:
+    """Fits or not on the device, with the numbers and, when it does not fit, what to change."""
+    result = fit(cfg, device_name)
+    need, have = human_bytes(result.total_bytes), human_bytes(result.device.capacity_bytes)
+    share = result.total_bytes / result.device.capacity_bytes
+    largest = (f"Largest batch that fits at sequence length {cfg.seq_len}: {result.max_batch_size}."
+               if result.max_batch_size else "Not even a batch of 1 fits.")
+    if result.fits:
+        return ok(f"Fits on {result.device.label}: needs {need} of {have} ({share:.0%}). {largest}")
+    return problem(f"Does not fit on {result.device.label}: needs {need} of {have} ({share:.0%}). {largest} "
+                   "Try a lower batch size or sequence length, 8-bit states, gradnormlorp/galore, activation "
+                   "checkpointing or layer-wise updates.")
+
+
+def device_rows(cfg: RunConfig) -> list[list[Any]]:
+    """Every device with its memory and whether this run fits there at its batch size."""
+    rows = []
+    for device in devices().values():
+        total = estimate(cfg, device)["total"]
+        rows.append([device.label, human_bytes(device.capacity_bytes), human_bytes(total),
+                     "yes" if total <= device.capacity_bytes else "no"])
+    return rows
+
+
+def _comparison_key(cfg: RunConfig, device: str) -> tuple:
+    """What the all-methods chart depends on: everything but the method (and the run folder)."""
+    return (device, *dataclasses.astuple(dataclasses.replace(cfg, method="full", output="")))
+
+
+def build_budget(studio: Studio, setup: SetupTab, page: gr.Blocks) -> BudgetPanel:
+    """Render the budget column (call inside a gr.Column) and wire it to every control of the form."""
+    choices = [(d.label, name) for name, d in devices().items()]
+    device = gr.Dropdown(choices, value=DEFAULT_DEVICE, label="Device", elem_id="budget-device")
+    verdict_md = gr.Markdown(elem_id="budget-verdict")
+    chosen = gr.Plot(label="This run", elem_id="budget-chosen")
+    table = gr.Dataframe(headers=["device", "memory", "this run needs", "fits"], label="Devices",
+                         interactive=False, elem_id="budget-devices")
+    everything = gr.Plot(label="All methods", elem_id="budget-compare")
+    cache: dict[tuple, dict[str, dict[str, int]]] = {}
+    lock = threading.Lock()
+
+    @guarded(3, 0, studio.error_log)
+    def update(*values: Any) -> tuple:
+        *form, device_name = values
+        cfg = values_to_config(form)
+        studio.check_model(cfg)
+        parts = estimate(cfg, device_name)
+        capacity = devices()[device_name].capacity_bytes
+        title = f"{cfg.method}: {human_bytes(parts['total'])}, {parts['trainable_params']:,} trainable parameters"
+        return verdict(cfg, device_name), budget_figure(parts, PARTS, capacity, title), device_rows(cfg)
+
+    @guarded(2, 0, studio.error_log)
+    def update_all(*values: Any) -> tuple:
+        *form, device_name = values
+        cfg = values_to_config(form)
+        studio.check_model(cfg)
+        key = _comparison_key(cfg, device_name)
+        with lock:
+            if key not in cache:
+                cache.clear()  # one entry: the chart follows the form, older settings are not asked again
+                cache[key] = compare(cfg, device_name)
+        return gr.skip(), compare_figure(cache[key], PARTS, cfg.method)
+
+    inputs = [*setup.inputs, device]
+    triggers = [page.load, *(c.change for c in inputs)]
+    gr.on(triggers, update, inputs=inputs, outputs=[verdict_md, chosen, table], api_name="budget",
+          trigger_mode="always_last", show_progress="hidden")
+    gr.on(triggers, update_all, inputs=inputs, outputs=[verdict_md, everything],
+          api_name="budget_all_methods", trigger_mode="always_last", show_progress="hidden")
+    return BudgetPanel(device, verdict_md)

@@ -1,0 +1,99 @@
+"""Plotly figures: the memory budget bars, the live loss and memory charts, and the runs overlay."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import plotly.graph_objects as go
+from plotly.colors import qualitative
+
+PART_LABELS = {"weights": "weights", "gradients": "gradients", "optimizer_states": "optimizer states",
+               "projectors": "projectors", "activations": "activations", "overhead": "overhead"}
+PART_COLORS = {"weights": "#4C78A8", "gradients": "#F58518", "optimizer_states": "#E45756",
+               "projectors": "#72B7B2", "activations": "#54A24B", "overhead": "#B0B0B0"}
+PALETTE = qualitative.Plotly
+UNITS = ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB"), (1, "B"))
+
+
+def unit_for(largest: float) -> tuple[int, str]:
+    """The largest binary unit that keeps `largest` at 1 or more, so a chart's axis reads naturally."""
+    return next(((size, name) for size, name in UNITS if largest >= size), UNITS[-1])
+
+
+def human_bytes(value: float | None) -> str:
+    if value is None:
+        return "–"
+    size, name = unit_for(abs(value))
+    return f"{value / size:.2f} {name}" if size > 1 else f"{value:.0f} B"
+
+
+def _layout(fig: go.Figure, title: str, x: str, y: str, height: int = 320) -> go.Figure:
+    fig.update_layout(title=title, xaxis_title=x, yaxis_title=y, height=height, margin={"l": 50, "r": 20, "t": 50,
+                      "b": 40}, legend={"orientation": "h", "y": -0.2}, template="plotly_white")
+    return fig
+
+
+def budget_figure(parts: dict[str, int], parts_order: tuple[str, ...], capacity: int | None, title: str,
+                  ) -> go.Figure:
+    """The chosen method's memory as one horizontal stacked bar, against the device's capacity."""
+    size, unit = unit_for(max(parts.get("total", 0), capacity or 0))
+    fig = go.Figure()
+    for part in parts_order:
+        fig.add_bar(y=["this run"], x=[parts.get(part, 0) / size], name=PART_LABELS.get(part, part),
+                    orientation="h", marker_color=PART_COLORS.get(part))
+    if capacity:
+        fig.add_vline(x=capacity / size, line_dash="dash", line_color="black",
+                      annotation_text=f"device {capacity / size:.1f} {unit}")
+    fig.update_layout(barmode="stack")
+    return _layout(fig, title, unit, "", height=220)
+
+
+def compare_figure(by_method: dict[str, dict[str, int]], parts_order: tuple[str, ...], chosen: str,
+                   ) -> go.Figure:
+    """Every method's memory side by side, stacked by part; the chosen one is marked on the axis."""
+    size, unit = unit_for(max(parts["total"] for parts in by_method.values()))
+    names = [f"▶ {name}" if name == chosen else name for name in by_method]
+    fig = go.Figure()
+    for part in parts_order:
+        fig.add_bar(x=names, y=[parts.get(part, 0) / size for parts in by_method.values()],
+                    name=PART_LABELS.get(part, part), marker_color=PART_COLORS.get(part))
+    fig.update_layout(barmode="stack")
+    return _layout(fig, "All methods, same settings", "method", unit)
+
+
+def loss_figure(steps: list[dict[str, Any]], evals: list[dict[str, Any]]) -> go.Figure:
+    """Training loss per step and held-out loss at each evaluation."""
+    fig = go.Figure()
+    fig.add_scatter(x=[r["step"] for r in steps], y=[r["loss"] for r in steps], mode="lines", name="train")
+    fig.add_scatter(x=[r["step"] for r in evals], y=[r["eval_loss"] for r in evals], mode="lines+markers",
+                    name="eval")
+    return _layout(fig, "Loss", "step", "loss")
+
+
+def memory_figure(steps: list[dict[str, Any]], predicted_peak: int | None) -> go.Figure:
+    """Measured memory and its running peak per step, with the estimator's predicted peak as a line."""
+    largest = max([r.get("peak_mem_bytes", 0) for r in steps] + [predicted_peak or 0, 1])
+    size, unit = unit_for(largest)
+    x = [r["step"] for r in steps]
+    fig = go.Figure()
+    fig.add_scatter(x=x, y=[r.get("mem_bytes", 0) / size for r in steps], mode="lines", name="measured")
+    fig.add_scatter(x=x, y=[r.get("peak_mem_bytes", 0) / size for r in steps], mode="lines", name="measured peak")
+    if predicted_peak:
+        fig.add_hline(y=predicted_peak / size, line_dash="dash", line_color="black",
+                      annotation_text=f"predicted peak {predicted_peak / size:.2f} {unit}")
+    return _layout(fig, "Memory", "step", unit)
+
+
+def overlay_figure(runs: dict[str, list[dict[str, Any]]]) -> go.Figure:
+    """The loss curves of several runs on one chart (train solid, eval dotted), to compare methods."""
+    fig = go.Figure()
+    for i, (name, records) in enumerate(runs.items()):
+        color = PALETTE[i % len(PALETTE)]
+        steps = [r for r in records if "loss" in r]
+        evals = [r for r in records if "eval_loss" in r]
+        fig.add_scatter(x=[r["step"] for r in steps], y=[r["loss"] for r in steps], mode="lines", name=name,
+                        legendgroup=name, line={"color": color})
+        if evals:
+            fig.add_scatter(x=[r["step"] for r in evals], y=[r["eval_loss"] for r in evals], mode="lines+markers",
+                            name=f"{name} (eval)", legendgroup=name, line={"color": color, "dash": "dot"})
+    return _layout(fig, "Loss of the chosen runs", "step", "loss", height=420)

@@ -1,0 +1,81 @@
+"""The Export tab: pick a run, press Merge & export, get a verified Hugging Face folder and the same as a CLI line.
+
+Panels that use the exported model (trying it on a prompt) go below the export result, in `build_export`.
+"""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from gnlorp.config import ConfigError
+from gnlorp.export import TOLERANCE, export_run
+from gnlorp.jobs import list_runs
+
+from .charts import human_bytes
+from .context import Studio
+from .feedback import guarded, ok
+
+
+def exportable_runs(studio: Studio) -> list[str]:
+    return [r.name for r in list_runs(studio.runs_dir) if r.exportable]
+
+
+def cli_command(run_dir: Path, output: Path, force: bool) -> str:
+    words = ["python", "-m", "gnlorp", "export", "--run", str(run_dir), "--output", str(output)]
+    return shlex.join(words + (["--force"] if force else []))
+
+
+def build_export(studio: Studio, tab: gr.Tab) -> None:
+    """Render the Export tab's content (call inside its gr.Tab)."""
+    runs = exportable_runs(studio)
+    with gr.Row():
+        run = gr.Dropdown(runs, value=runs[0] if runs else None, label="Run", elem_id="export-run",
+                          allow_custom_value=True, info="Runs with final weights (finished, or stopped).")
+        output = gr.Textbox(label="Output folder", elem_id="export-output",
+                            info=f"Empty: {studio.exports_dir}/RUN. Must lie inside the studio's folders.")
+    force = gr.Checkbox(False, label="Replace a non-empty output folder")
+    export = gr.Button("Merge & export", variant="primary", elem_id="export-button")
+    message = gr.Markdown(elem_id="export-message")
+    result = gr.Markdown(elem_id="export-result")
+    files = gr.Dataframe(headers=["file", "size"], label="Files written", interactive=False)
+    command = gr.Code(label="Equivalent CLI command", language="shell", interactive=False, elem_id="export-cli")
+    errors = studio.error_log
+
+    def paths(name: str | None, folder: str) -> tuple[Path, Path]:
+        if not name:
+            raise ConfigError("pick a run to export (runs appear once they have final weights)")
+        run_dir = studio.run_dir(name)
+        target = studio.policy.resolve(folder.strip() or str(studio.exports_dir / name), "Output folder")
+        return run_dir, target
+
+    @guarded(4, 0, errors)
+    def merge_and_export(name: str | None, folder: str, replace: bool) -> tuple:
+        run_dir, target = paths(name, folder)
+        if target.is_dir() and any(target.iterdir()) and not replace:
+            raise ConfigError(f"output folder {target} is not empty; choose another or tick 'Replace a non-empty "
+                              "output folder'")
+        report = export_run(run_dir, target, force=replace)
+        verdict = (f"Exported {report.architecture} to {report.output}. Reloaded from disk, its logits differ from "
+                   f"the trained model's by at most {report.max_abs_logit_diff:.2e} (tolerance {TOLERANCE:g}); "
+                   f"{len(report.files)} files, {human_bytes(sum(report.files.values()))}.")
+        rows = [[file, human_bytes(size)] for file, size in sorted(report.files.items())]
+        return ok("done"), verdict, rows, cli_command(run_dir, target, replace)
+
+    export.click(merge_and_export, inputs=[run, output, force], outputs=[message, result, files, command],
+                 api_name="export")
+
+    @guarded(2, 0, errors)
+    def show_command(name: str | None, folder: str, replace: bool) -> tuple[Any, str]:
+        if not name:
+            return gr.skip(), ""
+        return "", cli_command(*paths(name, folder), replace)
+
+    gr.on([run.change, output.change, force.change, tab.select], show_command, inputs=[run, output, force],
+          outputs=[message, command], api_visibility="private", trigger_mode="always_last", show_progress="hidden")
+    gr.on([tab.select, run.focus], lambda chosen: gr.update(choices=exportable_runs(studio),
+                                                            value=chosen or next(iter(exportable_runs(studio)), None)),
+          inputs=run, outputs=run, api_visibility="private")

@@ -1,0 +1,162 @@
+"""The Setup tab: model, dataset (shipped, uploaded or a path) with a preview, method, rank, the other knobs, presets.
+
+The memory budget (budget.py) sits beside the form and follows every change.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from gnlorp.config import ConfigError, RunConfig
+from gnlorp.data import SUPPORTED, read_records, read_table
+from gnlorp.methods import METHODS
+from gnlorp.models import preset_names
+
+from .context import NAME, Studio
+from .feedback import guarded, ok
+from .widgets import config_to_values, config_widgets, form_fields, preset_files, values_to_config
+
+DEFAULT_PRESET = "tiny-gradnormlorp.yaml"
+PREVIEW_ROWS = 5
+
+
+@dataclass
+class SetupTab:
+    form: dict[str, gr.Component]  # every RunConfig field the form shows, in form_fields() order
+    message: gr.Markdown
+
+    @property
+    def inputs(self) -> list[gr.Component]:
+        return list(self.form.values())
+
+
+def default_config(studio: Studio) -> RunConfig:
+    """The form's first values: the tiny demo preset, so Start trains something small at once."""
+    preset = studio.presets_dir / DEFAULT_PRESET
+    return RunConfig.from_yaml(preset) if preset.is_file() else RunConfig()
+
+
+def shipped_data(studio: Studio) -> list[str]:
+    """Data files that ship in presets/data and those uploaded into the runs folder, as paths to show."""
+    shipped = [f"presets/data/{p.name}" for p in sorted((studio.presets_dir / "data").glob("*"))
+               if p.suffix in SUPPORTED and p.name != "README.md"]
+    uploaded = [str(p) for p in sorted(studio.uploads_dir.glob("*"))] if studio.uploads_dir.is_dir() else []
+    return shipped + uploaded
+
+
+def method_lines() -> str:
+    return "\n".join(f"- **{name}**: {method.summary}" for name, method in METHODS.items())
+
+
+def build_setup(studio: Studio, page: gr.Blocks) -> SetupTab:
+    """Render the settings column (call inside a gr.Column); returns its controls for the other tabs."""
+    cfg = default_config(studio)
+    extras: dict[str, Any] = {}
+
+    def model_picker(common: dict) -> gr.Component:
+        common["info"] += " Pick a preset or type a folder path."
+        return gr.Dropdown(choices=preset_names(), allow_custom_value=True, **common)
+
+    def data_picker(common: dict) -> gr.Component:
+        common["info"] += " Pick a shipped file, upload one, or type a path."
+        dropdown = gr.Dropdown(choices=shipped_data(studio), allow_custom_value=True, **common)
+        extras["upload"] = gr.UploadButton("Upload a data file", file_types=list(SUPPORTED), size="sm")
+        return dropdown
+
+    with gr.Row():
+        preset = gr.Dropdown(preset_files(studio.presets_dir), value=DEFAULT_PRESET, label="Preset", scale=3)
+        load = gr.Button("Load preset", scale=1)
+        preset_name = gr.Textbox(label="Save as preset", placeholder="my-run", scale=2)
+        save = gr.Button("Save preset", scale=1)
+    message = gr.Markdown(elem_id="setup-message")
+    form = config_widgets(cfg, "basic", {"model": model_picker, "data": data_picker})
+    gr.Markdown(method_lines(), elem_id="method-summaries")
+    with gr.Accordion("Dataset preview", open=True):
+        preview_info = gr.Markdown(elem_id="data-preview-info")
+        preview_table = gr.Dataframe(label="First rows", interactive=False, wrap=True, max_height=260)
+    with gr.Accordion("Dataset columns", open=False):
+        form |= config_widgets(cfg, "data", {})
+    with gr.Accordion("Advanced", open=False):
+        form |= config_widgets(cfg, "advanced", {})
+    tab = SetupTab({f.name: form[f.name] for f in form_fields()}, message)
+    log = studio.error_log
+
+    @guarded(3, 0, log)
+    def preview(*values: Any) -> tuple[str, Any, Any]:
+        cfg = values_to_config(values)
+        path = studio.policy.resolve(cfg.data, "Dataset")
+        columns, rows = read_table(path, cfg)
+        shown = [[_cell(row.get(c)) for c in columns] for row in rows[:PREVIEW_ROWS]]
+        info = f"{len(rows):,} records · columns: {', '.join(map(str, columns))} · {detect(columns, cfg)}"
+        try:
+            read_records(path, cfg)
+            status = ok(info)
+        except ConfigError as exc:
+            status = ok(info) + f'<div class="gn-error">⚠ with the current settings: {exc}</div>'
+        return gr.skip(), status, gr.update(value=shown, headers=[str(c) for c in columns])
+
+    preview_inputs = [form[n] for n in ("data", "task", "text_column", "prompt_column", "response_column",
+                                        "label_column")]
+    gr.on([page.load, *(c.change for c in preview_inputs)], preview, inputs=tab.inputs,
+          outputs=[message, preview_info, preview_table], api_name="preview_data", trigger_mode="always_last",
+          show_progress="hidden")
+
+    @guarded(2, 0, log)
+    def upload(file: str | None) -> tuple[str, Any]:
+        if not file:
+            return "", gr.skip()
+        source = Path(file)
+        target = studio.uploads_dir / source.name
+        if target.exists():
+            target = target.with_name(f"{target.stem}-{int(source.stat().st_mtime)}{target.suffix}")
+        studio.uploads_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target)
+        return ok(f"uploaded {source.name} to {target}"), gr.update(choices=shipped_data(studio), value=str(target))
+
+    extras["upload"].upload(upload, inputs=extras["upload"], outputs=[message, form["data"]], api_name="upload_data")
+
+    @guarded(1 + len(tab.inputs), 0, log)
+    def load_preset(name: str | None) -> tuple:
+        if not name:
+            raise ConfigError("pick a preset to load")
+        cfg = RunConfig.from_yaml(studio.policy.resolve(str(studio.presets_dir / name), "Preset"))
+        return ok(f"loaded {name}"), *config_to_values(cfg)
+
+    load.click(load_preset, inputs=preset, outputs=[message, *tab.inputs], api_name="load_preset")
+
+    @guarded(2, 0, log)
+    def save_preset(name: str, *values: Any) -> tuple[str, Any]:
+        name = (name or "").strip().removesuffix(".yaml")
+        if not NAME.match(name):
+            raise ConfigError("preset name: use letters, digits, '.', '_' and '-' (up to 80), e.g. my-run")
+        path = studio.presets_dir / f"{name}.yaml"
+        if path.exists():
+            raise ConfigError(f"preset {path.name} already exists; choose another name")
+        values_to_config(values, output=f"runs/{name}").to_yaml(path)
+        return ok(f"saved {path}"), gr.update(choices=preset_files(studio.presets_dir), value=path.name)
+
+    save.click(save_preset, inputs=[preset_name, *tab.inputs], outputs=[message, preset], api_name="save_preset")
+    return tab
+
+
+def detect(columns: list[str], cfg: RunConfig) -> str:
+    """Which task and columns this file suits, read off its column names and the column settings."""
+    if cfg.label_column in columns and cfg.text_column in columns:
+        return f"looks like classification (seq-cls): text '{cfg.text_column}', label '{cfg.label_column}'"
+    if cfg.prompt_column in columns and cfg.response_column in columns:
+        return (f"looks like instructions (causal-lm, loss on the response): prompt '{cfg.prompt_column}', "
+                f"response '{cfg.response_column}'")
+    if cfg.text_column in columns:
+        return f"looks like plain text (causal-lm): text '{cfg.text_column}'"
+    return "no column matches the column settings; set them under Dataset columns"
+
+
+def _cell(value: Any, limit: int = 200) -> str:
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else text[:limit] + "…"
+
