@@ -124,7 +124,9 @@ class TryModel:
         self.task = source.task
         self.description = description  # what was loaded, in words: shown to the user beside the answer
         self.labels = labels
-        self.max_length = max_length  # the most tokens one input may hold
+        # The most tokens one input may hold: a run's seq_len for its classifier (longer texts are cut there, as
+        # in training and evaluation), else the model's position limit (an export does not record seq_len).
+        self.max_length = max_length
 
     def generate(self, prompt: str, *, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
                  temperature: float = DEFAULT_TEMPERATURE, top_p: float = DEFAULT_TOP_P, seed: int = DEFAULT_SEED,
@@ -179,7 +181,7 @@ class TryModel:
             raise failure[0]
 
     def classify(self, text: str) -> Classification:
-        """The predicted class and the softmax probability of every class, for one text."""
+        """The predicted class and the softmax probability of every class, for one text (cut to max_length)."""
         import torch
 
         self._require("seq-cls", "classify a text", "generate(prompt)")
@@ -231,18 +233,18 @@ def load_for_try(path: str | Path, *, base: bool = False, task: str | None = Non
     holds before any weights load, so asking a classifier to generate fails at once. The model is built in
     float32 (as the export builds it), then moved to `device` (CUDA when available, in bfloat16 there).
     """
-    import torch
-
-    from .models import load_model, load_tokenizer
-
     source = inspect_source(path)
     if task is not None and task != source.task:
         wanted = "a text to classify, not a prompt" if source.task == "seq-cls" else "a prompt, not a text to classify"
         raise ConfigError(f"{source.path} holds a {source.task} model, not a {task} one; give it {wanted}")
+    if base and source.kind == "folder":
+        raise ConfigError(f"{source.path} is a model folder, which does not record its base model; "
+                          "give the run folder, or try the base model's own folder")
+    import torch
+
+    from .models import load_model, load_tokenizer
+
     if source.kind == "folder":
-        if base:
-            raise ConfigError(f"{source.path} is a model folder, which does not record its base model; "
-                              "give the run folder, or try the base model's own folder")
         model = load_model(source.path, source.task, dtype=torch.float32)
         tokenizer = load_tokenizer(source.path)
         id2label = model.config.id2label if source.task == "seq-cls" else None
