@@ -34,9 +34,9 @@ def build_studio(studio: Studio) -> gr.Blocks:
         with gr.Tabs():
             with gr.Tab("Setup", elem_id="tab-setup"):
                 with gr.Row():
-                    with gr.Column(scale=3):
+                    with gr.Column(scale=1):
                         setup = build_setup(studio, page)
-                    with gr.Column(scale=2):
+                    with gr.Column(scale=1):
                         gr.Markdown("### Memory budget")
                         build_budget(studio, setup, page)
             with gr.Tab("Train", elem_id="tab-train"):

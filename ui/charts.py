@@ -29,23 +29,26 @@ def human_bytes(value: float | None) -> str:
 
 def _layout(fig: go.Figure, title: str, x: str, y: str, height: int = 320) -> go.Figure:
     fig.update_layout(title=title, xaxis_title=x, yaxis_title=y, height=height, margin={"l": 50, "r": 20, "t": 50,
-                      "b": 40}, legend={"orientation": "h", "y": -0.2}, template="plotly_white")
+                      "b": 40}, legend={"orientation": "h", "y": -0.3}, template="plotly_white")
     return fig
 
 
 def budget_figure(parts: dict[str, int], parts_order: tuple[str, ...], capacity: int | None, title: str,
                   ) -> go.Figure:
-    """The chosen method's memory as one horizontal stacked bar, against the device's capacity."""
-    size, unit = unit_for(max(parts.get("total", 0), capacity or 0))
+    """The chosen method's memory as one horizontal stacked bar, with the device's capacity as a line when both
+    fit one readable scale (a 100 MiB run against a 24 GiB card would leave the bar invisible)."""
+    total = parts.get("total", 0)
+    on_scale = bool(capacity) and capacity <= 4 * max(total, 1)
+    size, unit = unit_for(max(total, capacity if on_scale else 0))
     fig = go.Figure()
     for part in parts_order:
-        fig.add_bar(y=["this run"], x=[parts.get(part, 0) / size], name=PART_LABELS.get(part, part),
+        fig.add_bar(y=[""], x=[parts.get(part, 0) / size], name=PART_LABELS.get(part, part),
                     orientation="h", marker_color=PART_COLORS.get(part))
-    if capacity:
+    if on_scale:
         fig.add_vline(x=capacity / size, line_dash="dash", line_color="black",
                       annotation_text=f"device {capacity / size:.1f} {unit}")
     fig.update_layout(barmode="stack")
-    return _layout(fig, title, unit, "", height=220)
+    return _layout(fig, title, unit, "", height=260)
 
 
 def compare_figure(by_method: dict[str, dict[str, int]], parts_order: tuple[str, ...], chosen: str,

@@ -66,7 +66,15 @@ def build_setup(studio: Studio, page: gr.Blocks) -> SetupTab:
         common["info"] += " Pick a shipped file, upload one, or type a path."
         dropdown = gr.Dropdown(choices=shipped_data(studio), allow_custom_value=True, **common)
         extras["upload"] = gr.UploadButton("Upload a data file", file_types=list(SUPPORTED), size="sm")
+        with gr.Accordion("Dataset preview", open=True):
+            extras["preview_info"] = gr.Markdown(elem_id="data-preview-info")
+            extras["preview_table"] = gr.Dataframe(label="First rows", interactive=False, wrap=True, max_height=260)
         return dropdown
+
+    def method_picker(common: dict) -> gr.Component:
+        radio = gr.Radio(choices=list(METHODS), **common)
+        gr.Markdown(method_lines(), elem_id="method-summaries")
+        return radio
 
     with gr.Row():
         preset = gr.Dropdown(preset_files(studio.presets_dir), value=DEFAULT_PRESET, label="Preset", scale=3)
@@ -74,11 +82,8 @@ def build_setup(studio: Studio, page: gr.Blocks) -> SetupTab:
         preset_name = gr.Textbox(label="Save as preset", placeholder="my-run", scale=2)
         save = gr.Button("Save preset", scale=1)
     message = gr.Markdown(elem_id="setup-message")
-    form = config_widgets(cfg, "basic", {"model": model_picker, "data": data_picker})
-    gr.Markdown(method_lines(), elem_id="method-summaries")
-    with gr.Accordion("Dataset preview", open=True):
-        preview_info = gr.Markdown(elem_id="data-preview-info")
-        preview_table = gr.Dataframe(label="First rows", interactive=False, wrap=True, max_height=260)
+    form = config_widgets(cfg, "basic", {"model": model_picker, "data": data_picker, "method": method_picker})
+    preview_info, preview_table = extras["preview_info"], extras["preview_table"]
     with gr.Accordion("Dataset columns", open=False):
         form |= config_widgets(cfg, "data", {})
     with gr.Accordion("Advanced", open=False):

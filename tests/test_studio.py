@@ -1,0 +1,190 @@
+"""The studio through its API (gradio_client), as the page calls it: budget, data preview, errors, train, export.
+
+The studio runs as `python app.py` in a subprocess with a temporary runs folder. Results are checked against
+independent sources: the library's estimate, the data file read with json, metrics.jsonl and checkpoints on
+disk, and the exported folder loaded with transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from gradio_client import Client, handle_file
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from gnlorp.config import RunConfig
+from gnlorp.memory import PARTS, estimate
+from studio_process import ROOT, studio
+
+FAST = {"Steps": 200, "Batch size": 4, "Sequence length": 64, "Eval every": 4, "Checkpoint every": 4,
+        "Warm-up steps": 1}
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory) -> Client:
+    runs = tmp_path_factory.mktemp("studio") / "runs"
+    with studio(runs) as url:
+        yield Client(url, verbose=False)
+
+
+@pytest.fixture(scope="module")
+def api(client: Client) -> dict:
+    return client.view_api(return_format="dict", print_info=False)["named_endpoints"]
+
+
+def call(client: Client, api: dict, endpoint: str, **by_label):
+    """Call an endpoint with the page's default values, changing the inputs whose label is given."""
+    params = api[endpoint]["parameters"]
+    labels = [p["label"] for p in params]
+    unknown = set(by_label) - set(labels)
+    assert not unknown, f"{endpoint} has no inputs labelled {unknown}"
+    values = [by_label.get(p["label"], p["parameter_default"]) for p in params]
+    return client.predict(*values, api_name=endpoint)
+
+
+def status(client: Client) -> dict:
+    return client.predict(api_name="/status")
+
+
+def wait_for(client: Client, done, timeout: float = 240) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = status(client)
+        if done(state):
+            return state
+        time.sleep(0.5)
+    raise AssertionError(f"timed out; last status {state}")
+
+
+def figure(plot: dict) -> dict:
+    assert plot["type"] == "plotly"
+    return json.loads(plot["plot"])
+
+
+def test_page_has_the_labelled_controls(api: dict) -> None:
+    labels = {p["label"] for p in api["/start"]["parameters"]}
+    assert {"Model", "Dataset", "Method", "Rank", "Optimizer bits", "Steps", "Learning rate", "Warm-up steps",
+            "Projection gap", "Activation checkpointing", "Layer-wise updates"} <= labels
+    method = next(p for p in api["/start"]["parameters"] if p["label"] == "Method")
+    assert set(method["type"]["enum"]) == {"full", "lora", "dora", "vera", "galore", "gradnormlorp"}
+
+
+@pytest.mark.parametrize("changes", [{}, {"Method": "lora", "Rank": 4, "Optimizer bits": 32}])
+def test_budget_shows_the_library_estimate(client: Client, api: dict, changes: dict) -> None:
+    verdict, chosen, devices = call(client, api, "/budget", **changes)
+    cfg = RunConfig.from_yaml(ROOT / "presets" / "tiny-gradnormlorp.yaml", method=changes.get("Method", "gradnormlorp"),
+                              rank=changes.get("Rank", 16), optim_bits=changes.get("Optimizer bits", 8))
+    expected = estimate(cfg, "rtx-4090")
+    fig = figure(chosen)
+    unit = {"GiB": 2**30, "MiB": 2**20, "KiB": 2**10, "B": 1}[fig["layout"]["xaxis"]["title"]["text"]]
+    shown = {trace["name"]: trace["x"][0] * unit for trace in fig["data"]}
+    for part in PARTS:
+        assert shown[part.replace("_", " ")] == pytest.approx(expected[part], rel=1e-9, abs=1)
+    assert "Fits on RTX 4090" in verdict and "Largest batch that fits" in verdict
+    assert [row[0] for row in devices["data"]][0] == "RTX 4090 24 GB"
+
+
+def test_budget_compares_all_six_methods(client: Client, api: dict) -> None:
+    _, plot = call(client, api, "/budget_all_methods")
+    fig = figure(plot)
+    assert fig["data"][0]["x"] == ["full", "lora", "dora", "vera", "galore", "▶ gradnormlorp"]
+    cfg = RunConfig.from_yaml(ROOT / "presets" / "tiny-gradnormlorp.yaml", method="lora")
+    unit = {"GiB": 2**30, "MiB": 2**20, "KiB": 2**10, "B": 1}[fig["layout"]["yaxis"]["title"]["text"]]
+    lora_total = sum(trace["y"][1] for trace in fig["data"]) * unit
+    assert lora_total == pytest.approx(estimate(cfg, "rtx-4090")["total"], rel=1e-9)
+
+
+def test_data_preview_shows_the_first_rows_and_the_task(client: Client, api: dict) -> None:
+    path = ROOT / "presets" / "data" / "riddles-qa.jsonl"
+    _, info, table = call(client, api, "/preview_data", Dataset="presets/data/riddles-qa.jsonl")
+    first = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()[:5]]
+    assert table["headers"] == ["prompt", "response"]
+    assert table["value"]["data"] == [[r["prompt"], r["response"]] for r in first]
+    assert "instructions" in info and "104 records" in info
+
+
+@pytest.mark.parametrize(("data", "expected"), [
+    ("/etc/passwd", "is outside the folders the studio may use"),
+    ("presets/data/README.md", "unsupported file type '.md'"),
+    ("presets/data/missing.jsonl", "cannot read data file"),
+])
+def test_bad_dataset_is_a_message_not_a_traceback(client: Client, api: dict, data: str, expected: str) -> None:
+    message, _, _ = call(client, api, "/preview_data", Dataset=data)
+    assert expected in message.replace("&#x27;", "'") and "gn-error" in message
+    assert "Traceback" not in message
+    message = call(client, api, "/start", **{"Dataset": data})[0]
+    if "started" in message:  # the run itself reads the file: its one-line error ends the run and shows in the page
+        failed = wait_for(client, lambda s: s["status"] not in ("starting", "running", "stopping"))
+        assert failed["status"] == "failed" and expected in failed["error"], failed
+        message = client.predict(api_name="/refresh")[0]
+    assert expected in message.replace("&#x27;", "'") and "Traceback" not in message
+
+
+def test_bad_settings_are_messages(client: Client, api: dict) -> None:
+    message = call(client, api, "/start", **{"Layer-wise updates": True})[0]
+    assert "layerwise cannot be combined" in message or "layerwise cannot clip" in message
+    with pytest.raises(Exception, match="greater than maximum value 65536"):  # the page shows gradio's range error
+        call(client, api, "/budget", Rank=10**6)
+
+
+def test_upload_lands_in_the_runs_folder(client: Client, tmp_path: Path) -> None:
+    data = tmp_path / "mine.jsonl"
+    data.write_text('{"text": "one"}\n{"text": "two"}\n', encoding="utf-8")
+    message, dropdown = client.predict(handle_file(data), api_name="/upload_data")
+    uploaded = Path(dropdown["value"])
+    assert "uploaded mine.jsonl" in message
+    assert uploaded.parent.name == "uploads" and uploaded.read_text(encoding="utf-8") == data.read_text()
+
+
+def test_train_refuse_second_stop_resume_export(client: Client, api: dict, tmp_path: Path) -> None:
+    started = call(client, api, "/start", **FAST)[0]
+    assert "started" in started, started
+    refused = call(client, api, "/start", **FAST)[0]
+    assert "already going" in refused
+
+    running = wait_for(client, lambda s: s["train_points"] >= 3)
+    run = Path(running["run_dir"])
+    _, loss_plot, memory_plot, _ = client.predict(api_name="/refresh")
+    on_disk = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train = {r["step"]: r["loss"] for r in on_disk if "loss" in r}
+    drawn = figure(loss_plot)["data"][0]
+    assert len(drawn["x"]) >= 3
+    assert all(train[step] == pytest.approx(loss) for step, loss in zip(drawn["x"], drawn["y"], strict=True))
+    assert figure(memory_plot)["layout"]["title"]["text"] == "Memory"
+
+    assert "stopping" in client.predict(api_name="/stop")
+    stopped = wait_for(client, lambda s: s["status"] not in ("starting", "running", "stopping"))
+    assert stopped["status"] == "stopped" and stopped["error"] is None, stopped
+    assert os.path.exists(f"/proc/{stopped['pid']}") is False
+    checkpoints = sorted((run / "checkpoints").glob("step-*"))
+    assert checkpoints, "a stopped run keeps a checkpoint"
+    steps_at_stop = int(checkpoints[-1].name.split("-")[1])
+    assert "no training is running" in client.predict(api_name="/stop")
+
+    resumed = client.predict(run.name, steps_at_stop + 2, api_name="/resume")
+    assert "resumed" in resumed, resumed
+    done = wait_for(client, lambda s: s["status"] not in ("starting", "running", "stopping"))
+    assert done["status"] == "finished", done
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)]
+    assert steps == list(range(1, steps_at_stop + 3))
+
+    message, result, files, command = client.predict(run.name, "", False, api_name="/export")
+    assert "done" in message, message
+    output = Path(result.split(" to ", 1)[1].split(". Reloaded", 1)[0])
+    assert command.endswith(f"--output {output}") and f"--run {run}" in command
+    assert {row[0] for row in files["data"]} >= {"config.json", "model.safetensors"}
+    model = AutoModelForCausalLM.from_pretrained(output, local_files_only=True)
+    trained = load_file(run / "final" / "model.safetensors")
+    for name, tensor in model.state_dict().items():  # gradnormlorp keeps plain weights: nothing to merge
+        assert torch.equal(tensor, trained[name]), name
+    logits = model(torch.tensor([[1, 5, 9, 13]])).logits
+    assert torch.isfinite(logits).all()
+    again = client.predict(run.name, "", False, api_name="/export")[0]
+    assert "not empty" in again and "Replace a non-empty output folder" in again
