@@ -233,7 +233,7 @@ def test_cli_bad_input_is_one_line_and_exit_2(args, named, trained, tmp_path):
 
 def test_cli_streams_the_generated_text_as_it_comes(trained):
     run, _ = trained("causal-lm", "lora")
-    settings = {"temperature": 0.8, "seed": 3, "max_new_tokens": 300}
+    settings = {"temperature": 0.8, "seed": 3, "max_new_tokens": 150}
     proc = subprocess.Popen([sys.executable, "-m", "gnlorp", "try", "--model", str(run), "--prompt", PROMPT,
                              *[f"--{k.replace('_', '-')}={v}" for k, v in settings.items()]],
                             cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
