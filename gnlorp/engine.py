@@ -202,6 +202,8 @@ class TrainingRun:
             if not cfg.layerwise:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+                if optimizer.optimizer.skipped_steps_in_a_row >= 3:  # one bad gradient is survived; a streak is not
+                    raise self._diverged(position.step + 1, "the gradients were non-finite for 3 steps in a row")
             lr = scheduler.get_last_lr()[0]
             scheduler.step()
             position.step += 1

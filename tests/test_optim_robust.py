@@ -224,3 +224,15 @@ def test_real_ill_conditioned_gradients_give_an_orthonormal_projector(grad: Tens
         overlap = ref.T @ basis if side_left else ref @ basis.T
         torch.testing.assert_close(torch.linalg.svdvals(overlap), torch.ones(RANK), atol=1e-3, rtol=0)
     assert opt.pop_incidents() == []
+
+
+def test_consecutive_skipped_steps_are_counted_and_reset_by_a_good_one() -> None:
+    """The engine stops a run on a streak of non-finite gradients; a single one is survived."""
+    w = nn.Parameter(torch.randn(8, 8))
+    opt = ProjectedAdamW([{"params": [w], "rank": 2}])
+    streak = []
+    for bad in (True, True, False, True):
+        w.grad = torch.full((8, 8), float("nan")) if bad else torch.randn(8, 8)
+        opt.step()
+        streak.append(opt.skipped_steps_in_a_row)
+    assert streak == [1, 2, 0, 1]

@@ -71,6 +71,8 @@ class ProjectedAdamW(Optimizer):
         self._position: dict[int, int] = {}  # id(p) -> index in its group, for the staggered schedule
         self._incidents: list[str] = []  # the first INCIDENTS_KEPT since the last pop_incidents
         self._incident_count = 0
+        self.skipped_steps_in_a_row = 0  # step() calls that skipped a non-finite gradient, consecutively
+        self._skip_count = 0
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -108,10 +110,12 @@ class ProjectedAdamW(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        skips_before = self._skip_count
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None:
                     self._update(p, group)
+        self.skipped_steps_in_a_row = self.skipped_steps_in_a_row + 1 if self._skip_count > skips_before else 0
         return loss
 
     @torch.no_grad()
@@ -131,6 +135,7 @@ class ProjectedAdamW(Optimizer):
         projected, weight_norm = "rank" in group, group.get("weight_norm", False)
         grad = p.grad.float()
         if not torch.isfinite(grad).all():
+            self._skip_count += 1
             self._incident(p, group, state, "nonfinite_skips", "its gradient is not finite; update skipped")
             return
 
