@@ -1,0 +1,83 @@
+"""The studio in a real browser (Debian's Chromium, driven by Playwright): what a person sees and clicks.
+
+Open the page, find the labelled controls, train the default preset (shortened) until the Loss chart has points,
+stop, merge and export, and load the exported folder with transformers. Skipped where Chromium is missing,
+except in CI (CI=true), where a missing browser is a failure: .ci/run installs it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from studio_process import studio
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+
+if not Path(CHROMIUM).exists():
+    if os.environ.get("CI") == "true":
+        pytest.fail("Chromium is missing: CI must install it (apt-get install chromium chromium-driver)",
+                    pytrace=False)
+    pytest.skip("Chromium is not installed (apt-get install chromium chromium-driver)", allow_module_level=True)
+sync_api = pytest.importorskip("playwright.sync_api", reason="pip install -e '.[test]' installs playwright")
+
+
+@pytest.fixture(scope="module")
+def page(tmp_path_factory):
+    runs = tmp_path_factory.mktemp("browser") / "runs"
+    with studio(runs) as url, sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        tab = browser.new_page(viewport={"width": 1400, "height": 1000})
+        tab.set_default_timeout(60_000)
+        tab.goto(url)
+        tab.locator("#cfg-model").wait_for()  # the page builds itself in the browser after loading
+        yield tab
+        browser.close()
+
+
+def test_labelled_controls_and_budget(page) -> None:
+    for name in ("Model", "Dataset", "Rank", "Steps", "Batch size", "Sequence length"):
+        assert page.get_by_label(name, exact=True).count() >= 1, name
+    for name in ("Method", "Optimizer bits"):
+        assert page.get_by_text(name, exact=True).count() >= 1, name
+    for method in ("full", "lora", "dora", "vera", "galore", "gradnormlorp"):
+        assert page.get_by_role("radio", name=method, exact=True).count() == 1, method
+    assert page.get_by_role("heading", name="Memory budget").is_visible()
+    sync_api.expect(page.locator("#budget-verdict")).to_contain_text("Fits on RTX 4090")
+    page.get_by_role("radio", name="full", exact=True).check()
+    page.get_by_role("radio", name="32", exact=True).check()
+    sync_api.expect(page.locator("#budget-compare")).to_contain_text("▶ full")
+    page.get_by_role("radio", name="gradnormlorp", exact=True).check()
+    page.get_by_role("radio", name="8", exact=True).check()
+    sync_api.expect(page.locator("#data-preview-info")).to_contain_text("records")
+
+
+def test_train_stop_export(page) -> None:
+    page.get_by_label("Steps", exact=True).fill("60")
+    page.get_by_label("Batch size", exact=True).fill("4")
+    page.get_by_label("Sequence length", exact=True).fill("64")
+    page.get_by_role("tab", name="Train").click()
+    page.get_by_role("button", name="Start").click()
+    sync_api.expect(page.locator("#train-message")).to_contain_text("started", timeout=30_000)
+    page.wait_for_function("document.querySelectorAll('#chart-loss .scatterlayer .trace path.js-line').length > 0"
+                           " && /step [1-9]/.test(document.querySelector('#train-progress').innerText)",
+                           timeout=180_000)
+    page.get_by_role("button", name="Stop").click()
+    sync_api.expect(page.locator("#train-progress")).to_contain_text(re.compile(r"\b(stopped|finished)\b"),
+                                                                     timeout=120_000)
+
+    page.get_by_role("tab", name="Export").click()
+    sync_api.expect(page.locator("#export-cli")).to_contain_text("python -m gnlorp export")
+    page.get_by_role("button", name="Merge & export").click()
+    result = page.locator("#export-result")
+    sync_api.expect(result).to_contain_text("Reloaded from disk", timeout=120_000)
+    output = re.search(r"to (/\S+)\. Reloaded", result.inner_text()).group(1)
+    model = AutoModelForCausalLM.from_pretrained(output, local_files_only=True)
+    assert torch.isfinite(model(torch.tensor([[1, 7, 42]])).logits).all()
