@@ -1,15 +1,18 @@
-"""Rebuild the shipped datasets from Debian's `fortunes` packages (run once; the .jsonl files are committed).
+"""Rebuild the shipped datasets from Debian's `fortunes` packages and Python's standard library docstrings
+(run once; the .jsonl files are committed).
 
     apt-get install fortunes fortunes-min && python presets/data/build.py
 
 Deterministic: entries are cleaned, de-duplicated and ordered by content hash, never by a random draw, so the
-same package version always gives byte-identical files.
+same package version (and, for the docstrings, the same Python version) always gives byte-identical files.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib
+import inspect
 import json
 import re
 from pathlib import Path
@@ -25,6 +28,15 @@ QA_FILE = "riddles"
 TOPIC_FILES = ("computers", "food", "love", "politics", "startrek")
 TOPIC_MAX_CHARS = 300
 TOPIC_PER_CLASS = 180
+# Instructions for a pretrained chat model: what a stdlib function does, answered by its docstring's first
+# paragraph. Pure-Python modules whose public API is the same on every platform.
+DOC_MODULES = ("argparse", "ast", "base64", "calendar", "collections", "colorsys", "configparser", "contextlib",
+               "copy", "csv", "dataclasses", "decimal", "difflib", "email.utils", "enum", "filecmp", "fnmatch",
+               "fractions", "functools", "gettext", "glob", "graphlib", "heapq", "html", "inspect", "ipaddress",
+               "json", "linecache", "logging", "mimetypes", "pathlib", "plistlib", "posixpath", "pprint", "queue",
+               "random", "sched", "secrets", "shlex", "shutil", "statistics", "string", "tarfile", "tempfile",
+               "textwrap", "threading", "tokenize", "types", "urllib.parse", "uuid", "zipapp", "zipfile")
+DOC_MIN_CHARS, DOC_MAX_CHARS, DOC_RECORDS = 30, 300, 400
 
 
 def entries(path: Path) -> list[str]:
@@ -81,6 +93,35 @@ def qa_records(source: Path) -> list[dict]:
     return records
 
 
+def documented_functions(module_name: str) -> list[tuple[str, str, str]]:
+    """(kind, qualified name, docstring) of the module's public functions and its public classes' methods."""
+    module = importlib.import_module(module_name)
+    names = getattr(module, "__all__", None) or [n for n in vars(module) if not n.startswith("_")]
+    found = []
+    for name in sorted(set(names)):
+        obj = getattr(module, name, None)
+        if inspect.isfunction(obj) and obj.__module__ == module.__name__:
+            found.append(("function", f"{module_name}.{name}", inspect.getdoc(obj)))
+        elif inspect.isclass(obj) and obj.__module__ == module.__name__:
+            found += [("method", f"{module_name}.{name}.{attr}", inspect.getdoc(member))
+                      for attr, member in sorted(vars(obj).items())
+                      if not attr.startswith("_") and inspect.isfunction(member)]
+    return [(kind, qualified, doc) for kind, qualified, doc in found if doc]
+
+
+def docstring_records() -> list[dict]:
+    """DOC_RECORDS questions "What does the Python function X do?" answered by the first paragraph of X's
+    docstring (one line), picked and ordered by the SHA-256 of the name."""
+    records = []
+    for module_name in DOC_MODULES:
+        for kind, qualified, doc in documented_functions(module_name):
+            answer = one_line(re.split(r"\n\s*\n", doc.strip())[0])
+            if DOC_MIN_CHARS <= len(answer) <= DOC_MAX_CHARS:
+                records.append((digest(qualified), {"prompt": f"What does the Python {kind} `{qualified}` do?",
+                                                    "response": answer}))
+    return [record for _, record in sorted(records, key=lambda pair: pair[0])[:DOC_RECORDS]]
+
+
 def write_jsonl(path: Path, records: list[dict]) -> None:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
 
@@ -93,6 +134,7 @@ def main() -> None:
     write_jsonl(args.output / "fortunes.jsonl", text_records(args.source))
     write_jsonl(args.output / "fortunes-topics.jsonl", topic_records(args.source))
     write_jsonl(args.output / "riddles-qa.jsonl", qa_records(args.source))
+    write_jsonl(args.output / "python-docstrings-qa.jsonl", docstring_records())
 
 
 if __name__ == "__main__":
