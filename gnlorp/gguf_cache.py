@@ -75,7 +75,11 @@ def ensure_folder(spec: GgufModel) -> Path:
         return folder
     from filelock import FileLock
 
-    folder.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create the model cache {folder.parent} ({exc.strerror}); set GNLORP_CACHE "
+                          "to a writable folder") from None
     with FileLock(str(folder.parent / f".{folder.name}.lock")):
         if not is_complete(folder):  # another process may have converted it while we waited
             convert(source, folder)

@@ -60,6 +60,15 @@ def test_absent_package_gives_the_install_hint(monkeypatch: pytest.MonkeyPatch, 
     assert "smollm2" in models.preset_names()
 
 
+def test_unwritable_cache_is_a_one_line_error(smollm2_folder: Path, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("GNLORP_CACHE", str(blocker / "cache"))
+    with pytest.raises(ConfigError, match="cannot create the model cache .*set GNLORP_CACHE"):
+        models.load_tokenizer("smollm2")
+
+
 def test_conversion_round_trips_the_gguf_model(smollm2_folder: Path, tokenizer) -> None:
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in smollm2_folder.iterdir()}
     assert "quantization_config" not in json.loads((smollm2_folder / "config.json").read_text())
