@@ -39,7 +39,6 @@ def main(argv: list[str] | None = None) -> int:
     from ui import CSS, Studio, build_studio, warm_up
 
     studio = Studio.create(runs_dir, PROJECT, [Path(d) for d in args.allow_dir], Path.cwd())
-    warm_up(studio)
     page = build_studio(studio)
     # SIGTERM ends the studio like Ctrl-C, so a running training is stopped with a checkpoint, not orphaned.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -47,8 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         page.queue(default_concurrency_limit=4).launch(
             server_name=args.host, server_port=args.port, share=args.share, auth=auth, css=CSS,
-            footer_links=["api"], ssr_mode=False, show_error=False,
+            footer_links=["api"], ssr_mode=False, show_error=False, prevent_thread_lock=True,
         )
+        warm_up(studio)  # after the page is served, so the first estimate's imports do not delay it
+        page.block_thread()
     finally:
         studio.jobs.shutdown()
     return 0

@@ -13,6 +13,7 @@ import gradio as gr
 from gnlorp.memory import compare
 
 from .budget import DEFAULT_DEVICE, build_budget
+from .charts import loss_figure
 from .context import Studio
 from .export_tab import build_export
 from .runs_tab import build_runs
@@ -49,11 +50,12 @@ def build_studio(studio: Studio) -> gr.Blocks:
 
 
 def warm_up(studio: Studio) -> threading.Thread:
-    """Pay the first estimate's imports (torch, transformers, peft) in the background, before anyone asks."""
+    """Pay the first estimate's and the first chart's costs (peft import, plotly templates) in the background."""
 
     def run() -> None:
         try:
             compare(dataclasses.replace(default_config(studio), output=""), DEFAULT_DEVICE)
+            loss_figure([], [])  # plotly loads its templates on the first figure
         except Exception:  # noqa: BLE001 - a failure here shows up, readably, on the first real request
             return
 
