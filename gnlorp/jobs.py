@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -253,6 +254,77 @@ class Job:
                           f"its output is in {self.state.log_path}")
 
 
+@dataclass
+class TryResult:
+    """How a `gnlorp try` child ended: what it said it loaded, and its error in one line (None when it answered)."""
+
+    description: str | None
+    error: str | None
+    stopped: bool
+
+
+class TryChild:
+    """A short `gnlorp try` child: its stdout is streamed by one caller, its stderr kept in a file to report from.
+
+    It holds nothing worth saving, so stopping it terminates at once (then kills). It counts as a job: while it
+    lives no training starts, and while a training runs none starts (see JobManager.start_try).
+    """
+
+    PREFIX = "gnlorp try: "
+
+    def __init__(self, process: subprocess.Popen, stderr_path: Path, owner: str | None, term_grace_s: float):
+        self.owner = owner  # who may stop it (a page's session), None for anyone
+        self.stderr_path = stderr_path
+        self._process = process
+        self._grace = term_grace_s
+        self._stopped = False
+
+    @property
+    def active(self) -> bool:
+        return self._process.poll() is None
+
+    def chunks(self) -> Iterator[bytes]:
+        """The child's stdout as it is written, until it exits or is stopped."""
+        assert self._process.stdout is not None
+        yield from iter(lambda: self._process.stdout.read1(65536), b"")
+
+    def stop(self) -> None:
+        """End the child now if it still runs: terminate, then kill after the grace period."""
+        if self._process.poll() is not None:
+            return
+        self._stopped = True
+        self._process.terminate()
+        try:
+            self._process.wait(timeout=self._grace)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+
+    def finish(self) -> TryResult:
+        """Wait for the child to exit; what it loaded and, unless it answered, why not, in one line."""
+        returncode = self._process.wait()
+        if self._process.stdout is not None:
+            self._process.stdout.close()
+        lines = self.stderr_path.read_text(encoding="utf-8", errors="replace").splitlines()
+        said = [line.removeprefix(self.PREFIX) for line in lines
+                if line.startswith(self.PREFIX) and not ERROR_LINE.match(line)]
+        description = said[-1] if said else None
+        if returncode == 0:
+            return TryResult(description, None, False)
+        reported = [m.group(1) for m in map(ERROR_LINE.match, lines) if m]
+        if reported:
+            return TryResult(description, reported[-1], False)
+        if self._stopped:
+            return TryResult(description, "stopped before it finished", True)
+        if returncode < 0:
+            name = signal.Signals(-returncode).name
+            hint = " (the system may have run out of memory)" if name == "SIGKILL" else ""
+            return TryResult(description, f"the model process was killed by {name}{hint}", False)
+        last = next((line for line in reversed(lines) if line.strip()), "no output")
+        return TryResult(description, f"the model process exited with code {returncode} ({last.strip()[:200]}); "
+                                      f"its output is in {self.stderr_path}", False)
+
+
 class JobManager:
     """Starts, follows and stops training jobs under one runs folder, one at a time."""
 
@@ -264,6 +336,7 @@ class JobManager:
         self._grace = (stop_grace_s, term_grace_s)
         self._lock = threading.Lock()
         self._job: Job | None = None
+        self._try: TryChild | None = None
 
     @property
     def studio_dir(self) -> Path:
@@ -309,8 +382,38 @@ class JobManager:
         job.stop()
         return job
 
+    def start_try(self, args: list[str], owner: str | None = None) -> TryChild:
+        """Run `gnlorp try ARGS` in a child whose stdout the caller streams.
+
+        Refused while a training runs or another try does, so a large model never competes with a run (or
+        another model) for memory; `owner` names who may stop it with stop_try.
+        """
+        with self._lock:
+            running = self._job.snapshot() if self._job is not None else None
+            if running is not None and running.active:
+                raise JobError(f"a training run is going ({Path(running.state.run_dir).name}, step {running.step}/"
+                               f"{running.state.max_steps}); try the model when it ends, or stop it first")
+            if self._try is not None and self._try.active:
+                raise JobError("another model is being tried; wait for its answer or stop it")
+            stderr_path = self.studio_dir / "logs" / "try.log"
+            stderr_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(stderr_path, "wb") as stderr:
+                process = subprocess.Popen([self.python, "-m", "gnlorp", "try", *args], cwd=self.cwd,
+                                           stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr)
+            self._try = TryChild(process, stderr_path, owner, self._grace[1])
+            return self._try
+
+    def stop_try(self, owner: str | None = None) -> bool:
+        """End the running try (only if `owner` started it, when given); False when there was none to end."""
+        child = self._try
+        if child is None or not child.active or (owner is not None and child.owner not in (owner, None)):
+            return False
+        child.stop()
+        return True
+
     def shutdown(self, timeout: float = 30.0) -> None:
         """Stop a running job and wait for it, so closing the studio leaves no training process behind."""
+        self.stop_try()
         job = self._job
         if job is not None and job.snapshot().active:
             job.stop()
@@ -323,6 +426,8 @@ class JobManager:
                 if running.active:
                     raise JobError(f"a training run is already going ({Path(running.state.run_dir).name}, step "
                                    f"{running.step}/{running.state.max_steps}); stop it or wait until it ends")
+            if self._try is not None and self._try.active:
+                raise JobError("a model is being tried; train when its answer is done, or stop it first")
             log_path = self.studio_dir / "logs" / f"{run_dir.name}.log"
             log_path.parent.mkdir(parents=True, exist_ok=True)
             env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # its lines reach the log as they are printed
