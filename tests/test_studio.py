@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -20,7 +22,7 @@ from transformers import AutoModelForCausalLM
 
 from gnlorp.config import RunConfig
 from gnlorp.memory import PARTS, estimate
-from studio_process import ROOT, studio
+from studio_process import ENV, ROOT, studio
 
 FAST = {"Steps": 200, "Batch size": 4, "Sequence length": 64, "Eval every": 4, "Checkpoint every": 4,
         "Warm-up steps": 1}
@@ -188,3 +190,103 @@ def test_train_refuse_second_stop_resume_export(client: Client, api: dict, tmp_p
     assert torch.isfinite(logits).all()
     again = client.predict(run.name, "", False, api_name="/export")[0]
     assert "not empty" in again and "Replace a non-empty output folder" in again
+
+
+PROMPT = "The best thing about computers is"
+ACTIVE = ("starting", "running", "stopping")
+
+
+def idle(state: dict) -> bool:
+    return state["status"] not in ACTIVE
+
+
+@pytest.fixture(scope="module")
+def tiny_run(client: Client, api: dict):
+    """tiny_run(**start_changes) -> a finished run folder, trained through the studio in a few steps (once each)."""
+    made: dict[tuple, Path] = {}
+
+    def train(**changes) -> Path:
+        key = tuple(sorted(changes.items()))
+        if key not in made:
+            wait_for(client, idle)
+            started = call(client, api, "/start", **{**FAST, "Steps": 4, **changes})[0]
+            assert "started" in started, started
+            done = wait_for(client, idle)
+            assert done["status"] == "finished", done
+            made[key] = Path(done["run_dir"])
+        return made[key]
+
+    return train
+
+
+def try_values(api: dict, **by_label) -> list:
+    params = api["/try"]["parameters"]
+    assert set(by_label) <= {p["label"] for p in params}, by_label
+    return [by_label.get(p["label"], p["parameter_default"]) for p in params]
+
+
+def try_updates(client: Client, api: dict, **by_label) -> list[tuple]:
+    """Every update the Try button's stream sent to the page; the last is its final answer."""
+    job = client.submit(*try_values(api, **by_label), api_name="/try")
+    job.result(timeout=300)
+    return job.outputs()
+
+
+def cli_try(*args) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([sys.executable, "-m", "gnlorp", "try", *map(str, args)], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def test_try_streams_the_cli_s_text_beside_the_base_model(client: Client, api: dict, tiny_run) -> None:
+    run = tiny_run()
+    settings = {"Max new tokens": 120, "Temperature": 0}
+    updates = try_updates(client, api, **{"Model to try": str(run), "Prompt": PROMPT,
+                                          "Base model side by side": True, **settings})
+    message, trained, base, _ = updates[-1]
+    argv = ["--model", run, "--prompt", PROMPT, "--max-new-tokens", 120, "--temperature", 0]
+    assert trained + "\n" == cli_try(*argv).stdout  # the CLI ends its stream with a line break
+    assert base + "\n" == cli_try(*argv, "--base").stdout
+    assert trained != base, "the trained weights changed nothing"
+    assert f"trained: run {run}" in message and "base: base model tiny" in message, message
+    partial = [update[1] for update in updates[:-1] if update[1]]
+    assert all((trained + "\n").startswith(text) for text in partial)  # the stream shows that break until it ends
+    assert len(set(partial)) >= 2, "the trained text reached the page in one piece, not streamed"
+
+
+def test_try_classifier_shows_the_cli_s_label_and_probabilities(client: Client, api: dict, tiny_run) -> None:
+    run = tiny_run(Task="seq-cls", Dataset="presets/data/fortunes-topics.jsonl")
+    sentence = "Beam me up, Scotty; there is no intelligent life down here."
+    assert "a classifier" in client.predict(str(run), api_name="/try_source")[1]
+    message, trained, base, chart = try_updates(client, api, **{"Model to try": str(run), "Prompt": sentence,
+                                                                "Base model side by side": False})[-1]
+    expected = json.loads(cli_try("--model", run, "--text", sentence, "--json").stdout)
+    bars = figure(chart)["data"]
+    assert [bar["name"] for bar in bars] == ["trained"]
+    assert bars[0]["x"] == list(expected["probabilities"])
+    assert bars[0]["y"] == pytest.approx(list(expected["probabilities"].values()), abs=1e-6)
+    assert trained.startswith(f"{expected['label']} (") and base == ""
+    assert expected["model"] in message
+
+
+def test_try_and_training_refuse_each_other(client: Client, api: dict, tiny_run) -> None:
+    run = tiny_run()
+    wait_for(client, idle)
+    long_try = {"Model to try": str(run), "Prompt": PROMPT, "Max new tokens": 1000, "Temperature": 1,
+                "Base model side by side": False}
+    job = client.submit(*try_values(api, **long_try), api_name="/try")
+    deadline = time.monotonic() + 120
+    while not any(update[1] for update in job.outputs()):  # the model is writing
+        assert time.monotonic() < deadline and not job.done(), job.outputs()
+        time.sleep(0.2)
+    refused = call(client, api, "/start", **FAST)[0]
+    assert "a model is being tried" in refused and "gn-error" in refused, refused
+    assert "stopped" in client.predict(api_name="/try_stop")
+    assert "stopped the trained model" in job.result(timeout=60)[0]
+
+    assert "started" in call(client, api, "/start", **FAST)[0]
+    message = try_updates(client, api, **long_try)[-1][0]
+    assert "a training run is going" in message and "gn-error" in message, message
+    assert "stopping" in client.predict(api_name="/stop")
+    assert wait_for(client, idle)["status"] == "stopped"

@@ -1,6 +1,6 @@
 """The Export tab: pick a run, press Merge & export, get a verified Hugging Face folder and the same as a CLI line.
 
-Panels that use the exported model (trying it on a prompt) go below the export result, in `build_export`.
+Below the export result, the Try panel (ui/try_panel.py) runs a run or an exported folder on a prompt or a sentence.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from gnlorp.jobs import list_runs
 from .charts import human_bytes
 from .context import Studio
 from .feedback import guarded, ok
+from .try_panel import build_try
 
 
 def exportable_runs(studio: Studio) -> list[str]:
@@ -79,3 +80,4 @@ def build_export(studio: Studio, tab: gr.Tab) -> None:
     gr.on([tab.select, run.focus], lambda chosen: gr.update(choices=exportable_runs(studio),
                                                             value=chosen or next(iter(exportable_runs(studio)), None)),
           inputs=run, outputs=run, api_visibility="private")
+    build_try(studio, tab)

@@ -1,0 +1,214 @@
+"""The Try panel (Export tab): a run or an exported folder continues a prompt, streamed, or labels a sentence with
+its class probabilities; beside it the run's base model answers the same input with the same seed and settings.
+
+Each answer comes from a `gnlorp try` child started through the job manager, so a large model cannot take the
+studio down and never runs beside a training (or another try); its stdout streams into the page as it is written.
+"""
+
+from __future__ import annotations
+
+import codecs
+import functools
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import plotly.graph_objects as go
+from gradio.context import Context
+
+from gnlorp import infer
+from gnlorp.config import ConfigError
+from gnlorp.jobs import JobError, list_runs
+
+from .context import Studio
+from .feedback import guarded, ok, problem
+
+OUTPUTS = 4  # message, trained answer, base answer, probability chart
+NO_BASE = "An exported folder does not record its base model; pick its run to compare with the base."
+TEXT_LABELS = {"causal-lm": ("Prompt", "Text for the model to continue"),
+               "seq-cls": ("Sentence to classify", "A sentence for the classifier to label")}
+
+
+def has_weights(run: Path) -> bool:
+    return ((run / "final" / "model.safetensors").is_file()
+            or any((run / "checkpoints").glob("step-*/model.safetensors")))
+
+
+def try_sources(studio: Studio) -> list[tuple[str, str]]:
+    """(label, path) of every run with trained weights, then every exported folder under the exports folder."""
+    runs = [(f"run: {r.name}", str(r.path)) for r in list_runs(studio.runs_dir) if has_weights(r.path)]
+    exports_dir = studio.exports_dir
+    exports = sorted(p for p in exports_dir.iterdir() if (p / "config.json").is_file()) if exports_dir.is_dir() else []
+    return runs + [(f"export: {p.name}", str(p)) for p in exports]
+
+
+def resolve(studio: Studio, chosen: str | None) -> infer.Source:
+    """What the chosen (or typed) path holds, once the path policy allows it."""
+    if not chosen or not chosen.strip():
+        raise ConfigError("pick a run or an exported folder to try (runs appear once they have weights)")
+    return infer.inspect_source(studio.policy.resolve(chosen, "Model to try"))
+
+
+def probability_figure(answers: dict[str, dict[str, float]]) -> go.Figure:
+    """Each class's probability, one bar group per class and one colour per model (trained, base)."""
+    fig = go.Figure()
+    for name, probabilities in answers.items():
+        fig.add_bar(x=list(probabilities), y=list(probabilities.values()), name=name)
+    fig.update_layout(title="Class probabilities", xaxis_title="class", yaxis_title="probability", barmode="group",
+                      yaxis_range=[0, 1], height=320, template="plotly_white", legend={"orientation": "h", "y": -0.3},
+                      margin={"l": 50, "r": 20, "t": 50, "b": 40})
+    return fig
+
+
+def try_arguments(source: infer.Source, text: str, max_new_tokens: int, temperature: float, top_p: float,
+                  seed: int) -> list[str]:
+    """The `gnlorp try` arguments for one answer from the trained model (add --base for the base model's)."""
+    if source.task == "seq-cls":
+        return ["--model", str(source.path), "--text", text, "--json"]
+    return ["--model", str(source.path), "--prompt", text, "--max-new-tokens", str(max_new_tokens),
+            "--temperature", repr(temperature), "--top-p", repr(top_p), "--seed", str(seed)]
+
+
+def guarded_stream(log: Path) -> Callable[[Callable[..., Iterator]], Callable[..., Iterator]]:
+    """`guarded` for a generator handler: a failure mid-stream becomes its last update, a message in the page."""
+
+    def wrap(fn: Callable[..., Iterator]) -> Callable[..., Iterator]:
+        @functools.wraps(fn)
+        def run(*args: Any) -> Iterator:
+            updates = fn(*args)
+            advance = guarded(OUTPUTS, 0, log)(functools.wraps(fn)(lambda: next(updates, None)))
+            try:
+                while (values := advance()) is not None:
+                    yield values
+            finally:
+                updates.close()  # the page went away or the stream ended: its child is stopped
+
+        return run
+
+    return wrap
+
+
+def build_try(studio: Studio, tab: gr.Tab) -> None:
+    """Render the Try panel (call inside the Export tab, below the export result)."""
+    gr.Markdown("### Try the model", elem_id="try-heading")
+    sources = try_sources(studio)
+    with gr.Row():
+        source = gr.Dropdown(sources, value=sources[0][1] if sources else None, label="Model to try",
+                             elem_id="try-source", allow_custom_value=True, scale=2,
+                             info="A run (its final weights, else its latest checkpoint) or an exported folder; "
+                                  "or type a folder's path.")
+        with_base = gr.Checkbox(True, label="Base model side by side", elem_id="try-with-base", scale=1,
+                                info="The run's untrained starting point answers the same input, same seed.")
+    about = gr.Markdown(elem_id="try-about")
+    text = gr.Textbox(label="Prompt", placeholder=TEXT_LABELS["causal-lm"][1], lines=2, elem_id="try-text")
+    with gr.Row() as sampling:
+        max_new_tokens = gr.Number(infer.DEFAULT_MAX_NEW_TOKENS, label="Max new tokens", precision=0, minimum=1,
+                                   maximum=infer.MAX_NEW_TOKENS, elem_id="try-max-new-tokens")
+        temperature = gr.Number(infer.DEFAULT_TEMPERATURE, label="Temperature", minimum=0, maximum=100,
+                                info="0 decodes greedily", elem_id="try-temperature")
+        top_p = gr.Number(infer.DEFAULT_TOP_P, label="Top-p", minimum=0, maximum=1,
+                          info="keep the likeliest tokens up to this probability", elem_id="try-top-p")
+        seed = gr.Number(infer.DEFAULT_SEED, label="Seed", precision=0, minimum=0,
+                         info="the same input and seed give the same answer", elem_id="try-seed")
+    with gr.Row():
+        go_button = gr.Button("Try", variant="primary", elem_id="try-button")
+        stop = gr.Button("Stop", variant="stop", elem_id="try-stop")
+    message = gr.Markdown(elem_id="try-message")
+    with gr.Row():
+        trained = gr.Textbox(label="Trained model", lines=6, interactive=False, elem_id="try-trained")
+        base = gr.Textbox(label="Base model (untrained start)", lines=6, interactive=False, elem_id="try-base")
+    chart = gr.Plot(label="Class probabilities", elem_id="try-chart", visible=False)
+    errors = studio.error_log
+
+    @guarded(6, 0, errors)
+    def describe(chosen: str | None) -> tuple:
+        if not chosen:
+            return "", "", gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        found = resolve(studio, chosen)
+        classifier = found.task == "seq-cls"
+        label, placeholder = TEXT_LABELS[found.task]
+        if found.kind == "run":
+            folder = found.weights.parent.name
+            weights = "final weights" if folder == "final" else f"checkpoint {folder}"
+            what = f"a run ({found.cfg.method} on {found.cfg.model}, {weights})"
+        else:
+            what = "a model folder"
+        task = "a classifier: type a sentence" if classifier else "a language model: type a prompt"
+        base_update = (gr.update(interactive=True, info="The run's untrained starting point answers the same input, "
+                                 "same seed.") if found.kind == "run"
+                       else gr.update(value=False, interactive=False, info=NO_BASE))
+        return ("", f"`{found.path}` is {what}, {task}.", gr.update(label=label, placeholder=placeholder),
+                gr.update(visible=not classifier), base_update, gr.update(visible=classifier))
+
+    gr.on([source.change, tab.select], describe, inputs=source,
+          outputs=[message, about, text, sampling, with_base, chart], api_name="try_source",
+          trigger_mode="always_last", show_progress="hidden")
+    gr.on([tab.select, source.focus],
+          lambda chosen: gr.update(choices=try_sources(studio), value=chosen or next(
+              (value for _, value in try_sources(studio)), None)),
+          inputs=source, outputs=source, api_visibility="private")
+
+    @guarded_stream(errors)
+    def answer(chosen: str | None, typed: str, both: bool, tokens: float | None, temp: float | None,
+               p: float | None, sampling_seed: float | None, request: gr.Request) -> Iterator[tuple]:
+        found = resolve(studio, chosen)
+        generating = found.task == "causal-lm"
+        infer.check_input(typed or "", "prompt" if generating else "text")
+        if None in (tokens, temp, p, sampling_seed):
+            raise ConfigError("fill in max new tokens, temperature, top-p and seed")
+        settings = int(tokens), float(temp), float(p), int(sampling_seed)
+        if generating:
+            infer.check_sampling(*settings)
+        args = try_arguments(found, typed, *settings)
+        runs = {"trained": args} | ({"base": [*args, "--base"]} if both and found.kind == "run" else {})
+        shown = {"trained": "", "base": ""}
+        said, probabilities = [], {}
+        skipped = "" if found.kind == "run" or not both else f" {NO_BASE}"
+        for which, argv in runs.items():
+            yield f"loading the {which} model…{skipped}", shown["trained"], shown["base"], gr.skip()
+            child = studio.jobs.start_try(argv, owner=request.session_hash if request else None)
+            decoder, output = codecs.getincrementaldecoder("utf-8")(errors="replace"), ""
+            try:
+                for chunk in child.chunks():
+                    output += decoder.decode(chunk)
+                    if generating:
+                        shown[which] = output
+                        yield f"the {which} model is writing…{skipped}", shown["trained"], shown["base"], gr.skip()
+                output += decoder.decode(b"", final=True)
+            finally:
+                child.stop()  # only does something when the page stopped reading before the child ended
+            result = child.finish()
+            if result.stopped:
+                yield ok(f"stopped the {which} model"), shown["trained"], shown["base"], gr.skip()
+                return
+            if result.error:
+                raise JobError(f"{which} model: {result.error}")
+            if generating:
+                shown[which] = output.removesuffix("\n")  # the CLI ends its stream with one line break
+                said.append(f"{which}: {result.description}")
+            else:
+                reply = json.loads(output)
+                probabilities[which] = reply["probabilities"]
+                shown[which] = f"{reply['label']} ({reply['probabilities'][reply['label']]:.1%})"
+                said.append(f"{which}: {reply['model']}")
+        figure = probability_figure(probabilities) if probabilities else gr.skip()
+        yield ok(" · ".join(said)) + (problem(NO_BASE) if skipped else ""), shown["trained"], shown["base"], figure
+
+    go_button.click(answer, inputs=[source, text, with_base, max_new_tokens, temperature, top_p, seed],
+                    outputs=[message, trained, base, chart], api_name="try", show_progress="minimal")
+
+    @guarded(1, 0, errors)
+    def stop_answer(request: gr.Request) -> str:
+        if not studio.jobs.stop_try(owner=request.session_hash if request else None):
+            raise JobError("no model is being tried from this page; nothing to stop")
+        return ok("stopped")
+
+    stop.click(stop_answer, outputs=message, api_name="try_stop")
+
+    def leave(request: gr.Request) -> None:
+        """A closed or reloaded page stops the model it was trying."""
+        studio.jobs.stop_try(owner=request.session_hash)
+
+    Context.root_block.unload(leave)
