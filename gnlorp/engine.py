@@ -7,14 +7,16 @@ both consume; it also appends every step to metrics.jsonl. It is built on `accel
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import pickle
 import queue
 import shutil
 import threading
 import time
 import traceback
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,7 @@ from accelerate import Accelerator
 from safetensors.torch import load_model, save_model
 
 from .atomic import atomic_dir, write_text_atomic
+from .checkpoint import DamagedCheckpoint, checkpoints, newest_good, write_manifest
 from .config import ConfigError, RunConfig
 from .data import batches, collate, prepare_data
 from .memory import MemoryMonitor, predict_optimizer_state_bytes
@@ -33,6 +36,7 @@ from .models import load_tokenizer
 from .optim import ProjectedAdamW, register_layerwise_step, state_bytes
 
 CHECKPOINTS_KEPT = 2
+DISK_FULL_FREE_BYTES = 1 << 20  # a failed write with less than this left free is a full disk (torch.save hides ENOSPC)
 
 
 @dataclass
@@ -164,15 +168,19 @@ class TrainingRun:
         model, optimizer = accelerator.prepare(model, optimizer)
         position = Position()
         if self.resume:
-            position = self._load_checkpoint(accelerator.unwrap_model(model), optimizer, scheduler)
+            position, skipped = self._load_checkpoint(accelerator.unwrap_model(model), optimizer, scheduler)
             if main:
                 self._truncate_metrics(position.step)
+                for message in skipped:
+                    self._append_metrics({"step": position.step, "warning": message})
+                    self._emit(WarningEvent(position.step, message))
         if cfg.layerwise:
             if accelerator.num_processes > 1:
                 raise ConfigError("layerwise cannot run data-parallel (its hooks fire before the all-reduce)")
             register_layerwise_step(optimizer.optimizer)
         if main:
-            cfg.to_yaml(self.run_dir / "config.yaml")
+            with self._writing():
+                cfg.to_yaml(self.run_dir / "config.yaml")
             if data.label_names:
                 write_text_atomic(self.run_dir / "labels.json", json.dumps(data.label_names))
 
@@ -246,8 +254,9 @@ class TrainingRun:
             "wall_s": time.time() - started,
         }
         if main:  # every process has the same weights; one writes them
-            self._save_final(self.model, tokenizer, method.uses_adapter)
-            write_text_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=1))
+            self._save_final(self.model, tokenizer, method.uses_adapter, position.step)
+            with self._writing():
+                write_text_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=1))
         self._emit(DoneEvent(status, summary))
         return summary
 
@@ -263,15 +272,34 @@ class TrainingRun:
             raise ConfigError(f"run folder {self.run_dir} is not empty; choose another --output or add --resume")
 
     def _append_metrics(self, record: dict[str, Any]) -> None:
-        with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as handle:
+        with self._writing(), open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
+
+    @contextmanager
+    def _writing(self):
+        """Turn a write that failed on a full disk into a one-line error that says how to continue."""
+        try:
+            yield
+        except Exception as exc:
+            if not _disk_full(exc, self.run_dir):
+                raise
+            kept = [c.name for c in checkpoints(self.run_dir)]
+            after = (f"continue with --resume from the last checkpoint ({kept[0]})" if kept
+                     else "start the run again (it saved no checkpoint yet)")
+            raise ConfigError(f"the disk holding {self.run_dir} is full (no space left on device); free space "
+                              f"there or choose another --output, then {after}") from exc
 
     def _truncate_metrics(self, step: int) -> None:
         """Drop lines logged after the checkpoint we resume from, so the resumed run does not log them twice."""
         metrics = self.run_dir / "metrics.jsonl"
         if metrics.exists():
-            lines = metrics.read_text(encoding="utf-8").splitlines()
-            kept = [line for line in lines if json.loads(line)["step"] <= step]
+            kept = []
+            for line in metrics.read_text(encoding="utf-8").splitlines():
+                try:
+                    if json.loads(line)["step"] <= step:
+                        kept.append(line)
+                except (ValueError, KeyError, TypeError):
+                    continue  # a line cut short when the process died or the disk filled up
             write_text_atomic(metrics, "".join(line + "\n" for line in kept))
 
     @torch.no_grad()
@@ -304,37 +332,67 @@ class TrainingRun:
         """Write into a temp folder and rename, so a crash mid-write leaves the previous checkpoint whole."""
         root = self.run_dir / "checkpoints"
         final = root / f"step-{position.step:06d}"
-        with atomic_dir(final) as tmp:
+        with atomic_dir(final) as tmp, self._writing():
             save_model(model, str(tmp / "model.safetensors"))
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save({"cpu": torch.get_rng_state(),
                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}, tmp / "rng.pt")
             state = {"position": asdict(position), "scheduler": scheduler.state_dict()}
             (tmp / "trainer_state.json").write_text(json.dumps(state), encoding="utf-8")
-        for old in sorted(root.glob("step-*"))[:-CHECKPOINTS_KEPT]:
-            shutil.rmtree(old)
+            write_manifest(tmp, step=position.step, cfg=self.cfg)  # last: a folder without it is incomplete
+        for old in sorted(root.glob("step-*"))[:-CHECKPOINTS_KEPT] + list(root.glob(".step-*.tmp-*")):
+            shutil.rmtree(old)  # old checkpoints, and the temp folders of saves a killed process left behind
         self._emit(CheckpointEvent(position.step, str(final)))
 
-    def _load_checkpoint(self, model, optimizer, scheduler) -> Position:
-        latest = sorted((self.run_dir / "checkpoints").glob("step-*"))[-1]
-        load_model(model, str(latest / "model.safetensors"))
-        optimizer.load_state_dict(torch.load(latest / "optimizer.pt", weights_only=True))
-        rng = torch.load(latest / "rng.pt", weights_only=True)
+    def _load_checkpoint(self, model, optimizer, scheduler) -> tuple[Position, list[str]]:
+        """Restore the newest checkpoint that verifies against its manifest; also the damaged ones skipped."""
+        skipped: list[str] = []
+        folder, (optimizer_state, rng, state) = newest_good(
+            self.run_dir, lambda exc: skipped.append(f"skipped a damaged checkpoint: {exc}"), self._read_checkpoint)
+        load_model(model, str(folder / "model.safetensors"))
+        optimizer.load_state_dict(optimizer_state)
         torch.set_rng_state(rng["cpu"])
         if rng["cuda"]:
             torch.cuda.set_rng_state_all(rng["cuda"])
-        state = json.loads((latest / "trainer_state.json").read_text(encoding="utf-8"))
         scheduler.load_state_dict(state["scheduler"])
-        return Position(**state["position"])
+        return Position(**state["position"]), skipped
 
-    def _save_final(self, model, tokenizer, uses_adapter: bool) -> None:
+    def _read_checkpoint(self, folder: Path, manifest: dict) -> tuple[dict, dict, dict]:
+        """A verified checkpoint's optimizer, RNG and trainer state; pickles load as tensors only (weights_only)."""
+        if manifest["method"] != self.cfg.method:
+            raise ConfigError(f"{folder} was written by a {manifest['method']} run, not {self.cfg.method}; "
+                              f"resume with --method {manifest['method']}")
+        try:
+            optimizer_state = torch.load(folder / "optimizer.pt", weights_only=True)
+            rng = torch.load(folder / "rng.pt", weights_only=True)
+            state = json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
+        except (pickle.UnpicklingError, RuntimeError, ValueError) as exc:
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+            raise DamagedCheckpoint(f"{folder}: refused to load it ({reason})") from None
+        return optimizer_state, rng, state
+
+    def _save_final(self, model, tokenizer, uses_adapter: bool, step: int) -> None:
         """final/ holds the trained model's full state (export merges it); adapter/ the peft adapter alone."""
-        with atomic_dir(self.run_dir / "final") as tmp:
+        with atomic_dir(self.run_dir / "final") as tmp, self._writing():
             save_model(model, str(tmp / "model.safetensors"))
             tokenizer.save_pretrained(tmp)
+            write_manifest(tmp, step=step, cfg=self.cfg)
         if uses_adapter:
-            with atomic_dir(self.run_dir / "adapter") as tmp:
+            with atomic_dir(self.run_dir / "adapter") as tmp, self._writing():
                 model.save_pretrained(tmp)
+
+
+def _disk_full(exc: BaseException, folder: Path) -> bool:
+    """ENOSPC/EDQUOT anywhere in the chain, or any failed write with (almost) nothing left free on that disk."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(seen) or "Disk quota exceeded" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    return existing is not None and shutil.disk_usage(existing).free < DISK_FULL_FREE_BYTES
 
 
 def lr_factor(step: int, cfg: RunConfig) -> float:

@@ -19,6 +19,7 @@ from safetensors.torch import load_model as load_safetensors
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from .atomic import atomic_dir
+from .checkpoint import verify
 from .config import ConfigError, RunConfig
 from .methods import get_method
 from .models import load_model
@@ -83,6 +84,7 @@ def _read_run(run: Path) -> tuple[RunConfig, Path]:
     if not weights.is_file():
         raise ConfigError(f"{run} has no final weights ({weights.relative_to(run)}); let the run finish "
                           "or resume it, then export")
+    verify(weights.parent, required=False)  # runs from before manifests have none; any other mismatch is refused
     return cfg, weights
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .checkpoint import checkpoints, newest_good, verify
 from .config import TASKS, ConfigError, RunConfig
 
 if TYPE_CHECKING:
@@ -63,15 +64,16 @@ def inspect_source(path: str | Path) -> Source:
 
 
 def _run_weights(run: Path) -> Path:
-    """final/ once the run has ended (finished or stopped); before that, its latest checkpoint."""
+    """final/ once the run has ended (finished or stopped); before that, its newest intact checkpoint."""
     final = run / "final" / "model.safetensors"
     if final.is_file():
+        verify(final.parent, required=False)  # runs from before manifests have none
         return final
-    checkpoints = sorted((run / "checkpoints").glob("step-*/model.safetensors"))
-    if not checkpoints:
+    if not checkpoints(run):
         raise ConfigError(f"{run} has no trained weights yet (no final/ and no checkpoints/); wait for its first "
                           "checkpoint or let the run finish")
-    return checkpoints[-1]
+    _, weights = newest_good(run, lambda exc: None, lambda folder, manifest: folder / "model.safetensors")
+    return weights
 
 
 def _folder_task(folder: Path) -> str:
