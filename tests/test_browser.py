@@ -81,3 +81,19 @@ def test_train_stop_export(page) -> None:
     output = re.search(r"to (/\S+)\. Reloaded", result.inner_text()).group(1)
     model = AutoModelForCausalLM.from_pretrained(output, local_files_only=True)
     assert torch.isfinite(model(torch.tensor([[1, 7, 42]])).logits).all()
+
+
+def test_try_panel_shows_generated_text(page) -> None:
+    """On the run test_train_stop_export trained: type a prompt, press Try, see the text being written.
+
+    The base model's answer beside it is checked through the API (test_studio.py); leaving it out here halves the time.
+    """
+    page.get_by_role("tab", name="Export").click()
+    sync_api.expect(page.locator("#try-about")).to_contain_text("a language model: type a prompt")
+    page.get_by_label("Prompt", exact=True).fill("The best thing about computers is")
+    page.get_by_label("Temperature", exact=True).fill("0.8")
+    page.get_by_label("Base model side by side").uncheck()
+    page.get_by_role("button", name="Try", exact=True).click()
+    sync_api.expect(page.locator("#try-trained textarea")).to_have_value(re.compile(r"\S"), timeout=120_000)
+    sync_api.expect(page.locator("#try-message")).to_contain_text("trained: run", timeout=120_000)
+    assert page.locator("#try-base textarea").input_value() == ""
