@@ -1,6 +1,6 @@
 """Pretrained models shipped as a GGUF file inside a PyPI package, converted once into a plain model folder.
 
-transformers reads GGUF (dequantizing it to float32) but takes ~15-20 s to do so and refuses to
+transformers reads GGUF (dequantizing it to float32) but takes ~20-30 s to do so and refuses to
 `save_pretrained` the result, so the first use rebuilds the model from its config without the
 quantization entry, writes it with its tokenizer as safetensors into a cache folder, and every later
 use loads that folder like any other. The folder appears only complete (written to a temp folder, then
@@ -64,7 +64,7 @@ def cached_folder(spec: GgufModel) -> Path:
 
 
 def ensure_folder(spec: GgufModel) -> Path:
-    """The converted model folder, converting on first use (about 20-30 s; say so before calling if it matters)."""
+    """The converted model folder, converting on first use (about 30 s on 2 cores; later uses only check it)."""
     source = gguf_file(spec)
     if source is None:
         raise ConfigError(f"the {spec.name} preset needs its model package: {spec.install_hint}")
