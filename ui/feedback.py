@@ -13,7 +13,7 @@ from typing import Any
 import gradio as gr
 
 from gnlorp.config import ConfigError
-from gnlorp.jobs import JobError
+from gnlorp.jobs import JobError, redact
 
 
 def ok(text: str) -> str:
@@ -47,9 +47,10 @@ def guarded(outputs: int, message_at: int, log: Path) -> Callable[[Callable], Ca
                     log.parent.mkdir(parents=True, exist_ok=True)
                     with open(log, "a", encoding="utf-8") as handle:
                         handle.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {fn.__name__}\n")
-                        handle.write(traceback.format_exc())
+                        handle.write(redact(traceback.format_exc()))
                     first = (str(exc).strip().splitlines() or [""])[0][:200]
                     message = f"unexpected error ({type(exc).__name__}: {first}); details in {log}"
+            message = redact(message)
             if outputs == 1:
                 return problem(message)
             values: list[Any] = [gr.skip()] * outputs

@@ -24,9 +24,13 @@ class PathPolicy:
             raise ConfigError(f"{what}: no path given; type one or pick from the list")
         given = Path(text.strip()).expanduser()
         candidates = [given] if given.is_absolute() else [base / given for base in self.bases]
-        path = next((c for c in candidates if c.exists()), candidates[0]).resolve()
+        given = next((c for c in candidates if c.exists()), candidates[0])
+        path = given.resolve()  # `..` and symlinks are followed here, so neither can lead out of a root
         if not any(path == root or path.is_relative_to(root) for root in self.roots):
             allowed = ", ".join(str(root) for root in self.roots)
+            if ".." not in given.parts and any(given.absolute().is_relative_to(root) for root in self.roots):
+                raise ConfigError(f"{what} {text.strip()!r} is a link to {path}, outside the folders the studio may "
+                                  f"use ({allowed}); copy the file into one of them instead of linking it")
             raise ConfigError(f"{what} {text.strip()!r} is outside the folders the studio may use ({allowed}); "
                               "move it into one of them or start the studio with --allow-dir FOLDER")
         return path
