@@ -2,7 +2,8 @@
 
     OMP_NUM_THREADS=1 python benchmarks/screenshots.py   # writes docs/screenshots/{setup,train,runs,export}.png
 
-Trains two short runs of the tiny preset (GradNormLoRP and GaLore) so the charts and the runs overlay have data.
+Trains two short runs of the tiny preset (GradNormLoRP and GaLore) so the charts and the runs overlay have data,
+exports the last one and tries it on a prompt beside its base model.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ def main() -> None:
         browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=ARGS)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.set_default_timeout(120_000)
+        expect.set_options(timeout=120_000)  # a loaded machine takes longer than expect's default 5 s
         page.goto(url)
         expect(page.locator("#budget-verdict")).to_contain_text("Fits")
         expect(page.locator("#budget-compare .js-plotly-plot")).to_be_visible()
@@ -56,6 +58,10 @@ def main() -> None:
         page.get_by_role("tab", name="Export").click()
         page.get_by_role("button", name="Merge & export").click()
         expect(page.locator("#export-result")).to_contain_text("Reloaded from disk")
+        page.get_by_label("Prompt", exact=True).fill("The best thing about computers is")
+        page.get_by_label("Max new tokens", exact=True).fill("40")
+        page.get_by_role("button", name="Try", exact=True).click()
+        expect(page.locator("#try-message")).to_contain_text("base: base model")
         page.screenshot(path=OUT / "export.png", full_page=True)
         browser.close()
     print(f"wrote {', '.join(sorted(p.name for p in OUT.glob('*.png')))} to {OUT}")
