@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
+import psutil
 import pytest
 
 from gnlorp.config import ConfigError, RunConfig
@@ -137,3 +139,113 @@ def test_kill_9_mid_checkpoint_resumes_exactly_from_the_previous_one(tmp_path: P
     assert [after[s] for s in range(previous + 1, killed_at + 1)] == \
            [before[s] for s in range(previous + 1, killed_at + 1)]  # the steps after the good checkpoint, bit for bit
     assert not list((run / "checkpoints").glob(".step-*")), "the killed save's temp folder is cleaned up"
+
+
+def start_studio(runs: Path) -> tuple[subprocess.Popen, str]:
+    """app.py in a subprocess that the test may kill -9 (studio_process.studio always ends it gently)."""
+    from studio_process import free_port
+
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--runs-dir", str(runs)], cwd=ROOT,
+                               env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "the studio exited"
+        try:
+            if httpx.get(url, timeout=5).status_code == 200:
+                return process, url
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    raise TimeoutError(url)
+
+
+def wait_status(client, done, timeout: float = 240) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = client.predict(api_name="/status")
+        if done(state):
+            return state
+        time.sleep(0.5)
+    raise AssertionError(f"timed out; last status {state}")
+
+
+def test_a_restarted_studio_follows_the_running_training_again_and_stops_it(tmp_path: Path) -> None:
+    from gradio_client import Client
+
+    from studio_process import studio
+
+    runs = tmp_path / "runs"
+    first, url = start_studio(runs)
+    try:
+        client = Client(url, verbose=False)
+        api = client.view_api(return_format="dict", print_info=False)["named_endpoints"]["/start"]["parameters"]
+        values = {p["label"]: p["parameter_default"] for p in api}
+        values.update({"Run name": "long", "Steps": 400, "Batch size": 4, "Sequence length": 32,
+                       "Checkpoint every": 5, "Eval every": 400})
+        assert "started" in client.predict(*[values[p["label"]] for p in api], api_name="/start")[0]
+        before = wait_status(client, lambda s: s["train_points"] >= 2)
+    finally:
+        first.kill()  # the studio crashes; its training lives on in its own process group
+        first.wait()
+    assert psutil.pid_exists(before["pid"])
+
+    with studio(runs) as url:
+        client = Client(url, verbose=False)
+        again = client.predict(api_name="/status")
+        assert again["status"] == "running" and again["pid"] == before["pid"], again
+        later = wait_status(client, lambda s: s["step"] > again["step"] + 1)
+        assert later["pid"] == before["pid"]
+        assert "stopping" in client.predict(api_name="/stop")
+        stopped = wait_status(client, lambda s: s["status"] not in ("starting", "running", "stopping"))
+    assert stopped["status"] == "stopped" and stopped["stop_stage"] == "save" and stopped["memory_freed"], stopped
+    assert not psutil.pid_exists(stopped["pid"]) or psutil.Process(stopped["pid"]).status() == psutil.STATUS_ZOMBIE
+    saved = json.loads((runs / ".studio" / "jobs" / "long.json").read_text())
+    assert saved["status"] == "stopped" and saved["step"] == stopped["step"]
+    last = sorted((runs / "long" / "checkpoints").glob("step-*"))[-1]
+    assert int(last.name.split("-")[1]) == max(losses(runs / "long"))  # stop saved at the step it reached
+
+
+CRASHED_STUDIO = """
+import sys, time, os
+from pathlib import Path
+from gnlorp.config import RunConfig
+from gnlorp.jobs import JobManager
+runs = Path(sys.argv[1])
+manager = JobManager(runs)
+cfg = RunConfig.from_dict({**__import__("json").loads(sys.argv[2]), "output": str(runs / "crashed")})
+job = manager.start(cfg)
+while not list((runs / "crashed" / "checkpoints").glob("step-*")):
+    time.sleep(0.1)
+print(job.state.pid, flush=True)
+os._exit(0)  # the studio dies without stopping its run
+"""
+
+
+def test_a_run_that_died_with_no_studio_watching_is_marked_failed_and_resumes(tmp_path: Path) -> None:
+    from gnlorp.jobs import JobManager
+
+    runs = tmp_path / "runs"
+    settings = {**FAST, "max_steps": 400, "checkpoint_every": 2, "eval_every": 400}
+    crashed = subprocess.run([sys.executable, "-c", CRASHED_STUDIO, str(runs), json.dumps(settings)], cwd=ROOT,
+                             env=ENV, capture_output=True, text=True, timeout=300)
+    pid = int(crashed.stdout.strip())
+    os.killpg(pid, signal.SIGKILL)  # then the trainer dies too, with nobody watching
+    while psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+        time.sleep(0.05)
+
+    manager = JobManager(runs)
+    assert manager.current() is None
+    deadline = time.monotonic() + 30
+    while (state := manager.stored()[0]).status in ("starting", "running", "stopping"):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert state.status == "failed" and "resume crashed from its last checkpoint" in state.error, state
+    logged = losses(runs / "crashed")
+    saved = (runs / "crashed").glob("checkpoints/step-*/manifest.json")
+    checkpoint = max(int(p.parent.name.split("-")[1]) for p in saved)
+    job = manager.resume(runs / "crashed", max_steps=max(logged) + 2)
+    assert job.wait(240) and job.snapshot().state.status == "finished", job.snapshot().state
+    resumed = losses(runs / "crashed")
+    assert sorted(resumed) == list(range(1, max(logged) + 3))
+    assert [resumed[s] for s in logged if s > checkpoint] == [logged[s] for s in logged if s > checkpoint]
