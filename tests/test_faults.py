@@ -38,8 +38,14 @@ def train(output: Path, resume: bool = False, **overrides) -> tuple[dict | None,
 
 
 def losses(run_dir: Path) -> dict[int, float]:
-    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return {r["step"]: r["loss"] for r in lines if "loss" in r}
+    """Step -> loss from metrics.jsonl; a last line cut short by the fault is not a record."""
+    records = []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 
 def cli(*args: str) -> list[str]:
@@ -249,3 +255,63 @@ def test_a_run_that_died_with_no_studio_watching_is_marked_failed_and_resumes(tm
     resumed = losses(runs / "crashed")
     assert sorted(resumed) == list(range(1, max(logged) + 3))
     assert [resumed[s] for s in logged if s > checkpoint] == [logged[s] for s in logged if s > checkpoint]
+
+
+def fill(disk: Path) -> Path:
+    """Write a file until the disk is full (down to single bytes); return it."""
+    filler = disk / "filler"
+    with open(filler, "wb", buffering=0) as handle:
+        for size in (1 << 20, 1 << 12, 1):
+            try:
+                while True:
+                    handle.write(b"\0" * size)
+            except OSError:
+                continue
+    return filler
+
+
+def disk_full_scenario(disk: Path, out: Path) -> None:
+    """Inside a private mount namespace: train onto a small tmpfs, fill it, then free it and resume."""
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(disk)], check=True)
+    run = disk / "run"
+    settings = [f"--{k.replace('_', '-')}={v}" for k, v in FAST.items()]
+    process = subprocess.Popen(cli(*settings, "--max-steps=400", "--checkpoint-every=2", "--eval-every=400",
+                                   f"--output={run}"), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True)
+    while not list(run.glob("checkpoints/step-*/manifest.json")) and process.poll() is None:
+        time.sleep(0.05)
+    filler = fill(disk)
+    _, stderr = process.communicate(timeout=300)
+    result = {"first_rc": process.returncode, "first_stderr": stderr, "logged": losses(run)}
+    filler.unlink()
+    steps = max(result["logged"]) + 2
+    done = subprocess.run(cli("--resume", f"--output={run}", f"--max-steps={steps}"), env=ENV, capture_output=True,
+                          text=True, timeout=300)
+    result.update(resume_rc=done.returncode, resume_stderr=done.stderr[-2000:], resumed=losses(run), steps=steps)
+    out.write_text(json.dumps(result))
+
+
+def test_a_full_disk_is_a_clear_error_and_the_run_resumes(tmp_path: Path) -> None:
+    disk, out = tmp_path / "disk", tmp_path / "result.json"
+    disk.mkdir()
+    try:
+        done = subprocess.run(["unshare", "--mount", "--map-root-user", sys.executable, __file__, "disk-full",
+                               str(disk), str(out)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    except FileNotFoundError:
+        pytest.skip("unshare (util-linux) is not installed")
+    if "mount" in done.stderr and not out.exists() and "Operation not permitted" in done.stderr:
+        pytest.skip(f"this machine allows no private tmpfs: {done.stderr.strip().splitlines()[-1]}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    lines = result["first_stderr"].strip().splitlines()
+    assert result["first_rc"] == 2 and "Traceback" not in result["first_stderr"], result["first_stderr"][-2000:]
+    assert "is full (no space left on device)" in lines[-1] and "--resume" in lines[-1] and str(disk) in lines[-1]
+    assert result["resume_rc"] == 0, result["resume_stderr"]
+    logged = {int(k): v for k, v in result["logged"].items()}
+    resumed = {int(k): v for k, v in result["resumed"].items()}
+    assert sorted(resumed) == list(range(1, result["steps"] + 1))
+    assert all(resumed[s] == logged[s] for s in logged)  # redone steps give the same losses: resumed, not restarted
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["disk-full"]:
+    disk_full_scenario(Path(sys.argv[2]), Path(sys.argv[3]))
