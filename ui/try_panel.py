@@ -145,10 +145,16 @@ def build_try(studio: Studio, tab: gr.Tab) -> None:
     gr.on([source.change, tab.select], describe, inputs=source,
           outputs=[message, about, text, sampling, with_base, chart], api_name="try_source",
           trigger_mode="always_last", show_progress="hidden")
-    gr.on([tab.select, source.focus],
-          lambda chosen: gr.update(choices=try_sources(studio), value=chosen or next(
-              (value for _, value in try_sources(studio)), None)),
-          inputs=source, outputs=source, api_visibility="private")
+
+    def offer(chosen: str | None) -> Any:
+        """The current sources; the first one chosen when nothing is (focus keeps what is being typed)."""
+        found = try_sources(studio)
+        if chosen or not found:
+            return gr.update(choices=found)
+        return gr.update(choices=found, value=found[0][1])
+
+    tab.select(offer, inputs=source, outputs=source, api_visibility="private")
+    source.focus(lambda: gr.update(choices=try_sources(studio)), outputs=source, api_visibility="private")
 
     @guarded_stream(errors)
     def answer(chosen: str | None, typed: str, both: bool, tokens: float | None, temp: float | None,
