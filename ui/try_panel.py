@@ -26,6 +26,7 @@ from .context import Studio
 from .feedback import guarded, ok, problem
 
 OUTPUTS = 4  # message, trained answer, base answer, probability chart
+BASE_INFO = "The run's untrained starting point answers the same input, same seed."
 NO_BASE = "An exported folder does not record its base model; pick its run to compare with the base."
 TEXT_LABELS = {"causal-lm": ("Prompt", "Text for the model to continue"),
                "seq-cls": ("Sentence to classify", "A sentence for the classifier to label")}
@@ -100,7 +101,7 @@ def build_try(studio: Studio, tab: gr.Tab) -> None:
                              info="A run (its final weights, else its latest checkpoint) or an exported folder; "
                                   "or type a folder's path.")
         with_base = gr.Checkbox(True, label="Base model side by side", elem_id="try-with-base", scale=1,
-                                info="The run's untrained starting point answers the same input, same seed.")
+                                info=BASE_INFO)
     about = gr.Markdown(elem_id="try-about")
     text = gr.Textbox(label="Prompt", placeholder=TEXT_LABELS["causal-lm"][1], lines=2, elem_id="try-text")
     with gr.Row() as sampling:
@@ -136,8 +137,7 @@ def build_try(studio: Studio, tab: gr.Tab) -> None:
         else:
             what = "a model folder"
         task = "a classifier: type a sentence" if classifier else "a language model: type a prompt"
-        base_update = (gr.update(interactive=True, info="The run's untrained starting point answers the same input, "
-                                 "same seed.") if found.kind == "run"
+        base_update = (gr.update(interactive=True, info=BASE_INFO) if found.kind == "run"
                        else gr.update(value=False, interactive=False, info=NO_BASE))
         return ("", f"`{found.path}` is {what}, {task}.", gr.update(label=label, placeholder=placeholder),
                 gr.update(visible=not classifier), base_update, gr.update(visible=classifier))
