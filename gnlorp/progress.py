@@ -7,7 +7,7 @@ import sys
 
 from tqdm import tqdm
 
-from .engine import CheckpointEvent, DoneEvent, ErrorEvent, EvalEvent, StepEvent, TrainingRun
+from .engine import CheckpointEvent, DoneEvent, ErrorEvent, EvalEvent, StepEvent, TrainingRun, WarningEvent
 
 
 def follow(run: TrainingRun) -> int:
@@ -36,6 +36,8 @@ def follow(run: TrainingRun) -> int:
             elif isinstance(event, EvalEvent):
                 accuracy = "" if event.eval_accuracy is None else f", eval_accuracy {event.eval_accuracy:.3f}"
                 (bar.write if bar else print)(f"step {event.step}: eval_loss {event.eval_loss:.4f}{accuracy}")
+            elif isinstance(event, WarningEvent):  # e.g. a damaged checkpoint skipped on resume
+                (bar.write if bar else print)(f"warning: {event.message}", file=sys.stderr)
             elif isinstance(event, CheckpointEvent) and bar is not None:
                 bar.set_description(f"train (saved step {event.step})")
             elif isinstance(event, DoneEvent):
