@@ -118,30 +118,59 @@ def _run_export(args: argparse.Namespace) -> int:
 
 def _add_estimate(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
-        "estimate", help="predict the memory a run needs, from the model's shapes alone",
-        description="Weights, gradients, optimizer states and projectors counted exactly from the model config "
-        "(nothing is loaded); activations are the logits term only until the full estimator lands.",
+        "estimate", help="predict the memory a run needs and whether it fits a device, from the model's shapes",
+        description="The peak memory of a run, by part: weights, gradients, optimizer states and projectors counted "
+        "exactly from the model config (nothing is loaded), activations from measured coefficients, and the "
+        "framework's overhead; then whether it fits the device and the largest batch that does.",
     )
     parser.add_argument("--config", help="a YAML run config")
     parser.add_argument("--json", action="store_true", help="print one JSON object of byte counts")
+    parser.add_argument("--device", default="this-machine",
+                        help="rtx-4090, rtx-3090, l4, t4, a100-40gb, a100-80gb, h100-80gb or this-machine (its GPU, "
+                        "else its free RAM)")
+    parser.add_argument("--compare", action="store_true", help="every method side by side")
     add_config_arguments(parser, ["model", "task", "method", "rank", "optim_bits", "batch_size", "seq_len",
-                                  "targets", "proj_type", "proj_dtype", "layerwise", "dtype"])
+                                  "grad_accum", "targets", "proj_type", "proj_dtype", "layerwise",
+                                  "grad_checkpointing", "dtype"])
     parser.set_defaults(run=_run_estimate)
 
 
 def _run_estimate(args: argparse.Namespace) -> int:
+    import dataclasses
     import json
 
     cfg = config_from_args(args)
-    from gnlorp.memory import estimate
+    from gnlorp.memory import PARTS, compare, estimate, fit, get_device
 
-    result = estimate(cfg)
+    device = get_device(args.device)
+    if args.compare:
+        table = compare(cfg, device)
+        fits = {name: fit(dataclasses.replace(cfg, method=name), device) for name in table}
+        if args.json:
+            print(json.dumps({name: {**row, "fits": fits[name].fits, "max_batch_size": fits[name].max_batch_size}
+                              for name, row in table.items()}))
+            return 0
+        columns = [*PARTS, "total"]
+        print(f"{'GiB':<13}" + "".join(f"{name:>13}" for name in table))
+        for key in columns:
+            print(f"{key:<13}" + "".join(f"{row[key] / 2**30:13.3f}" for row in table.values()))
+        print(f"{'trainable':<13}" + "".join(f"{row['trainable_params']:13,}" for row in table.values()))
+        print(f"{'fits':<13}" + "".join(f"{'yes' if f.fits else 'no':>13}" for f in fits.values()))
+        print(f"{'max batch':<13}" + "".join(f"{f.max_batch_size:13}" for f in fits.values()))
+        print(f"on {device.label}, batch {cfg.batch_size} x {cfg.seq_len} tokens")
+        return 0
+    result, verdict = estimate(cfg, device), fit(cfg, device)
     if args.json:
-        print(json.dumps(result))
+        print(json.dumps({**result, "device": device.name, "fits": verdict.fits,
+                          "max_batch_size": verdict.max_batch_size}))
         return 0
     for key, value in result.items():
         shown = f"{value:,}" if key == "trainable_params" else f"{value / 2**30:8.3f} GiB"
         print(f"{key:<18} {shown}")
+    answer = "fits" if verdict.fits else "does NOT fit"
+    print(f"{answer} on {device.label} (needs {verdict.total_bytes / 2**30:.2f} GiB of "
+          f"{device.capacity_bytes / 2**30:.2f}); largest batch that fits at seq {cfg.seq_len}: "
+          f"{verdict.max_batch_size}")
     return 0
 
 

@@ -29,7 +29,7 @@ from .atomic import atomic_dir, write_text_atomic
 from .checkpoint import DamagedCheckpoint, checkpoints, newest_good, write_manifest
 from .config import ConfigError, RunConfig
 from .data import batches, collate, prepare_data
-from .memory import MemoryMonitor, predict_optimizer_state_bytes
+from .memory import MemoryMonitor, estimate, predict_optimizer_state_bytes, this_machine
 from .methods import get_method
 from .models import load_model as load_base_model
 from .models import load_tokenizer
@@ -146,6 +146,7 @@ class TrainingRun:
         accelerator = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda else "no")
         main = accelerator.is_main_process
         self._check_run_dir()
+        warm_imports(cfg)  # library code is not the run's memory: load it before the baseline is taken
         memory = self._memory = MemoryMonitor(accelerator.device)
 
         # Data, model, method, optimizer, schedule.
@@ -164,6 +165,7 @@ class TrainingRun:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         predicted_state = predict_optimizer_state_bytes(groups, cfg.optim_bits)
+        predicted_peak = estimate(cfg, this_machine())["total"]
 
         model, optimizer = accelerator.prepare(model, optimizer)
         position = Position()
@@ -246,7 +248,7 @@ class TrainingRun:
             "optimizer_state_bytes": state_bytes(optimizer.optimizer),
             "predicted_optimizer_state_bytes": predicted_state,
             "peak_mem_bytes": memory.peak(),
-            "predicted_peak_bytes": None,
+            "predicted_peak_bytes": predicted_peak,
             "batch_size": cfg.batch_size,
             "seq_len": cfg.seq_len,
             "steps": position.step,
@@ -393,6 +395,14 @@ def _disk_full(exc: BaseException, folder: Path) -> bool:
         seen = seen.__cause__ or seen.__context__
     existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
     return existing is not None and shutil.disk_usage(existing).free < DISK_FULL_FREE_BYTES
+
+
+def warm_imports(cfg: RunConfig) -> None:
+    """Import the libraries the run will load lazily (peft for adapters, bitsandbytes for 8-bit states)."""
+    if get_method(cfg.method).uses_adapter:
+        import peft  # noqa: F401
+    if cfg.optim_bits == 8:
+        import bitsandbytes  # noqa: F401
 
 
 def lr_factor(step: int, cfg: RunConfig) -> float:

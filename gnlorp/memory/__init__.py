@@ -1,11 +1,11 @@
 """Memory: predict a run's peak from the model config (estimate), and measure it while it runs (monitor)."""
 
 from .devices import Device, devices, get_device, this_machine
-from .estimate import PARTS, Fit, compare, estimate, fit
+from .estimate import CPU_OVERHEAD, CUDA_CONTEXT, PARTS, Fit, compare, estimate, fit
 from .monitor import MemoryMonitor
 from .state import moment_bytes, optimizer_state_parts, predict_optimizer_state_bytes
 
 __all__ = [
-    "PARTS", "Device", "Fit", "MemoryMonitor", "compare", "devices", "estimate", "fit", "get_device",
-    "moment_bytes", "optimizer_state_parts", "predict_optimizer_state_bytes", "this_machine",
+    "CPU_OVERHEAD", "CUDA_CONTEXT", "PARTS", "Device", "Fit", "MemoryMonitor", "compare", "devices", "estimate",
+    "fit", "get_device", "moment_bytes", "optimizer_state_parts", "predict_optimizer_state_bytes", "this_machine",
 ]

@@ -33,7 +33,7 @@ class SavedPerToken:
 # logsumexp per head (SDPA keeps no seq×seq matrix), two rsqrt values; under autocast the matmul inputs are bf16.
 SAVED: dict[tuple[str, bool], SavedPerToken] = {
     ("float32", False): SavedPerToken(hidden=40, ffn=16, head=4, const=8, vocab=4, tail=13),
-    ("float32", True): SavedPerToken(hidden=34, ffn=8, head=4, const=8, vocab=5, tail=11),
+    ("float32", True): SavedPerToken(hidden=34, ffn=8, head=4, const=8, vocab=4, tail=11),
     ("bfloat16", False): SavedPerToken(hidden=24, ffn=8, head=4, const=8, vocab=4, tail=9),
     ("bfloat16", True): SavedPerToken(hidden=24, ffn=8, head=4, const=8, vocab=4, tail=9),
 }
@@ -43,14 +43,17 @@ def saved_bytes(*, tokens: int, layers: int, hidden: int, ffn: int, heads: int, 
                 autocast: bool, checkpointing: bool) -> int:
     """Bytes autograd holds at the end of the forward pass of `tokens` tokens (batch × sequence).
 
-    With activation checkpointing each layer keeps only its input (the residual stream: fp32 unless the
-    weights are bf16), and backward recomputes one layer at a time, so one layer's full set is added back.
+    With activation checkpointing each layer keeps only its input, the residual stream (fp32 unless the
+    weights are bf16); backward then recomputes one layer at a time (`layer_bytes`).
     """
     coef = SAVED[(dtype, autocast)]
-    per_layer = coef.layer(hidden, ffn, heads)
     if checkpointing:
-        stream = 2 if dtype == "bfloat16" else 4
-        kept = layers * stream * hidden + per_layer
+        kept = layers * (2 if dtype == "bfloat16" else 4) * hidden
     else:
-        kept = layers * per_layer
+        kept = layers * coef.layer(hidden, ffn, heads)
     return tokens * (kept + coef.after_layers(hidden, vocab))
+
+
+def layer_bytes(*, tokens: int, hidden: int, ffn: int, heads: int, dtype: str, autocast: bool) -> int:
+    """What one decoder layer saves for `tokens` tokens: the set a checkpointed layer rebuilds in backward."""
+    return tokens * SAVED[(dtype, autocast)].layer(hidden, ffn, heads)

@@ -1,8 +1,11 @@
 """Predict the peak memory of a run from the model's config alone (meta device, nothing loaded).
 
-Weights, gradients, optimizer states and projectors are exact counts. Activations come from measured
-per-token coefficients (activations.py) plus the logits' transient in backward; overhead is what the framework
-adds on the device. The answer for a 7B model takes well under a second once torch is imported.
+Weights, gradients, optimizer states and projectors are exact counts. What backward needs comes from measured
+per-token coefficients (activations.py). A training step has two high points, and the peak is the higher:
+  backward starts: activations + the logits' gradients + the head's gradient (earlier gradients are gone,
+      `zero_grad(set_to_none=True)`, unless micro-batches accumulate them);
+  the optimizer steps: every gradient + the update's fp32 temporaries for the largest weight.
+Weights, optimizer state, projectors and the framework's own overhead are there throughout.
 """
 
 from __future__ import annotations
@@ -11,83 +14,139 @@ import dataclasses
 from dataclasses import dataclass
 
 from ..config import METHOD_NAMES, RunConfig
-from .activations import saved_bytes
+from .activations import layer_bytes, saved_bytes
 from .devices import Device, get_device, this_machine
 from .state import optimizer_state_parts
 
 PARTS = ("weights", "gradients", "optimizer_states", "projectors", "activations", "overhead")
+MIB = 2**20
+
+# Measured with benchmarks/memory_peak.py (see docs/BENCHMARKS.md): at the start of backward the logits exist
+# LOGIT_COPIES times over in fp32 (the loss's saved log-softmax is counted in the activations), and a CPU
+# process's RSS grows by CPU_OVERHEAD beyond its tensors once it has trained a step (allocator slack, oneDNN).
+LOGIT_COPIES = 3
+CPU_OVERHEAD = 96 * MIB
+# Not measured here (no GPU in the session that wrote this): cuBLAS's default workspace, which the allocator
+# counts, and the CUDA context, which it does not (so it is added for the fit verdict only).
+CUDA_OVERHEAD = 32 * MIB
+CUDA_CONTEXT = 512 * MIB
+UPDATE_TEMPORARIES = 4  # fp32 copies of the largest weight one update makes: gradient, two moments, direction
 
 
 @dataclass(frozen=True)
 class Fit:
     device: Device
-    total_bytes: int
+    total_bytes: int  # the estimate's peak, plus the CUDA context on a GPU
     fits: bool
     max_batch_size: int  # the largest batch that fits at this sequence length; 0 when not even one does
 
 
+@dataclass(frozen=True)
+class _Budget:
+    """The batch-independent byte counts of a run, and what each sequence in a batch adds."""
+
+    fixed: dict[str, int]  # weights, optimizer_states, projectors, overhead
+    gradients: int  # every gradient at once (one weight's with layerwise)
+    head_gradient: int  # the output head's gradient, made first in backward
+    accumulating: bool  # micro-batches add into gradients that persist through backward
+    layerwise: bool  # each weight steps (and drops its gradient) inside backward
+    update: int  # the optimizer's temporaries for the largest weight
+    per_sequence: int  # activations + logits' gradients for one sequence, at the start of backward
+    method_fixed: int  # what the method's layers keep for backward whatever the batch (DoRA's weight norms)
+    trainable_params: int
+
+    def parts(self, batch: int) -> dict[str, int]:
+        """The bytes of each part at the peak, for `batch` sequences per micro-batch."""
+        activations = batch * self.per_sequence + self.method_fixed
+        in_backward = self.gradients if self.accumulating or self.layerwise else self.head_gradient
+        if self.layerwise:
+            in_backward += self.update
+        stepping = self.gradients + self.update  # the update's temporaries are gradient-sized: counted with them
+        peak = {"gradients": in_backward, "activations": activations}
+        if activations + in_backward < stepping:
+            peak = {"gradients": stepping, "activations": 0}
+        parts = {**self.fixed, **peak}
+        return {name: parts[name] for name in PARTS}
+
+
 def estimate(cfg: RunConfig, device: str | Device | None = None) -> dict[str, int]:
-    """Bytes of each part at the run's peak (PARTS), their `total`, and `trainable_params`.
+    """Bytes of each part live at the run's peak (PARTS), their sum `total`, and `trainable_params`.
 
     `device` (a name from `devices()`, default this machine) decides whether bf16 autocast is on (CUDA) and
     what the framework itself costs.
     """
-    from ..methods import get_method
-    from ..models import meta_model
-
-    target = _device(device)
-    method = get_method(cfg.method)
-    num_labels = 2 if cfg.task == "seq-cls" else None  # the head's size barely matters; the data is not read
-    model = method.prepare(meta_model(cfg.model, cfg.task, num_labels), cfg)
-    config = model.config
-    weight_bytes = 2 if cfg.dtype == "bfloat16" else 4
-    params = list(model.parameters())
-    trainable = [p for p in params if p.requires_grad]
-    gradients = max(p.numel() for p in trainable) if cfg.layerwise else sum(p.numel() for p in trainable)
-    states, projectors = optimizer_state_parts(method.param_groups(model, cfg), cfg.optim_bits)
-    outputs = config.vocab_size if cfg.task == "causal-lm" else config.num_labels
-    activations = saved_bytes(
-        tokens=cfg.batch_size * cfg.seq_len, layers=config.num_hidden_layers, hidden=config.hidden_size,
-        ffn=config.intermediate_size, heads=config.num_attention_heads, vocab=outputs, dtype=cfg.dtype,
-        autocast=target.kind == "cuda", checkpointing=cfg.grad_checkpointing,
-    ) + 2 * 4 * cfg.batch_size * cfg.seq_len * outputs
-    parts = {
-        "weights": sum(p.numel() for p in params) * weight_bytes,
-        "gradients": gradients * weight_bytes,
-        "optimizer_states": states,
-        "projectors": projectors,
-        "activations": activations,
-        "overhead": 0,
-    }
-    return {**parts, "total": sum(parts.values()), "trainable_params": sum(p.numel() for p in trainable)}
+    budget = _budget(cfg, _device(device))
+    parts = budget.parts(cfg.batch_size)
+    return {**parts, "total": sum(parts.values()), "trainable_params": budget.trainable_params}
 
 
 def compare(cfg: RunConfig, device: str | Device | None = None) -> dict[str, dict[str, int]]:
     """The estimate of every method on the same model, data shape and device."""
-    return {name: estimate(dataclasses.replace(cfg, method=name), device) for name in METHOD_NAMES}
+    target = _device(device)
+    return {name: estimate(dataclasses.replace(cfg, method=name), target) for name in METHOD_NAMES}
 
 
 def fit(cfg: RunConfig, device: str | Device) -> Fit:
-    """Whether the run fits on `device`, and the largest batch size that would (found by doubling, then bisection)."""
+    """Whether the run fits on `device`, and the largest batch size that would (bisection on the peak)."""
     target = _device(device)
+    budget = _budget(cfg, target)
+    context = CUDA_CONTEXT if target.kind == "cuda" else 0
 
-    def total(batch: int) -> int:
-        return estimate(dataclasses.replace(cfg, batch_size=batch), target)["total"]
+    def needed(batch: int) -> int:
+        return sum(budget.parts(batch).values()) + context
 
-    needed = total(cfg.batch_size)
-
-    def fits_at(batch: int) -> bool:
-        return total(batch) <= target.capacity_bytes
-
-    if not fits_at(1):
-        return Fit(target, needed, False, 0)
-    low, high = 1, 2
-    while high <= 65536 and fits_at(high):
+    low, high = 0, 1
+    while high <= 1 << 20 and needed(high) <= target.capacity_bytes:
         low, high = high, high * 2
     while high - low > 1:
         middle = (low + high) // 2
-        low, high = (middle, high) if fits_at(middle) else (low, middle)
-    return Fit(target, needed, needed <= target.capacity_bytes, low)
+        low, high = (middle, high) if needed(middle) <= target.capacity_bytes else (low, middle)
+    total = needed(cfg.batch_size)
+    return Fit(target, total, total <= target.capacity_bytes, low)
+
+
+def _budget(cfg: RunConfig, device: Device) -> _Budget:
+    from ..methods import get_method
+    from ..methods.base import resolve_targets
+    from ..models import meta_model
+
+    method = get_method(cfg.method)
+    num_labels = 2 if cfg.task == "seq-cls" else None  # the head's size barely matters; the data is not read
+    base = meta_model(cfg.model, cfg.task, num_labels)
+    targets = [base.get_submodule(name).weight.shape for name in resolve_targets(base, cfg)]
+    model = method.prepare(base, cfg)
+    config = model.config
+    weight_bytes = 2 if cfg.dtype == "bfloat16" else 4
+    params = list(model.parameters())
+    trainable = [p for p in params if p.requires_grad]
+    largest = max(p.numel() for p in trainable)
+    head = model.get_output_embeddings() if cfg.task == "causal-lm" else None
+    head_trains = head is not None and head.weight.requires_grad
+    states, projectors = optimizer_state_parts(method.param_groups(model, cfg), cfg.optim_bits)
+    outputs = config.vocab_size if cfg.task == "causal-lm" else config.num_labels
+    autocast = device.kind == "cuda"
+    shape = {"hidden": config.hidden_size, "ffn": config.intermediate_size, "heads": config.num_attention_heads,
+             "dtype": cfg.dtype, "autocast": autocast}
+    saved = saved_bytes(tokens=cfg.seq_len, layers=config.num_hidden_layers, vocab=outputs,
+                        checkpointing=cfg.grad_checkpointing, **shape)
+    recomputed = layer_bytes(tokens=cfg.seq_len, **shape) if cfg.grad_checkpointing else 0
+    method_saved = method.saved_per_token_feature * cfg.seq_len * sum(m + n for m, n in targets)
+    return _Budget(
+        fixed={
+            "weights": sum(p.numel() for p in params) * weight_bytes,
+            "optimizer_states": states,
+            "projectors": projectors,
+            "overhead": CUDA_OVERHEAD if device.kind == "cuda" else CPU_OVERHEAD,
+        },
+        gradients=(largest if cfg.layerwise else sum(p.numel() for p in trainable)) * weight_bytes,
+        head_gradient=head.weight.numel() * weight_bytes if head_trains and not cfg.layerwise else 0,
+        accumulating=cfg.grad_accum > 1,
+        layerwise=cfg.layerwise,
+        update=UPDATE_TEMPORARIES * 4 * largest,
+        per_sequence=int(saved + recomputed + method_saved + LOGIT_COPIES * 4 * cfg.seq_len * outputs),
+        method_fixed=int(method.saved_per_target_weight * sum(m * n for m, n in targets)),
+        trainable_params=sum(p.numel() for p in trainable),
+    )
 
 
 def _device(device: str | Device | None) -> Device:
