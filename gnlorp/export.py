@@ -24,7 +24,7 @@ from .config import ConfigError, RunConfig
 from .methods import get_method
 from .models import load_model
 
-TOLERANCE = 1e-4  # max |logit difference| between the reloaded folder and the trained model
+TOLERANCE = 1e-4  # max |logit difference| between reload and trained model, per unit of the largest |logit| (≥ 1)
 PROBE_BATCH, PROBE_LEN = 2, 32  # at most the run's seq_len, the positions it trained on
 AUTO_CLASSES = {"causal-lm": AutoModelForCausalLM, "seq-cls": AutoModelForSequenceClassification}
 
@@ -69,9 +69,11 @@ def export_run(run_dir: str | Path, output_dir: str | Path, *, force: bool = Fal
         reloaded = AUTO_CLASSES[cfg.task].from_pretrained(tmp, dtype=torch.float32, local_files_only=True,
                                                           trust_remote_code=cfg.trust_remote_code)
         diff = float((_logits(reloaded, probe) - expected).abs().max())
-        if not diff <= TOLERANCE:
+        # Merging rounds in fp32; deep models with large logits differ by more than 1e-4 absolute for that alone.
+        allowed = TOLERANCE * max(1.0, float(expected.abs().max()))
+        if not diff <= allowed:
             raise ConfigError(f"export check failed: the saved model's logits differ from the trained "
-                              f"model's by {diff:.3g} (> {TOLERANCE}); nothing was written to {output}")
+                              f"model's by {diff:.3g} (> {allowed:.3g}); nothing was written to {output}")
     files = {p.name: p.stat().st_size for p in sorted(output.iterdir()) if p.is_file()}
     return ExportReport(output, diff, files, architecture)
 
