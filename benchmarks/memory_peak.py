@@ -54,7 +54,8 @@ def main() -> None:
             error = s["predicted_peak_bytes"] / s["peak_mem_bytes"] - 1
             errors.append(abs(error))
             measured, predicted = s["peak_mem_bytes"] / 2**20, s["predicted_peak_bytes"] / 2**20
-            print(f"| {model} | {method} | {measured:,.1f} | {predicted:,.1f} | {error:+.1%} | {s['optimizer_state_bytes']:,} | {s['predicted_optimizer_state_bytes']:,} |",
+            print(f"| {model} | {method} | {measured:,.1f} | {predicted:,.1f} | {error:+.1%} "
+                  f"| {s['optimizer_state_bytes']:,} | {s['predicted_optimizer_state_bytes']:,} |",
                   flush=True)
     print(f"\nlargest |error|: {max(errors):.1%}; median: {sorted(errors)[len(errors) // 2]:.1%}")
 
