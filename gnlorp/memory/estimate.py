@@ -52,12 +52,11 @@ class _Budget:
     layerwise: bool  # each weight steps (and drops its gradient) inside backward
     update: int  # the optimizer's temporaries for the largest weight
     per_sequence: int  # activations + logits' gradients for one sequence, at the start of backward
-    method_fixed: int  # what the method's layers keep for backward whatever the batch (DoRA's weight norms)
     trainable_params: int
 
     def parts(self, batch: int) -> dict[str, int]:
         """The bytes of each part at the peak, for `batch` sequences per micro-batch."""
-        activations = batch * self.per_sequence + self.method_fixed
+        activations = batch * self.per_sequence
         in_backward = self.gradients if self.accumulating or self.layerwise else self.head_gradient
         if self.layerwise:
             in_backward += self.update
@@ -144,7 +143,6 @@ def _budget(cfg: RunConfig, device: Device) -> _Budget:
         layerwise=cfg.layerwise,
         update=UPDATE_TEMPORARIES * 4 * largest,
         per_sequence=int(saved + recomputed + method_saved + LOGIT_COPIES * 4 * cfg.seq_len * outputs),
-        method_fixed=int(method.saved_per_target_weight * sum(m * n for m, n in targets)),
         trainable_params=sum(p.numel() for p in trainable),
     )
 

@@ -64,9 +64,9 @@ class VeraMethod(AdapterMethod):
 
 
 LORA = LoraMethod("lora", "Trains low-rank B·A per target layer: tiny state, but each update is limited "
-                  "to rank r.")
+                  "to rank r.", saved_per_token_feature=4.8)
 DORA = LoraMethod("dora", "LoRA plus a trained magnitude per output row: closer to full fine-tuning, "
                   "at the cost of weight-sized norm temporaries.", use_dora=True,
-                  saved_per_target_weight=3.2, saved_per_token_feature=3.8)
+                  saved_per_token_feature=8.6)
 VERA = VeraMethod("vera", "Trains only scaling vectors over frozen shared random matrices: the fewest "
-                  "parameters, and the slowest to learn.")
+                  "parameters, and the slowest to learn.", saved_per_token_feature=5.6)

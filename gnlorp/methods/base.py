@@ -26,10 +26,9 @@ class Method:
     name: str
     summary: str  # one line on what it trades
     uses_adapter: ClassVar[bool] = False
-    # What the method's own layers keep for backward beyond the model's activations (memory estimate), measured by
-    # benchmarks/calibrate_activations.py: bytes per element of the target weights, and per token per in+out
-    # feature of each target.
-    saved_per_target_weight: float = 0.0
+    # What the method's own layers add at the start of backward beyond the model's activations, in bytes per token
+    # per in+out feature of each target (for the estimate). Adapters' values are fitted to measured CPU peaks
+    # (docs/BENCHMARKS.md, "Peak memory: predicted vs measured").
     saved_per_token_feature: float = 0.0
 
     def prepare(self, model: nn.Module, cfg: RunConfig) -> nn.Module:
