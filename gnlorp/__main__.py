@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from gnlorp import __version__, demo
-from gnlorp.config import ConfigError, add_config_arguments, config_from_args
+from gnlorp.config import METHOD_NAMES, ConfigError, add_config_arguments, config_from_args
 
 
 class _Parser(argparse.ArgumentParser):
@@ -140,12 +140,12 @@ def _run_estimate(args: argparse.Namespace) -> int:
     import json
 
     cfg = config_from_args(args)
-    from gnlorp.memory import PARTS, compare, estimate, fit, get_device
+    from gnlorp.memory import PARTS, fit, get_device
 
     device = get_device(args.device)
     if args.compare:
-        table = compare(cfg, device)
-        fits = {name: fit(dataclasses.replace(cfg, method=name), device) for name in table}
+        fits = {name: fit(dataclasses.replace(cfg, method=name), device) for name in METHOD_NAMES}
+        table = {name: verdict.estimate for name, verdict in fits.items()}
         if args.json:
             print(json.dumps({name: {**row, "fits": fits[name].fits, "max_batch_size": fits[name].max_batch_size}
                               for name, row in table.items()}))
@@ -159,7 +159,8 @@ def _run_estimate(args: argparse.Namespace) -> int:
         print(f"{'max batch':<13}" + "".join(f"{f.max_batch_size:13}" for f in fits.values()))
         print(f"on {device.label}, batch {cfg.batch_size} x {cfg.seq_len} tokens")
         return 0
-    result, verdict = estimate(cfg, device), fit(cfg, device)
+    verdict = fit(cfg, device)
+    result = verdict.estimate
     if args.json:
         print(json.dumps({**result, "device": device.name, "fits": verdict.fits,
                           "max_batch_size": verdict.max_batch_size}))

@@ -46,9 +46,9 @@ def device_rows(cfg: RunConfig) -> list[list[Any]]:
     """Every device with its memory and whether this run fits there at its batch size."""
     rows = []
     for device in devices().values():
-        total = estimate(cfg, device)["total"]
-        rows.append([device.label, human_bytes(device.capacity_bytes), human_bytes(total),
-                     "yes" if total <= device.capacity_bytes else "no"])
+        verdict = fit(cfg, device)  # the same verdict as the chosen device's, CUDA context included
+        rows.append([device.label, human_bytes(device.capacity_bytes), human_bytes(verdict.total_bytes),
+                     "yes" if verdict.fits else "no"])
     return rows
 
 

@@ -36,6 +36,7 @@ UPDATE_TEMPORARIES = 4  # fp32 copies of the largest weight one update makes: gr
 @dataclass(frozen=True)
 class Fit:
     device: Device
+    estimate: dict[str, int]  # what `estimate` gives for the run on this device
     total_bytes: int  # the estimate's peak, plus the CUDA context on a GPU
     fits: bool
     max_batch_size: int  # the largest batch that fits at this sequence length; 0 when not even one does
@@ -74,9 +75,7 @@ def estimate(cfg: RunConfig, device: str | Device | None = None) -> dict[str, in
     `device` (a name from `devices()`, default this machine) decides whether bf16 autocast is on (CUDA) and
     what the framework itself costs.
     """
-    budget = _budget(cfg, _device(device))
-    parts = budget.parts(cfg.batch_size)
-    return {**parts, "total": sum(parts.values()), "trainable_params": budget.trainable_params}
+    return _report(_budget(cfg, _device(device)), cfg.batch_size)
 
 
 def compare(cfg: RunConfig, device: str | Device | None = None) -> dict[str, dict[str, int]]:
@@ -100,8 +99,14 @@ def fit(cfg: RunConfig, device: str | Device) -> Fit:
     while high - low > 1:
         middle = (low + high) // 2
         low, high = (middle, high) if needed(middle) <= target.capacity_bytes else (low, middle)
-    total = needed(cfg.batch_size)
-    return Fit(target, total, total <= target.capacity_bytes, low)
+    report = _report(budget, cfg.batch_size)
+    total = report["total"] + context
+    return Fit(target, report, total, total <= target.capacity_bytes, low)
+
+
+def _report(budget: _Budget, batch: int) -> dict[str, int]:
+    parts = budget.parts(batch)
+    return {**parts, "total": sum(parts.values()), "trainable_params": budget.trainable_params}
 
 
 def _budget(cfg: RunConfig, device: Device) -> _Budget:
