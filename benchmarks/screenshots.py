@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 from playwright.sync_api import expect, sync_playwright
+
 from studio import ROOT, launch
 
 OUT = ROOT / "docs" / "screenshots"
