@@ -32,7 +32,8 @@ def knob(default: Any, help: str, *, choices: tuple | None = None, min: float | 
 
 @dataclass
 class RunConfig:
-    model: str = knob("tiny", "A preset name (tiny, llama-60m … llama-7b) or a local Hugging Face model folder.")
+    model: str = knob("tiny", "A preset (tiny, llama-60m … llama-7b from random init; minilm, smollm2 pretrained, "
+                              "from their pip packages) or a local Hugging Face model folder.")
     data: str = knob("presets/data/fortunes.jsonl",
                      "A .jsonl, .json, .csv, .tsv, .parquet or .txt file, or a `datasets` save_to_disk folder.")
     task: str = knob("causal-lm", "causal-lm: next-token prediction; seq-cls: classify each text.", choices=TASKS)

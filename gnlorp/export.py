@@ -10,19 +10,17 @@ merge adds no rounding of its own, which is what makes a 1e-4 tolerance meaningf
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model as load_safetensors
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from .atomic import atomic_dir
 from .checkpoint import verify
 from .config import ConfigError, RunConfig
 from .methods import get_method
-from .models import load_model
+from .run_folder import base_model, load_run_tokenizer, load_weights, read_labels
 
 TOLERANCE = 1e-4  # max |logit difference| between reload and trained model, per unit of the largest |logit| (≥ 1)
 PROBE_BATCH, PROBE_LEN = 2, 32  # at most the run's seq_len, the positions it trained on
@@ -48,12 +46,12 @@ def export_run(run_dir: str | Path, output_dir: str | Path, *, force: bool = Fal
     run, output = Path(run_dir), Path(output_dir)
     cfg, weights = _read_run(run)
     _check_output(run, output, force)
-    labels = _read_labels(run) if cfg.task == "seq-cls" else None
-    tokenizer = _load_run_tokenizer(run / "final", cfg)
+    labels = read_labels(run) if cfg.task == "seq-cls" else None
+    tokenizer = load_run_tokenizer(run / "final", cfg)
 
     method = get_method(cfg.method)
-    model = method.prepare(_base_model(cfg, labels), cfg)
-    _load_weights(model, weights, cfg)
+    model = method.prepare(base_model(cfg, labels), cfg)
+    load_weights(model, weights, cfg)
     probe = _probe_inputs(model, tokenizer.pad_token_id, min(PROBE_LEN, cfg.seq_len), cfg.seed)
     expected = _logits(model, probe)
     merged = method.merge(model)
@@ -97,45 +95,6 @@ def _check_output(run: Path, output: Path, force: bool) -> None:
         raise ConfigError(f"output {output} would replace the run folder {run}; choose another folder")
     if output.is_dir() and any(output.iterdir()) and not force:
         raise ConfigError(f"output {output} is not empty; choose another folder or add --force to replace it")
-
-
-def _read_labels(run: Path) -> list[str]:
-    """The class names in label-id order, from final/labels.json (or the run folder's labels.json)."""
-    path = next((p for p in (run / "final" / "labels.json", run / "labels.json") if p.is_file()), None)
-    if path is None:
-        raise ConfigError(f"{run} is a seq-cls run without labels.json; export needs its class names")
-    labels = json.loads(path.read_text(encoding="utf-8"))
-    if not isinstance(labels, list) or len(labels) < 2:
-        raise ConfigError(f"{path} must hold a list of at least two class names")
-    return [str(name) for name in labels]
-
-
-def _load_run_tokenizer(folder: Path, cfg: RunConfig):
-    try:
-        return AutoTokenizer.from_pretrained(folder, local_files_only=True,
-                                             trust_remote_code=cfg.trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot load the tokenizer saved in {folder} ({type(exc).__name__}); it should "
-                          "hold tokenizer.json and tokenizer_config.json") from None
-
-
-def _base_model(cfg: RunConfig, labels: list[str] | None) -> torch.nn.Module:
-    num_labels = len(labels) if labels is not None else None
-    return load_model(cfg.model, cfg.task, num_labels=num_labels, dtype=torch.float32,
-                      trust_remote_code=cfg.trust_remote_code, seed=cfg.seed)
-
-
-def _load_weights(model: torch.nn.Module, weights: Path, cfg: RunConfig) -> None:
-    """Load every tensor of the trained model; any missing, extra or misshapen one means a different setup."""
-    try:
-        missing, unexpected = load_safetensors(model, weights, strict=False)
-    except RuntimeError as exc:
-        missing, unexpected = [str(exc).strip().splitlines()[-1].strip()], []
-    if missing or unexpected:
-        problem = f"missing {missing[0]!r}" if missing else f"unexpected {unexpected[0]!r}"
-        count = len(missing) + len(unexpected)
-        raise ConfigError(f"{weights} does not fit {cfg.model} prepared for {cfg.method} ({problem}, {count} "
-                          "mismatches); was config.yaml edited after training?")
 
 
 def _probe_inputs(model: torch.nn.Module, pad_id: int | None, length: int,

@@ -264,14 +264,14 @@ def load_for_try(path: str | Path, *, base: bool = False, task: str | None = Non
 
 def _load_run(source: Source, base: bool) -> tuple[torch.nn.Module, object, list[str] | None, str]:
     """The run's model as export builds it (or its untrained base), its tokenizer, class names and a description."""
-    from .export import _base_model, _load_run_tokenizer, _load_weights, _read_labels
     from .methods import get_method
     from .models import PRESETS, load_tokenizer
+    from .run_folder import base_model, load_run_tokenizer, load_weights, read_labels
 
     cfg, run = source.cfg, source.path
-    labels = _read_labels(run) if cfg.task == "seq-cls" else None
-    model = _base_model(cfg, labels)
-    tokenizer = (_load_run_tokenizer(run / "final", cfg) if (run / "final" / "tokenizer_config.json").is_file()
+    labels = read_labels(run) if cfg.task == "seq-cls" else None
+    model = base_model(cfg, labels)
+    tokenizer = (load_run_tokenizer(run / "final", cfg) if (run / "final" / "tokenizer_config.json").is_file()
                  else load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code))
     if base:
         origin = (f"random init from seed {cfg.seed}" if cfg.model in PRESETS else "its folder's weights"
@@ -279,6 +279,6 @@ def _load_run(source: Source, base: bool) -> tuple[torch.nn.Module, object, list
         return model, tokenizer, labels, f"base model {cfg.model} of run {run} (untrained: {origin})"
     method = get_method(cfg.method)
     model = method.prepare(model, cfg)
-    _load_weights(model, source.weights, cfg)
+    load_weights(model, source.weights, cfg)
     where = "final weights" if source.weights.parent.name == "final" else f"checkpoint {source.weights.parent.name}"
     return method.merge(model), tokenizer, labels, f"run {run} ({cfg.method}, {where})"
