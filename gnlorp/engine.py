@@ -29,7 +29,7 @@ from .atomic import atomic_dir, write_text_atomic
 from .checkpoint import DamagedCheckpoint, checkpoints, newest_good, write_manifest
 from .config import ConfigError, RunConfig
 from .data import batches, collate, prepare_data
-from .memory import MemoryMonitor, estimate, predict_optimizer_state_bytes, this_machine
+from .memory import MemoryMonitor, estimate, predict_optimizer_state_bytes, return_freed_memory, this_machine
 from .methods import get_method
 from .models import load_model as load_base_model
 from .models import load_tokenizer
@@ -147,6 +147,8 @@ class TrainingRun:
         main = accelerator.is_main_process
         self._check_run_dir()
         warm_imports(cfg)  # library code is not the run's memory: load it before the baseline is taken
+        if not cuda:
+            return_freed_memory()  # freed gradients and activations leave the RSS instead of piling up in the heap
         memory = self._memory = MemoryMonitor(accelerator.device)
 
         # Data, model, method, optimizer, schedule.
