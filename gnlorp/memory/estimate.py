@@ -1,10 +1,13 @@
 """Predict the peak memory of a run from the model's config alone (meta device, nothing loaded).
 
 Weights, gradients, optimizer states and projectors are exact counts. What backward needs comes from measured
-per-token coefficients (activations.py). A training step has two high points, and the peak is the higher:
-  backward starts: activations + the logits' gradients + the head's gradient (earlier gradients are gone,
-      `zero_grad(set_to_none=True)`, unless micro-batches accumulate them);
-  the optimizer steps: every gradient + the update's fp32 temporaries for the largest weight.
+per-token coefficients (activations.py). A training step has three high points, and the peak is the highest:
+  the loss's backward: activations + the two fp32 logit-sized gradients it makes (of the log-probabilities and
+      of the logits) - earlier gradients are gone, `zero_grad(set_to_none=True)`, unless micro-batches
+      accumulate them;
+  the head's backward: activations (the log-probabilities freed, the logits' gradient made) + the head's
+      gradient;
+  the optimizer step: every gradient + the update's fp32 temporaries for the largest weight.
 Weights, optimizer state, projectors and the framework's own overhead are there throughout.
 """
 
@@ -21,11 +24,11 @@ from .state import optimizer_state_parts
 PARTS = ("weights", "gradients", "optimizer_states", "projectors", "activations", "overhead")
 MIB = 2**20
 
-# Measured with benchmarks/memory_peak.py (see docs/BENCHMARKS.md): at the start of backward the logits exist
-# LOGIT_COPIES times over in fp32 (the loss's saved log-softmax is counted in the activations), and a CPU
-# process's RSS grows by CPU_OVERHEAD beyond its tensors once it has trained a step (allocator slack, oneDNN).
-LOGIT_COPIES = 3
-CPU_OVERHEAD = 96 * MIB
+# Measured with benchmarks/memory_peak.py (see docs/BENCHMARKS.md): backward through the loss holds two fp32
+# logit-sized gradients beside the saved log-probabilities (counted in the activations), and a CPU process holds
+# CPU_OVERHEAD beyond its tensors once it has trained a step (oneDNN's caches, the data, Python objects).
+LOGIT_GRADIENTS = 2
+CPU_OVERHEAD = 48 * MIB
 # Not measured here (no GPU in the session that wrote this): cuBLAS's default workspace, which the allocator
 # counts, and the CUDA context, which it does not (so it is added for the fit verdict only).
 CUDA_OVERHEAD = 32 * MIB
@@ -52,19 +55,22 @@ class _Budget:
     accumulating: bool  # micro-batches add into gradients that persist through backward
     layerwise: bool  # each weight steps (and drops its gradient) inside backward
     update: int  # the optimizer's temporaries for the largest weight
-    per_sequence: int  # activations + logits' gradients for one sequence, at the start of backward
+    per_sequence: int  # what autograd saved for one sequence, at the end of the forward pass
+    logits_per_sequence: int  # one fp32 logit-sized tensor of one sequence
     trainable_params: int
 
     def parts(self, batch: int) -> dict[str, int]:
         """The bytes of each part at the peak, for `batch` sequences per micro-batch."""
-        activations = batch * self.per_sequence
-        in_backward = self.gradients if self.accumulating or self.layerwise else self.head_gradient
-        if self.layerwise:
-            in_backward += self.update
-        stepping = self.gradients + self.update  # the update's temporaries are gradient-sized: counted with them
-        peak = {"gradients": in_backward, "activations": activations}
-        if activations + in_backward < stepping:
-            peak = {"gradients": stepping, "activations": 0}
+        saved = batch * self.per_sequence
+        persisting = self.gradients if self.accumulating else 0
+        # Layer-wise, each weight steps as soon as its gradient exists: one gradient and its update at a time.
+        head = self.gradients + self.update if self.layerwise else self.head_gradient
+        moments = [
+            {"gradients": persisting, "activations": saved + LOGIT_GRADIENTS * batch * self.logits_per_sequence},
+            {"gradients": max(persisting, head), "activations": saved},
+            {"gradients": self.gradients + (0 if self.layerwise else self.update), "activations": 0},
+        ]
+        peak = max(moments, key=lambda moment: sum(moment.values()))
         parts = {**self.fixed, **peak}
         return {name: parts[name] for name in PARTS}
 
@@ -147,7 +153,8 @@ def _budget(cfg: RunConfig, device: Device) -> _Budget:
         accumulating=cfg.grad_accum > 1,
         layerwise=cfg.layerwise,
         update=UPDATE_TEMPORARIES * 4 * largest,
-        per_sequence=int(saved + recomputed + method_saved + LOGIT_COPIES * 4 * cfg.seq_len * outputs),
+        per_sequence=int(saved + recomputed + method_saved),
+        logits_per_sequence=4 * cfg.seq_len * outputs,
         trainable_params=sum(p.numel() for p in trainable),
     )
 

@@ -64,9 +64,9 @@ class VeraMethod(AdapterMethod):
 
 
 LORA = LoraMethod("lora", "Trains low-rank B·A per target layer: tiny state, but each update is limited "
-                  "to rank r.", saved_per_token_feature=4.8)
+                  "to rank r.", saved_per_token_feature=0.5)
 DORA = LoraMethod("dora", "LoRA plus a trained magnitude per output row: closer to full fine-tuning, "
                   "at the cost of weight-sized norm temporaries.", use_dora=True,
-                  saved_per_token_feature=8.6)
+                  saved_per_token_feature=4.9)
 VERA = VeraMethod("vera", "Trains only scaling vectors over frozen shared random matrices: the fewest "
-                  "parameters, and the slowest to learn.", saved_per_token_feature=5.6)
+                  "parameters, and the slowest to learn.", saved_per_token_feature=1.2)
