@@ -11,7 +11,8 @@ which a projector refresh falls are reported apart from the ordinary steps. Memo
 tensor in the optimizer state (galore-torch's projector object included); on CUDA also each contender's
 peak on its own (its weights and state plus the largest transient of its steps, from
 torch.cuda.max_memory_allocated after a reset before each step). A CPU process's RSS never shrinks, so a
-per-contender peak cannot be read there in one process; the CPU table gives state bytes only.
+per-contender peak cannot be read there in one process; the CPU table gives state bytes only. With --out,
+DIR/step_time.md holds the section, DIR/step_time-ratios.png the ratios and DIR/step_time.json every step's time.
 
 Run:  python benchmarks/step_time.py [--quick] [--out DIR] [--steps N] [--batch-size B] [--seq-len L]
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import statistics
 import sys
 import time
@@ -241,6 +243,16 @@ def markdown(rows: list[Row], cfg: RunConfig, steps: int, where: torch.device, c
     return "\n".join(lines)
 
 
+def write_raw(out: Path, contenders: list[Contender], settings: dict, steps: int) -> None:
+    """Every step's time, for anyone who wants to check the medians: DIR/step_time.json (temp file, then rename)."""
+    raw = {"machine": machine(), "settings": settings, "rounds": steps, "contenders": {
+        c.name: {"times_ms": c.times_ms, "optimizer_ms": c.optimizer_ms, "losses": c.losses,
+                 "refreshes": [c.refreshes(step) for step in range(steps)]} for c in contenders}}
+    tmp = out / f".{NAME}.json.tmp"
+    tmp.write_text(json.dumps(raw, indent=1))
+    tmp.replace(out / f"{NAME}.json")
+
+
 def figure(rows: list[Row], title: str):
     import plotly.graph_objects as go
 
@@ -296,6 +308,7 @@ def main() -> None:
     section = markdown(rows, cfg, steps, where, command, time.perf_counter() - started, first)
     write_section(args.out, NAME, section)
     if args.out is not None:
+        write_raw(Path(args.out), contenders, settings, steps)
         title = f"Step time per optimizer, {model}, batch {cfg.batch_size} × {cfg.seq_len}, {where.type}"
         save_png(figure(rows, title), Path(args.out) / f"{NAME}-ratios.png")
 
