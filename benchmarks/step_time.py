@@ -217,6 +217,8 @@ def markdown(rows: list[Row], cfg: RunConfig, steps: int, where: torch.device, c
               "| × AdamW fp32 "
               "| refresh steps | refresh median ms | mean ms, steps ≥ 1 |" + (" CUDA peak MiB |" if cuda else ""))
     lines = [
+        "### Step time per method (table 3)",
+        "",
         f"```bash\n{command}\n```",
         "",
         f"Machine: {machine()}. Wall time {wall_s:.0f} s.",
