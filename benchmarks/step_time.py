@@ -200,6 +200,8 @@ def summarize(contender: Contender) -> Row:
     optimizer = [ms for step, ms in enumerate(contender.optimizer_ms) if step and contender.refreshes(step) == 0]
     refresh = [ms for step, ms in later if contender.refreshes(step) > 0]
     trainable = sum(p.numel() for p in contender.model.parameters() if p.requires_grad)
+    if not ordinary:  # a gap so short that every step refreshes a projector
+        ordinary = optimizer = [float("nan")]
     return Row(contender.name, trainable, contender.count_state(contender.optimizer), contender.times_ms[0],
                statistics.median(ordinary), float(np.percentile(ordinary, 90)), statistics.median(optimizer),
                statistics.fmean(ms for _, ms in later), len(refresh),
@@ -276,6 +278,8 @@ def main() -> None:
     parser.add_argument("--rank", type=int, help="rank of every low-rank method (default 128; 16 with --quick)")
     parser.add_argument("--update-proj-gap", type=int, default=RunConfig.update_proj_gap)
     args = parser.parse_args()
+    if args.steps is not None and args.steps < 2:
+        parser.error("--steps must be at least 2 (the first step is reported apart from the rest)")
     warnings.filterwarnings("ignore")
     started = time.perf_counter()
     where = device()
