@@ -176,17 +176,21 @@ def _cells(values: list[float], fmt: str) -> str:
     return " | ".join(format(v, fmt) for v in values) + f" | **{format(statistics.median(values), fmt)}**"
 
 
+def _rank(exp: Experiment, method: Method) -> str:
+    return "-" if method.method == "full" else str(exp.rank)
+
+
 def pretrain_table(exp: Experiment, runs: dict[str, list[Run]], seeds: list[int]) -> str:
     base = statistics.median(r.final_eval["eval_loss"] for r in runs["full 32-bit"])
     head = " | ".join(f"seed {s}" for s in seeds)
-    lines = [f"| method | bits | lr | trainable params | optimizer state KiB | held-out loss {head} | median | "
+    lines = [f"| method | rank | bits | lr | trainable params | optimizer state KiB | held-out loss {head} | median | "
              f"vs full 32-bit | wall s |",
-             "| --- | ---: | ---: | ---: | ---: | " + "---: | " * len(seeds) + "---: | ---: | ---: |"]
+             "| --- | ---: | ---: | ---: | ---: | ---: | " + "---: | " * len(seeds) + "---: | ---: | ---: |"]
     for m in exp.methods:
         rs = runs[m.label]
         losses = [r.final_eval["eval_loss"] for r in rs]
         s = rs[0].summary
-        lines.append(f"| {m.label} | {m.bits} | {m.lr:g} | {s['trainable_params']:,} | "
+        lines.append(f"| {m.label} | {_rank(exp, m)} | {m.bits} | {m.lr:g} | {s['trainable_params']:,} | "
                      f"{s['optimizer_state_bytes'] / 1024:,.0f} | {_cells(losses, '.3f')} | "
                      f"{statistics.median(losses) - base:+.3f} | {statistics.median(r.wall_s for r in rs):.0f} |")
     return "\n".join(lines)
@@ -194,15 +198,15 @@ def pretrain_table(exp: Experiment, runs: dict[str, list[Run]], seeds: list[int]
 
 def finetune_table(exp: Experiment, runs: dict[str, list[Run]], seeds: list[int]) -> str:
     head = " | ".join(f"seed {s}" for s in seeds)
-    lines = [f"| method | bits | lr | trainable params | optimizer state KiB | held-out accuracy {head} | median | "
-             "held-out loss, median | wall s |",
-             "| --- | ---: | ---: | ---: | ---: | " + "---: | " * len(seeds) + "---: | ---: | ---: |"]
+    lines = [f"| method | rank | bits | lr | trainable params | optimizer state KiB | held-out accuracy {head} | "
+             "median | held-out loss, median | wall s |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | " + "---: | " * len(seeds) + "---: | ---: | ---: |"]
     for m in exp.methods:
         rs = runs[m.label]
         accuracy = [r.final_eval["eval_accuracy"] for r in rs]
         s = rs[0].summary
         loss = statistics.median(r.final_eval["eval_loss"] for r in rs)
-        lines.append(f"| {m.label} | {m.bits} | {m.lr:g} | {s['trainable_params']:,} | "
+        lines.append(f"| {m.label} | {_rank(exp, m)} | {m.bits} | {m.lr:g} | {s['trainable_params']:,} | "
                      f"{s['optimizer_state_bytes'] / 1024:,.0f} | {_cells(accuracy, '.3f')} | {loss:.3f} | "
                      f"{statistics.median(r.wall_s for r in rs):.0f} |")
     return "\n".join(lines)
@@ -213,25 +217,28 @@ def _smooth(values: list[float], window: int) -> list[float]:
     return [statistics.fmean(values[max(0, i - window + 1):i + 1]) for i in range(len(values))]
 
 
-def figure(exp: Experiment, runs: dict[str, list[Run]], title: str, right: str):
-    """Train loss (smoothed) and held-out loss or accuracy against step, one colour per method, first seed."""
+PANELS = {"eval_loss": "held-out loss", "eval_accuracy": "held-out accuracy"}
+
+
+def figure(exp: Experiment, runs: dict[str, list[Run]], title: str, keys: tuple[str, ...]):
+    """Train loss (smoothed) and the held-out numbers in `keys` against step, one colour per method, first seed."""
     import plotly.express as px
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
     window = max(1, exp.steps // 20)
-    fig = make_subplots(rows=1, cols=2, subplot_titles=(f"train loss (mean of {window} steps)", right))
+    train_title = f"train loss (mean of {window} steps)" if window > 1 else "train loss"
+    fig = make_subplots(rows=1, cols=1 + len(keys), subplot_titles=(train_title, *(PANELS[k] for k in keys)))
     colours = px.colors.qualitative.D3
     for i, m in enumerate(exp.methods):
         run = runs[m.label][0]
-        colour = colours[i % len(colours)]
-        steps = [s for s, _ in run.train]
-        fig.add_trace(go.Scatter(x=steps, y=_smooth([v for _, v in run.train], window), name=m.label,
-                                 line={"color": colour}, legendgroup=m.label), row=1, col=1)
-        key = "eval_accuracy" if right.startswith("held-out accuracy") else "eval_loss"
-        fig.add_trace(go.Scatter(x=[e["step"] for e in run.evals], y=[e[key] for e in run.evals], name=m.label,
-                                 mode="lines+markers", line={"color": colour}, legendgroup=m.label,
-                                 showlegend=False), row=1, col=2)
+        line = {"color": colours[i % len(colours)]}
+        fig.add_trace(go.Scatter(x=[s for s, _ in run.train], y=_smooth([v for _, v in run.train], window),
+                                 name=m.label, mode="lines", line=line, legendgroup=m.label), row=1, col=1)
+        for col, key in enumerate(keys, start=2):
+            fig.add_trace(go.Scatter(x=[e["step"] for e in run.evals], y=[e[key] for e in run.evals], name=m.label,
+                                     mode="lines+markers", line=line, legendgroup=m.label, showlegend=False),
+                          row=1, col=col)
     fig.update_xaxes(title_text="step")
     fig.update_layout(title=title, template="plotly_white", margin={"t": 70, "l": 50, "r": 20, "b": 50})
     return fig
@@ -242,21 +249,30 @@ def main() -> None:
     add_output_arguments(parser)
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 (quick: 0)")
     parser.add_argument("--runs", type=Path, default=None, help="keep the run folders here (default: a temp folder)")
+    parser.add_argument("--train-only", choices=("pretrain", "finetune"), default=None,
+                        help="only train this experiment's runs into --runs, print nothing (to run the two side by "
+                             "side; a later call with the same --runs reads them back)")
     args = parser.parse_args()
+    if args.train_only and args.runs is None:
+        parser.error("--train-only needs --runs, where a later call finds the runs")
     seeds = args.seeds or ([0] if args.quick else [0, 1])
     cls_model = "minilm" if minilm_folder() is not None else "tiny"
     pretrain, finetune = experiments(args.quick, cls_model)
     with tempfile.TemporaryDirectory(prefix="gnlorp-quality-") as tmp:
         root = args.runs or Path(tmp)
-        runs = run_all((pretrain, finetune), seeds, root)
+        chosen = tuple(e for e in (pretrain, finetune) if args.train_only in (None, e.key))
+        runs = run_all(chosen, seeds, root)
+        if args.train_only:
+            return
     pre_runs, fine_runs = runs[pretrain.key], runs[finetune.key]
     wall_min = sum(r.wall_s for rs in (*pre_runs.values(), *fine_runs.values()) for r in rs) / 60
     section = render(args, seeds, pretrain, finetune, pre_runs, fine_runs, wall_min)
     if args.out is not None:
         save_png(figure(pretrain, pre_runs, f"Pre-training {pretrain.model} on fortunes, seed {seeds[0]}",
-                        "held-out loss"), args.out / f"{NAME}-pretrain.png")
+                        ("eval_loss",)), args.out / f"{NAME}-pretrain.png")
         save_png(figure(finetune, fine_runs, f"Fine-tuning {finetune.model} on fortunes-topics, rank "
-                        f"{finetune.rank}, seed {seeds[0]}", "held-out accuracy"), args.out / f"{NAME}-finetune.png")
+                        f"{finetune.rank}, seed {seeds[0]}", ("eval_loss", "eval_accuracy")),
+                 args.out / f"{NAME}-finetune.png", width=1200)
         section += (f"\n![pre-training loss curves per method]({NAME}-pretrain.png)\n"
                     f"![fine-tuning loss and accuracy per method]({NAME}-finetune.png)\n")
     write_section(args.out, NAME, section)
@@ -275,23 +291,23 @@ def render(args, seeds, pretrain: Experiment, finetune: Experiment, pre_runs, fi
 {command}
 ```
 
-Machine: {machine()}; {datetime.date.today().isoformat()}; {wall_min:.0f} min for all {len(seeds)} seed(s).
-Every run is `python -m gnlorp train` in a fresh process; the numbers are the held-out split's at the last
-step (metrics.jsonl), the bold column the median over seeds {", ".join(map(str, seeds))} (each seed sets the
-initialisation, data order and the held-out 10%, the same for every method).
+Machine: {machine()}; {datetime.date.today().isoformat()}; the runs took {wall_min:.0f} min together.
+Every run is `python -m gnlorp train` in a fresh process; the numbers are the held-out split's at the last step
+(metrics.jsonl), per seed and their median (bold). A seed sets the initialisation, the data order and the
+held-out 10%, the same for every method.
 
 Pre-training `{pretrain.model}` from random init on `presets/data/fortunes.jsonl`: {pretrain.steps} steps of
-{pretrain.batch} x {pretrain.seq_len} tokens, warm-up {pretrain.warmup} then cosine, clipping 1.0, rank
-{pretrain.rank} for every low-rank method (projector refresh every {pretrain.gap} steps, scale 0.25), 8-bit
-Adam states except `full 32-bit`. LoRA, DoRA (alpha 32) and VeRA also adapt the output head (their embeddings stay
-frozen at random init). A uniform guess over the 4096-token vocabulary scores 8.32.
+{pretrain.batch} x {pretrain.seq_len} tokens, warm-up {pretrain.warmup} then cosine, clipping 1.0, rank {pretrain.rank}
+for every low-rank method (projector refresh every {pretrain.gap} steps, scale 0.25), 8-bit Adam states except
+`full 32-bit`. LoRA, DoRA (alpha 32) and VeRA also adapt the output head (their embeddings stay frozen at random
+init). A uniform guess over the 4096-token vocabulary scores 8.32.
 
 {pretrain_table(pretrain, pre_runs, seeds)}
 
-Fine-tuning {cls_note} on `presets/data/fortunes-topics.jsonl` (5 classes, chance 0.2): {finetune.steps} steps
-of {finetune.batch} texts up to {finetune.seq_len} tokens, warm-up {finetune.warmup}, rank {finetune.rank}
-(LoRA/DoRA alpha 16, GaLore/GradNormLoRP scale 1, refresh every {finetune.gap} steps), 8-bit states except full;
-the new classification head trains in every method.
+Fine-tuning {cls_note} on `presets/data/fortunes-topics.jsonl` (5 classes, chance 0.2, 85 held-out texts):
+{finetune.steps} steps of {finetune.batch} texts up to {finetune.seq_len} tokens, warm-up {finetune.warmup} then
+cosine, rank {finetune.rank} (LoRA/DoRA alpha 16, GaLore/GradNormLoRP scale 1, refresh every {finetune.gap}
+steps), 8-bit states except full; the new classification head trains in every method.
 
 {finetune_table(finetune, fine_runs, seeds)}
 """
