@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -194,3 +195,14 @@ def test_a_cpu_run_returns_freed_tensors_to_the_os_which_plain_glibc_does_not():
     assert grown >= 250 * 2**20 and returned >= 0.95 * 256 * 2**20
     grown, returned = probe("default")
     assert grown >= 250 * 2**20 and returned < 0.5 * 256 * 2**20  # why the trainer pins the threshold
+
+
+@pytest.mark.parametrize("method", ["full", "dora", "gradnormlorp"])
+def test_a_fresh_run_peaks_where_the_estimate_said(tmp_path, method):
+    """The measured peak (RSS above the baseline, in a process of its own) against the prediction made before."""
+    argv = [sys.executable, "-m", "gnlorp", "train", "--model", "tiny", "--method", method, "--max-steps", "3",
+            "--batch-size", "8", "--seq-len", "128", "--rank", "128", "--optim-bits", "8", "--eval-every", "1000",
+            "--checkpoint-every", "1000", "--output", str(tmp_path / "run")]
+    subprocess.run(argv, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["predicted_peak_bytes"] == pytest.approx(summary["peak_mem_bytes"], rel=0.2)

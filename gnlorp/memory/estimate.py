@@ -141,6 +141,8 @@ def _budget(cfg: RunConfig, device: Device) -> _Budget:
                         checkpointing=cfg.grad_checkpointing, **shape)
     recomputed = layer_bytes(tokens=cfg.seq_len, **shape) if cfg.grad_checkpointing else 0
     method_saved = method.saved_per_token_feature * cfg.seq_len * sum(m + n for m, n in targets)
+    if cfg.grad_checkpointing:  # the adapters' extra lives only in the one layer being recomputed
+        method_saved /= config.num_hidden_layers
     return _Budget(
         fixed={
             "weights": sum(p.numel() for p in params) * weight_bytes,

@@ -29,7 +29,9 @@ class AdapterMethod(Method):
     def prepare(self, model: nn.Module, cfg: RunConfig) -> nn.Module:
         from peft import get_peft_model
 
-        return get_peft_model(model, self.peft_config(resolve_targets(model, cfg), cfg))
+        # On the meta device (the estimator's model) the adapters are left empty there too, not initialised.
+        on_meta = next(model.parameters()).is_meta
+        return get_peft_model(model, self.peft_config(resolve_targets(model, cfg), cfg), low_cpu_mem_usage=on_meta)
 
     def peft_config(self, targets: list[str], cfg: RunConfig) -> PeftConfig:
         raise NotImplementedError
