@@ -134,7 +134,7 @@ class ProjectedAdamW(Optimizer):
         lr, weight_decay = group["lr"], group["weight_decay"]
         projected, weight_norm = "rank" in group, group.get("weight_norm", False)
         grad = p.grad.float()
-        if not torch.isfinite(grad).all():
+        if not all_finite(grad):
             self._skip_count += 1
             self._incident(p, group, state, "nonfinite_skips", "its gradient is not finite; update skipped")
             return
@@ -301,3 +301,10 @@ def state_bytes(optimizer: Optimizer) -> int:
         for value in state.values()
         if torch.is_tensor(value)
     )
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether no entry is NaN or ±inf: min and max carry any of them (NaN propagates), and reading two numbers
+    is 20× faster on a CPU than `isfinite(tensor).all()`, which writes a bool per entry (docs/BENCHMARKS.md)."""
+    return tensor.numel() == 0 or bool(torch.isfinite(torch.stack(torch.aminmax(tensor))).all())
+
