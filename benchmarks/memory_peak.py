@@ -84,9 +84,11 @@ def main() -> None:
     rows, started = [], time.time()
     for model in models:
         for method in args.methods:
-            print(f"[{time.time() - started:6.0f} s] {model} {method}", file=sys.stderr, flush=True)
+            print(f"[{time.time() - started:6.0f} s] {model} {method}", file=sys.stderr, end=": ", flush=True)
             rows.append({"model": model, "method": method, **run(model, method, args.steps, args.bits,
                                                                   args.extra.split())})
+            print(f"{rows[-1]['peak_mem_bytes'] / MIB:,.1f} MiB measured, {error(rows[-1]):+.1%} predicted",
+                  file=sys.stderr, flush=True)
     largest = [r for r in rows if r["model"] == models[-1]]
     markdown = (
         f"### Peak training memory, {models[-1]} (table 2)\n\n```bash\n{command}\n```\n\n"
