@@ -12,9 +12,9 @@ numbers read back from the run's metrics.jsonl and summary.json:
   Without that package the classification runs on `tiny` (random init) and the section says so.
 
 Learning rates are one per method, from each method's usual range (the shipped presets for pre-training), set
-before the runs and not swept; the table shows them. Figures: train and held-out loss against step, one line
-per method (first seed).
-Run:  python benchmarks/quality.py [--quick] [--out DIR] [--seeds 0 1] [--runs DIR]
+before the runs and not swept (one 15-step probe chose the fine-tuning scale, see FINETUNE); the table shows
+them. Figures: train and held-out loss against step, one line per method (first seed).
+Run:  python benchmarks/quality.py [--quick] [--out DIR] [--seeds 0 1] [--runs DIR [--train-only pretrain]]
 """
 
 from __future__ import annotations
