@@ -163,9 +163,16 @@ def load_model_config(name_or_path: str | os.PathLike, task: str, num_labels: in
 
 
 def meta_model(name_or_path: str | os.PathLike, task: str, num_labels: int | None = None, *,
-               trust_remote_code: bool = False) -> PreTrainedModel:
-    """The model on the meta device: shapes and parameter counts with no memory, in well under a second."""
+               trust_remote_code: bool = False, layers: int | None = None) -> PreTrainedModel:
+    """The model on the meta device: shapes and parameter counts with no memory, in well under a second.
+
+    `layers` keeps only the first so many decoder layers (the estimator counts one and two, then extrapolates).
+    """
     config = load_model_config(name_or_path, task, num_labels, trust_remote_code=trust_remote_code)
+    if layers is not None:
+        config.num_hidden_layers = layers
+        if isinstance(getattr(config, "layer_types", None), list):
+            config.layer_types = config.layer_types[:layers]
     with torch.device("meta"):
         return _auto_class(task).from_config(config, trust_remote_code=trust_remote_code, dtype=torch.float32)
 

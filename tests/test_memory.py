@@ -206,3 +206,21 @@ def test_a_fresh_run_peaks_where_the_estimate_said(tmp_path, method):
     subprocess.run(argv, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["predicted_peak_bytes"] == pytest.approx(summary["peak_mem_bytes"], rel=0.2)
+
+
+@pytest.mark.parametrize(("method", "targets"), [("vera", "auto"), ("gradnormlorp", "auto"),
+                                                 ("dora", "layers.0.self_attn.q_proj,mlp.down_proj")])
+def test_counting_two_layers_and_extrapolating_equals_counting_them_all(method, targets):
+    """estimate() counts 1- and 2-layer models when the layers are alike; a full 8-layer count must agree."""
+    from gnlorp.memory.state import optimizer_state_parts
+    from gnlorp.methods import get_method
+    from gnlorp.models import meta_model
+
+    cfg = RunConfig(model="llama-60m", method=method, targets=targets, rank=32, optim_bits=8)
+    strategy = get_method(method)
+    model = strategy.prepare(meta_model("llama-60m", "causal-lm"), cfg)
+    states, projectors = optimizer_state_parts(strategy.param_groups(model, cfg), 8)
+    predicted = estimate(cfg, "rtx-4090")
+    assert predicted["trainable_params"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert predicted["weights"] == 4 * sum(p.numel() for p in model.parameters())
+    assert (predicted["optimizer_states"], predicted["projectors"]) == (states, projectors)

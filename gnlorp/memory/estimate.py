@@ -16,6 +16,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from torch import nn
+
 from ..config import METHOD_NAMES, RunConfig
 from .activations import layer_bytes, saved_bytes
 from .devices import Device, get_device, this_machine
@@ -115,24 +117,80 @@ def _report(budget: _Budget, batch: int) -> dict[str, int]:
     return {**parts, "total": sum(parts.values()), "trainable_params": budget.trainable_params}
 
 
+@dataclass(frozen=True)
+class _Counts:
+    """What the estimate counts on a prepared model; every field but the last two adds up layer by layer."""
+
+    params: int
+    trainable: int
+    states: int
+    projectors: int
+    target_features: int  # Σ (in + out) over the targeted layers
+    largest: int  # the largest trainable tensor
+    head: int  # the trained output head's numel (0 when it does not train)
+
+    def extrapolate(self, two: _Counts, layers: int) -> _Counts:
+        """From the counts of a 1-layer (self) and a 2-layer model to `layers` identical layers."""
+        def grow(name: str) -> int:
+            return getattr(self, name) + (layers - 1) * (getattr(two, name) - getattr(self, name))
+
+        additive = ("params", "trainable", "states", "projectors", "target_features")
+        return _Counts(**{name: grow(name) for name in additive}, largest=two.largest, head=two.head)
+
+
+def _count(cfg: RunConfig, method, base) -> _Counts:
+    from ..methods.base import resolve_targets
+
+    targets = [base.get_submodule(name).weight.shape for name in resolve_targets(base, cfg)]
+    model = method.prepare(base, cfg)
+    params = list(model.parameters())
+    trainable = [p for p in params if p.requires_grad]
+    head = model.get_output_embeddings() if cfg.task == "causal-lm" else None
+    states, projectors = optimizer_state_parts(method.param_groups(model, cfg), cfg.optim_bits)
+    return _Counts(
+        params=sum(p.numel() for p in params), trainable=sum(p.numel() for p in trainable), states=states,
+        projectors=projectors, target_features=sum(m + n for m, n in targets),
+        largest=max(p.numel() for p in trainable),
+        head=head.weight.numel() if head is not None and head.weight.requires_grad else 0,
+    )
+
+
+def _identical_layers(base, cfg: RunConfig) -> int | None:
+    """How many decoder layers the model has if they are all alike, shapes and targets; else None."""
+    from ..methods.base import resolve_targets
+
+    count = base.config.num_hidden_layers
+    stacks = [m for m in base.modules() if isinstance(m, nn.ModuleList) and len(m) == count]
+    if len(stacks) != 1:
+        return None
+    shapes = [[(n, p.shape) for n, p in layer.named_parameters()] for layer in stacks[0]]
+    if any(s != shapes[0] for s in shapes):
+        return None
+    prefix = next(name for name, module in base.named_modules() if module is stacks[0]) + "."
+    per_layer: list[set[str]] = [set() for _ in range(count)]
+    for name in resolve_targets(base, cfg):
+        if name.startswith(prefix):
+            index, _, rest = name[len(prefix):].partition(".")
+            per_layer[int(index)].add(rest)
+    return count if all(t == per_layer[0] for t in per_layer) else None
+
+
 def _budget(cfg: RunConfig, device: Device) -> _Budget:
     from ..methods import get_method
-    from ..methods.base import resolve_targets
     from ..models import meta_model
 
     method = get_method(cfg.method)
     num_labels = 2 if cfg.task == "seq-cls" else None  # the head's size barely matters; the data is not read
     base = meta_model(cfg.model, cfg.task, num_labels)
-    targets = [base.get_submodule(name).weight.shape for name in resolve_targets(base, cfg)]
-    model = method.prepare(base, cfg)
-    config = model.config
+    config = base.config
+    layers = _identical_layers(base, cfg)
+    if layers is not None and layers > 2:
+        # Wrapping every layer of a 7B model in peft takes seconds; one and two layers tell the same, exactly.
+        one, two = (_count(cfg, method, meta_model(cfg.model, cfg.task, num_labels, layers=k)) for k in (1, 2))
+        counts = one.extrapolate(two, layers)
+    else:
+        counts = _count(cfg, method, base)
     weight_bytes = 2 if cfg.dtype == "bfloat16" else 4
-    params = list(model.parameters())
-    trainable = [p for p in params if p.requires_grad]
-    largest = max(p.numel() for p in trainable)
-    head = model.get_output_embeddings() if cfg.task == "causal-lm" else None
-    head_trains = head is not None and head.weight.requires_grad
-    states, projectors = optimizer_state_parts(method.param_groups(model, cfg), cfg.optim_bits)
     outputs = config.vocab_size if cfg.task == "causal-lm" else config.num_labels
     autocast = device.kind == "cuda"
     shape = {"hidden": config.hidden_size, "ffn": config.intermediate_size, "heads": config.num_attention_heads,
@@ -140,24 +198,24 @@ def _budget(cfg: RunConfig, device: Device) -> _Budget:
     saved = saved_bytes(tokens=cfg.seq_len, layers=config.num_hidden_layers, vocab=outputs,
                         checkpointing=cfg.grad_checkpointing, **shape)
     recomputed = layer_bytes(tokens=cfg.seq_len, **shape) if cfg.grad_checkpointing else 0
-    method_saved = method.saved_per_token_feature * cfg.seq_len * sum(m + n for m, n in targets)
+    method_saved = method.saved_per_token_feature * cfg.seq_len * counts.target_features
     if cfg.grad_checkpointing:  # the adapters' extra lives only in the one layer being recomputed
         method_saved /= config.num_hidden_layers
     return _Budget(
         fixed={
-            "weights": sum(p.numel() for p in params) * weight_bytes,
-            "optimizer_states": states,
-            "projectors": projectors,
+            "weights": counts.params * weight_bytes,
+            "optimizer_states": counts.states,
+            "projectors": counts.projectors,
             "overhead": CUDA_OVERHEAD if device.kind == "cuda" else CPU_OVERHEAD,
         },
-        gradients=(largest if cfg.layerwise else sum(p.numel() for p in trainable)) * weight_bytes,
-        head_gradient=head.weight.numel() * weight_bytes if head_trains and not cfg.layerwise else 0,
+        gradients=(counts.largest if cfg.layerwise else counts.trainable) * weight_bytes,
+        head_gradient=counts.head * weight_bytes if not cfg.layerwise else 0,
         accumulating=cfg.grad_accum > 1,
         layerwise=cfg.layerwise,
-        update=UPDATE_TEMPORARIES * 4 * largest,
+        update=UPDATE_TEMPORARIES * 4 * counts.largest,
         per_sequence=int(saved + recomputed + method_saved),
         logits_per_sequence=4 * cfg.seq_len * outputs,
-        trainable_params=sum(p.numel() for p in trainable),
+        trainable_params=counts.trainable,
     )
 
 

@@ -6,6 +6,7 @@ config to build from a RunConfig. peft is imported inside the functions because 
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -27,11 +28,15 @@ class AdapterMethod(Method):
     uses_adapter: ClassVar[bool] = True
 
     def prepare(self, model: nn.Module, cfg: RunConfig) -> nn.Module:
+        import torch
         from peft import get_peft_model
 
-        # On the meta device (the estimator's model) the adapters are left empty there too, not initialised.
+        # On the meta device (the estimator's model) the adapters, and VeRA's shared random matrices, are left
+        # empty there too: initialising them on the CPU takes seconds at 7B.
         on_meta = next(model.parameters()).is_meta
-        return get_peft_model(model, self.peft_config(resolve_targets(model, cfg), cfg), low_cpu_mem_usage=on_meta)
+        with torch.device("meta") if on_meta else nullcontext():
+            return get_peft_model(model, self.peft_config(resolve_targets(model, cfg), cfg),
+                                  low_cpu_mem_usage=on_meta)
 
     def peft_config(self, targets: list[str], cfg: RunConfig) -> PeftConfig:
         raise NotImplementedError
