@@ -70,14 +70,14 @@ def error_table(rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=None,
-                        help="default: tiny llama-60m llama-130m llama-350m (--quick: tiny llama-60m)")
+                        help="default: tiny llama-60m llama-130m llama-350m (--quick: tiny)")
     parser.add_argument("--methods", nargs="+", default=list(METHOD_NAMES))
     parser.add_argument("--bits", type=int, default=8, choices=(8, 32))
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--extra", default="", help="more train flags, e.g. '--grad-checkpointing'")
     add_output_arguments(parser)
     args = parser.parse_args()
-    models = args.models or (["tiny", "llama-60m"] if args.quick else ["tiny", "llama-60m", "llama-130m", "llama-350m"])
+    models = args.models or (["tiny"] if args.quick else ["tiny", "llama-60m", "llama-130m", "llama-350m"])
     command = "python benchmarks/memory_peak.py " + " ".join(sys.argv[1:])
     settings = f"{' '.join(SETTINGS)} --optim-bits {args.bits} --max-steps {args.steps} {args.extra}".strip()
 
