@@ -44,12 +44,13 @@ def page(tmp_path_factory):
 
 
 def test_labelled_controls_and_budget(page) -> None:
+    # expect() waits: on a loaded machine the page is still building its controls after the model picker appears.
     for name in ("Model", "Dataset", "Rank", "Steps", "Batch size", "Sequence length"):
-        assert page.get_by_label(name, exact=True).count() >= 1, name
+        sync_api.expect(page.get_by_label(name, exact=True).first).to_be_attached()
     for name in ("Method", "Optimizer bits"):
-        assert page.get_by_text(name, exact=True).count() >= 1, name
+        sync_api.expect(page.get_by_text(name, exact=True).first).to_be_attached()
     for method in ("full", "lora", "dora", "vera", "galore", "gradnormlorp"):
-        assert page.get_by_role("radio", name=method, exact=True).count() == 1, method
+        sync_api.expect(page.get_by_role("radio", name=method, exact=True)).to_have_count(1)
     assert page.get_by_role("heading", name="Memory budget").is_visible()
     sync_api.expect(page.locator("#budget-verdict")).to_contain_text("Fits on RTX 4090")
     page.get_by_role("radio", name="full", exact=True).check()

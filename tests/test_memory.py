@@ -224,3 +224,29 @@ def test_counting_two_layers_and_extrapolating_equals_counting_them_all(method, 
     assert predicted["trainable_params"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert predicted["weights"] == 4 * sum(p.numel() for p in model.parameters())
     assert (predicted["optimizer_states"], predicted["projectors"]) == (states, projectors)
+
+
+def test_estimating_in_one_thread_leaves_models_built_in_another_real():
+    """The studio estimates budgets while it exports or loads a model: the meta device must not leak across."""
+    import threading
+
+    from gnlorp.methods import get_method
+    from gnlorp.models import load_model
+
+    done = threading.Event()
+
+    def estimating():
+        while not done.is_set():
+            for method in ("lora", "vera", "gradnormlorp"):
+                estimate(RunConfig(model="llama-60m", method=method, rank=64), "rtx-4090")
+
+    worker = threading.Thread(target=estimating)
+    worker.start()
+    try:
+        for _ in range(8):
+            cfg = RunConfig(model="tiny", method="lora", rank=8)
+            model = get_method("lora").prepare(load_model("tiny", "causal-lm"), cfg)
+            assert not any(p.is_meta for p in model.parameters())
+    finally:
+        done.set()
+        worker.join()

@@ -31,12 +31,12 @@ class AdapterMethod(Method):
         import torch
         from peft import get_peft_model
 
-        # On the meta device (the estimator's model) the adapters, and VeRA's shared random matrices, are left
-        # empty there too: initialising them on the CPU takes seconds at 7B.
+        # On the meta device (the estimator's model) the adapters, and VeRA's shared random matrices, go there too:
+        # initialising them on the CPU takes seconds at 7B. Not peft's low_cpu_mem_usage: it patches nn.Module for
+        # the whole process, so a model built meanwhile in another thread (the studio's export) would be empty.
         on_meta = next(model.parameters()).is_meta
         with torch.device("meta") if on_meta else nullcontext():
-            return get_peft_model(model, self.peft_config(resolve_targets(model, cfg), cfg),
-                                  low_cpu_mem_usage=on_meta)
+            return get_peft_model(model, self.peft_config(resolve_targets(model, cfg), cfg))
 
     def peft_config(self, targets: list[str], cfg: RunConfig) -> PeftConfig:
         raise NotImplementedError
