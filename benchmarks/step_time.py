@@ -40,6 +40,7 @@ from gnlorp.data import batches, collate, prepare_data
 from gnlorp.methods import GALORE, get_method
 from gnlorp.models import load_model, load_tokenizer
 from gnlorp.optim import ProjectedAdamW, state_bytes
+from optimizer import galore_torch_state_bytes
 
 NAME = "step_time"
 BASELINE = "torch AdamW fp32"
@@ -59,16 +60,6 @@ class Contender:
     optimizer_ms: list[float] = field(default_factory=list)  # the optimizer.step() part of each step
     losses: list[float] = field(default_factory=list)
     peak_bytes: int = 0  # CUDA only: weights + state + the step's transient, at its largest
-
-
-def galore_torch_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """galore-torch keeps its projector as an object in the state; count the tensor inside it too."""
-    total = state_bytes(optimizer)
-    for state in optimizer.state.values():
-        projector = state.get("projector")
-        if projector is not None and projector.ortho_matrix is not None:
-            total += projector.ortho_matrix.numel() * projector.ortho_matrix.element_size()
-    return total
 
 
 def ours_refreshes(optimizer: ProjectedAdamW) -> Callable[[int], int]:
