@@ -24,7 +24,8 @@ from gnlorp.config import RunConfig
 from gnlorp.memory import PARTS, estimate
 from studio_process import ENV, ROOT, studio
 
-FAST = {"Steps": 200, "Batch size": 4, "Sequence length": 64, "Eval every": 4, "Checkpoint every": 4,
+# So many steps that a run is always still going when a test stops it, however loaded the machine.
+FAST = {"Steps": 100_000, "Batch size": 4, "Sequence length": 64, "Eval every": 4, "Checkpoint every": 4,
         "Warm-up steps": 1}
 
 
