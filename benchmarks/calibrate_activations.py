@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from gnlorp.models import enable_checkpointing
+
 BASE = {"hidden": 128, "ffn": 352, "heads": 4}
 BATCH, SHORT, LONG = 2, 128, 256
 
@@ -25,7 +27,7 @@ def saved(*, hidden: int, ffn: int, heads: int, layers: int, seq: int, vocab: in
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).to(dtype).train()
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     ids = torch.randint(0, vocab, (BATCH, seq))
     storages: dict[int, int] = {}
 

@@ -31,8 +31,8 @@ from .config import ConfigError, RunConfig
 from .data import batches, collate, prepare_data
 from .memory import MemoryMonitor, estimate, predict_optimizer_state_bytes, return_freed_memory, this_machine
 from .methods import get_method
+from .models import enable_checkpointing, load_tokenizer
 from .models import load_model as load_base_model
-from .models import load_tokenizer
 from .optim import ProjectedAdamW, register_layerwise_step, state_bytes
 
 CHECKPOINTS_KEPT = 2
@@ -161,7 +161,7 @@ class TrainingRun:
         method = get_method(cfg.method)
         model = method.prepare(model, cfg)
         if cfg.grad_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(model)
         groups = method.param_groups(model, cfg)
         optimizer = ProjectedAdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, bits=cfg.optim_bits)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))

@@ -204,6 +204,18 @@ def load_model(name_or_path: str | os.PathLike, task: str, *, num_labels: int | 
                                     ignore_mismatched_sizes=task == "seq-cls")
 
 
+def enable_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute each layer's activations in backward (non-reentrant, so frozen inputs still get gradients).
+
+    transformers 5 renamed `gradient_checkpointing_enable` (the old name now warns); older releases only have it.
+    """
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def load_tokenizer(name_or_path: str | os.PathLike, *,
                    trust_remote_code: bool = False) -> PreTrainedTokenizerFast:
     """The shipped byte-level BPE for presets, else the folder's own tokenizer; a pad token is always set."""

@@ -187,7 +187,8 @@ def test_a_restarted_studio_follows_the_running_training_again_and_stops_it(tmp_
         client = Client(url, verbose=False)
         api = client.view_api(return_format="dict", print_info=False)["named_endpoints"]["/start"]["parameters"]
         values = {p["label"]: p["parameter_default"] for p in api}
-        values.update({"Run name": "long", "Steps": 100_000,  # still going when the test stops it "Batch size": 4, "Sequence length": 32,
+        # So many steps that the run is still going when the test stops it, however loaded the machine.
+        values.update({"Run name": "long", "Steps": 100_000, "Batch size": 4, "Sequence length": 32,
                        "Checkpoint every": 5, "Eval every": 400})
         assert "started" in client.predict(*[values[p["label"]] for p in api], api_name="/start")[0]
         before = wait_status(client, lambda s: s["train_points"] >= 2)

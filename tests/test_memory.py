@@ -16,7 +16,7 @@ from gnlorp.config import METHOD_NAMES, RunConfig
 from gnlorp.engine import TrainingRun
 from gnlorp.memory import CPU_OVERHEAD, PARTS, Device, estimate, fit
 from gnlorp.memory.activations import saved_bytes
-from gnlorp.models import PRESETS
+from gnlorp.models import PRESETS, enable_checkpointing
 
 SETTINGS = {"rank": 16, "max_steps": 1, "batch_size": 4, "seq_len": 64, "eval_every": 10, "checkpoint_every": 10}
 
@@ -42,7 +42,7 @@ def _count_saved(hidden: int, ffn: int, heads: int, layers: int, batch: int, seq
                          vocab_size=vocab, max_position_embeddings=512, tie_word_embeddings=False)
     model = LlamaForCausalLM(config).to(dtype).train()
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     ids = torch.randint(0, vocab, (batch, seq))
     storages = {}
 
