@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import queue
+import signal
 import sys
 
 from tqdm import tqdm
@@ -16,6 +17,9 @@ def follow(run: TrainingRun) -> int:
     Returns the exit code: 0 when the run finished or was stopped, 2 for bad input, 1 for anything else.
     The bar appears with the first step, so a run refused at set-up prints only its error line.
     """
+    # A shell starts a background command with SIGINT ignored and the process inherits that; the studio stops its
+    # training children with SIGINT, so a run started that way must still hear it.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     thread = run.start()
     bar = None
     try:

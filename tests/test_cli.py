@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import MISSING, fields
 from pathlib import Path
 
@@ -125,6 +127,29 @@ def test_resume_continues_a_finished_run_to_the_new_max_steps(run: Path, tmp_pat
     succeeded(gnlorp("train", "--resume", "--output", copy, "--max-steps", "8"))
     assert logged_steps(copy) == list(range(1, 9))
     assert json.loads((copy / "summary.json").read_text())["steps"] == 8
+
+
+def test_sigint_stops_a_run_with_a_checkpoint_even_when_started_with_sigint_ignored(tmp_path: Path) -> None:
+    """A shell's background job inherits SIGINT ignored; the studio still stops such a run with SIGINT."""
+    folder = tmp_path / "run"
+    args = flags({**FAST, "max_steps": 100_000, "eval_every": 100_000, "checkpoint_every": 100_000})
+    child = subprocess.Popen([sys.executable, "-m", "gnlorp", "train", "--config", DEMO, "--output", folder, *args],
+                             cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        deadline = time.monotonic() + 240
+        while not (folder / "metrics.jsonl").is_file() or len(logged_steps(folder)) < 2:
+            assert child.poll() is None and time.monotonic() < deadline, child.communicate()
+            time.sleep(0.2)
+        child.send_signal(signal.SIGINT)
+        _, stderr = child.communicate(timeout=120)
+    finally:
+        child.kill()
+    assert child.returncode == 0, stderr
+    summary = json.loads((folder / "summary.json").read_text())
+    steps = logged_steps(folder)
+    assert summary["status"] == "stopped" and summary["steps"] == steps[-1] < 100_000
+    assert [int(c.name.split("-")[1]) for c in (folder / "checkpoints").iterdir()] == [steps[-1]]
 
 
 def bad_files(tmp: Path) -> dict[str, str]:
