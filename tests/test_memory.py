@@ -250,3 +250,13 @@ def test_estimating_in_one_thread_leaves_models_built_in_another_real():
     finally:
         done.set()
         worker.join()
+
+
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_estimating_leaves_the_global_random_stream_alone(method):
+    """The engine estimates after seeding and before training: a draw there would change dropout and results."""
+    torch.manual_seed(1234)
+    estimate(RunConfig(model="tiny", method=method, rank=8), "this-machine")
+    after_estimate = torch.rand(4)
+    torch.manual_seed(1234)
+    assert torch.equal(after_estimate, torch.rand(4))
