@@ -1,8 +1,25 @@
 """gnlorp: memory-efficient language-model training (GaLore, GradNormLoRP, LoRA family, full)."""
 
+import logging
 import os
 
 # Nothing is ever fetched from a hub: set before transformers/peft import huggingface_hub, which reads it once.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+class _DropLine(logging.Filter):
+    """Drops one library log line that concerns nothing gnlorp does."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
+# bitsandbytes (peft imports it) warns on every CPU with AVX512-BF16 that an optional 4-bit inference kernel
+# is not installed; gnlorp never runs 4-bit inference, and the line would open every run's log and error output.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropLine("Failed to load CPU gemm_4bit_forward"))
 
 __version__ = "0.1.0"

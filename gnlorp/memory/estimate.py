@@ -7,7 +7,8 @@ per-token coefficients (activations.py). A training step has three high points, 
       accumulate them;
   the head's backward: activations (the log-probabilities freed, the logits' gradient made) + the head's
       gradient;
-  the optimizer step: every gradient + the update's fp32 temporaries for the largest weight.
+  the optimizer step: every gradient + what one weight's update holds at once (a few chunks of the streaming
+      step, or a projector refresh's SVD).
 Weights, optimizer state, projectors and the framework's own overhead are there throughout.
 """
 
@@ -21,7 +22,7 @@ from torch import nn
 from ..config import METHOD_NAMES, RunConfig
 from .activations import layer_bytes, saved_bytes
 from .devices import Device, get_device, this_machine
-from .state import optimizer_state_parts
+from .state import optimizer_state_parts, update_temporaries
 
 PARTS = ("weights", "gradients", "optimizer_states", "projectors", "activations", "overhead")
 MIB = 2**20
@@ -35,7 +36,6 @@ CPU_OVERHEAD = 48 * MIB
 # counts, and the CUDA context, which it does not (so it is added for the fit verdict only).
 CUDA_OVERHEAD = 32 * MIB
 CUDA_CONTEXT = 512 * MIB
-UPDATE_TEMPORARIES = 4  # fp32 copies of the largest weight one update makes: gradient, two moments, direction
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ class _Budget:
     head_gradient: int  # the output head's gradient, made first in backward
     accumulating: bool  # micro-batches add into gradients that persist through backward
     layerwise: bool  # each weight steps (and drops its gradient) inside backward
-    update: int  # the optimizer's temporaries for the largest weight
+    update: int  # the most one weight's update holds at once
     per_sequence: int  # what autograd saved for one sequence, at the end of the forward pass
     logits_per_sequence: int  # one fp32 logit-sized tensor of one sequence
     trainable_params: int
@@ -119,7 +119,7 @@ def _report(budget: _Budget, batch: int) -> dict[str, int]:
 
 @dataclass(frozen=True)
 class _Counts:
-    """What the estimate counts on a prepared model; every field but the last two adds up layer by layer."""
+    """What the estimate counts on a prepared model; every field but the last four adds up layer by layer."""
 
     params: int
     trainable: int
@@ -128,6 +128,8 @@ class _Counts:
     target_features: int  # Σ (in + out) over the targeted layers
     largest: int  # the largest trainable tensor
     head: int  # the trained output head's numel (0 when it does not train)
+    update: int  # the most one weight's update holds at once
+    layerwise_step: int  # the most one weight's gradient and update hold together
 
     def extrapolate(self, two: _Counts, layers: int) -> _Counts:
         """From the counts of a 1-layer (self) and a 2-layer model to `layers` identical layers."""
@@ -135,10 +137,12 @@ class _Counts:
             return getattr(self, name) + (layers - 1) * (getattr(two, name) - getattr(self, name))
 
         additive = ("params", "trainable", "states", "projectors", "target_features")
-        return _Counts(**{name: grow(name) for name in additive}, largest=two.largest, head=two.head)
+        return _Counts(**{name: grow(name) for name in additive}, largest=two.largest, head=two.head,
+                       update=two.update, layerwise_step=two.layerwise_step)
 
 
 def _count(cfg: RunConfig, method, base) -> _Counts:
+    weight_bytes = 2 if cfg.dtype == "bfloat16" else 4
     from ..methods.base import resolve_targets
 
     targets = [base.get_submodule(name).weight.shape for name in resolve_targets(base, cfg)]
@@ -146,12 +150,16 @@ def _count(cfg: RunConfig, method, base) -> _Counts:
     params = list(model.parameters())
     trainable = [p for p in params if p.requires_grad]
     head = model.get_output_embeddings() if cfg.task == "causal-lm" else None
-    states, projectors = optimizer_state_parts(method.param_groups(model, cfg), cfg.optim_bits)
+    groups = method.param_groups(model, cfg)
+    states, projectors = optimizer_state_parts(groups, cfg.optim_bits)
+    updates = update_temporaries(groups)
     return _Counts(
         params=sum(p.numel() for p in params), trainable=sum(p.numel() for p in trainable), states=states,
         projectors=projectors, target_features=sum(m + n for m, n in targets),
         largest=max(p.numel() for p in trainable),
         head=head.weight.numel() if head is not None and head.weight.requires_grad else 0,
+        update=max(held for _, held in updates),
+        layerwise_step=max(numel * weight_bytes + held for numel, held in updates),
     )
 
 
@@ -212,7 +220,9 @@ def _budget(cfg: RunConfig, device: Device) -> _Budget:
         head_gradient=counts.head * weight_bytes if not cfg.layerwise else 0,
         accumulating=cfg.grad_accum > 1,
         layerwise=cfg.layerwise,
-        update=UPDATE_TEMPORARIES * 4 * counts.largest,
+        # Layer-wise, one weight's gradient and update are what the step adds: reported as that gradient (the
+        # largest, under "gradients") and the rest of the worst weight's gradient and update.
+        update=counts.layerwise_step - counts.largest * weight_bytes if cfg.layerwise else counts.update,
         per_sequence=int(saved + recomputed + method_saved),
         logits_per_sequence=4 * cfg.seq_len * outputs,
         trainable_params=counts.trainable,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from ..optim.adamw import resolve_proj_dtype
 from ..optim.moments import BLOCKSIZE, MIN_8BIT_NUMEL
 from ..optim.projector import projection_side, projector_state_bytes
+from ..optim.streaming import refresh_temporary_bytes, step_temporary_bytes
 
 
 def moment_bytes(numel: int, bits: int) -> int:
@@ -40,3 +41,22 @@ def optimizer_state_parts(param_groups: list[dict], bits: int, proj_dtype: str |
             if group.get("weight_norm"):
                 total += 3 * 4 * m
     return total, projectors
+
+
+def update_temporaries(param_groups: list[dict]) -> list[tuple[int, int]]:
+    """(numel, bytes) for each trainable parameter: its size, and the most its update holds at once beyond weights,
+    gradients and state (a few chunks of the streaming step; for a projected weight, its refresh's SVD, taken at
+    step 0 and every update_proj_gap steps)."""
+    sizes = []
+    for group in param_groups:
+        for p in group["params"]:
+            if not p.requires_grad:
+                continue
+            shape = tuple(p.shape)
+            if "rank" not in group:
+                sizes.append((p.numel(), step_temporary_bytes(shape)))
+                continue
+            side = projection_side(p.shape, group.get("proj_type", "std"))
+            sizes.append((p.numel(), max(step_temporary_bytes(shape, group["rank"], side),
+                                         refresh_temporary_bytes(shape))))
+    return sizes

@@ -16,7 +16,6 @@ With `stagger_refresh`, the matrices of a group take their SVDs at different ste
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable, Iterable
 from itertools import chain
@@ -25,23 +24,21 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from .moments import init_moments, read_moment, write_moment
-from .projector import (
-    PROJ_DTYPES,
-    PROJ_TYPES,
-    add_projected_back_,
-    load_projector,
-    project,
-    projection_side,
-    store_projector,
-    svd_basis,
-)
-from .weight_norm import renormalize_, row_norms, split_gradient
+from .moments import Moments, init_moments
+from .projector import PROJ_DTYPES, PROJ_TYPES, load_projector, projection_side, store_projector, svd_basis
+from .streaming import CHUNK_NUMEL, Hyper, Projection, plain_update_, projected_update_, projection_target
+from .weight_norm import row_norms
 
 PROJECTION_DEFAULTS = {
     "update_proj_gap": 200, "scale": 0.25, "proj_type": "std", "weight_norm": False, "stagger_refresh": False,
 }
 INCIDENTS_KEPT = 100
+# Tensors this large get compiled kernels by default: the first compile in a process costs about a second
+# (more with a cold cache), which a smaller tensor would not win back in a short run.
+COMPILE_MIN_NUMEL = 1 << 20
+# A gradient entry (or, projected, the gradient's Frobenius norm, which bounds every projected entry) above
+# this could square to infinity in float32 (whose largest value is about 2^128) and poison the second moment.
+GRADIENT_LIMIT = 2.0**63
 
 
 class ProjectedAdamW(Optimizer):
@@ -51,6 +48,11 @@ class ProjectedAdamW(Optimizer):
     how projectors are stored; by default ('auto') float32 at 32 bits, so the trajectory matches GaLore
     exactly, and bfloat16 at 8 bits, where memory is the point and the projector's rounding is far below
     the moments'. `stagger_refresh` (a group key too) spreads the refreshes after the first one.
+
+    Every update walks its weight in chunks of about `chunk_numel` elements (streaming.py), so it needs no
+    weight-sized temporary. `fused` picks the kernels: None (default) takes torch's fused AdamW for fp32
+    weights with fp32 moments and compiled chunk kernels for tensors of COMPILE_MIN_NUMEL elements or more;
+    True compiles for every tensor; False runs the eager kernels only (the reference).
     """
 
     def __init__(
@@ -63,10 +65,12 @@ class ProjectedAdamW(Optimizer):
         bits: int = 32,
         proj_dtype: str | torch.dtype | None = None,
         stagger_refresh: bool = PROJECTION_DEFAULTS["stagger_refresh"],
+        fused: bool | None = None,
+        chunk_numel: int = CHUNK_NUMEL,
     ):
         defaults = {
-            "lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay,
-            "bits": bits, "proj_dtype": proj_dtype, "stagger_refresh": stagger_refresh,
+            "lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay, "bits": bits,
+            "proj_dtype": proj_dtype, "stagger_refresh": stagger_refresh, "fused": fused, "chunk_numel": chunk_numel,
         }
         self._position: dict[int, int] = {}  # id(p) -> index in its group, for the staggered schedule
         self._incidents: list[str] = []  # the first INCIDENTS_KEPT since the last pop_incidents
@@ -130,63 +134,41 @@ class ProjectedAdamW(Optimizer):
         state = self.state[p]
         if not state:
             _init_state(p, group, state)
-        beta1, beta2 = group["betas"]
-        lr, weight_decay = group["lr"], group["weight_decay"]
-        projected, weight_norm = "rank" in group, group.get("weight_norm", False)
-        grad = p.grad.float()
-        if not all_finite(grad):
+        grad, projected = p.grad, "rank" in group
+        magnitude = state.get("magnitude")
+        problem = unusable_gradient(grad, projected, magnitude, group["chunk_numel"])
+        if problem is not None:
             self._skip_count += 1
-            self._incident(p, group, state, "nonfinite_skips", "its gradient is not finite; update skipped")
+            self._incident(p, group, state, "nonfinite_skips", f"its gradient {problem}; update skipped")
             return
-
-        # GradNormLoRP: split G into the gradient of the magnitude g and of the direction D.
-        if weight_norm:
-            weight = p if p.dtype == torch.float32 else p.float()
-            magnitude = state["magnitude"]
-            grad_magnitude, grad = split_gradient(weight, grad, magnitude)
-
-        # GaLore: a projector on the first step, then a refresh every update_proj_gap steps (at the
-        # parameter's offset when staggered), then project.
-        if projected:
-            side = projection_side(p.shape, group["proj_type"])
-            t = int(state["step"])
-            if t == 0 or t % group["update_proj_gap"] == self.refresh_offset(p, group):
-                basis, note = svd_basis(grad, min(group["rank"], *p.shape), side)
-                if basis is not None:
-                    store_projector(state, basis, group["proj_dtype"])
-                if note is not None:
-                    kept = ("retried in float64" if basis is not None else
-                            "kept the previous projector" if "projector" in state else "update skipped")
-                    self._incident(p, group, state, "projector_fallbacks", f"{note}; {kept}")
-                if "projector" not in state:
-                    return
-            basis = load_projector(state)
-            grad = project(grad, basis, side)
-
-        state["step"] += 1
+        compiled = group["fused"] is True or (group["fused"] is None and p.numel() >= COMPILE_MIN_NUMEL)
+        hyper = Hyper(lr=group["lr"], step=int(state["step"]) + 1, beta1=group["betas"][0], beta2=group["betas"][1],
+                      eps=group["eps"], weight_decay=group["weight_decay"], compiled=compiled,
+                      fused=group["fused"] is not False)
+        if not projected:
+            state["step"] += 1
+            plain_update_(p, grad, Moments(state), hyper, group["chunk_numel"])
+            return
+        projection = Projection(None, projection_side(p.shape, group["proj_type"]), group["scale"], magnitude,
+                                Moments(state, "magnitude_") if magnitude is not None else None)
+        # A projector on the first step, then a refresh every update_proj_gap steps (at the parameter's offset
+        # when staggered), from the SVD of the whole gradient to project.
         t = int(state["step"])
-        step_size = lr * math.sqrt(1 - beta2**t) / (1 - beta1**t)
-        direction = _adam_direction(state, "", grad, beta1, beta2, group["eps"])
-
-        if weight_norm:
-            new_magnitude = magnitude - step_size * _adam_direction(
-                state, "magnitude_", grad_magnitude, beta1, beta2, group["eps"]
-            )
-            if weight_decay:
-                new_magnitude.mul_(1 - lr * weight_decay)
-            # weight = diag(g)·D, so adding diag(g)·back(N) gives diag(g)·D' without forming D.
-            add_projected_back_(weight, direction, basis, side, -step_size * group["scale"], row_scale=magnitude)
-            renormalize_(weight, new_magnitude)
-            magnitude.copy_(new_magnitude)
-            if weight is not p:
-                p.copy_(weight)
-        else:
-            if projected:
-                add_projected_back_(p, direction, basis, side, -step_size * group["scale"])
-            else:
-                p.add_(direction.to(p.dtype), alpha=-step_size)
-            if weight_decay:
-                p.mul_(1 - lr * weight_decay)
+        if t == 0 or t % group["update_proj_gap"] == self.refresh_offset(p, group):
+            target = projection_target(p, grad, projection, group["chunk_numel"])
+            basis, note = svd_basis(target, min(group["rank"], *p.shape), projection.side)
+            del target
+            if basis is not None:
+                store_projector(state, basis, group["proj_dtype"])
+            if note is not None:
+                kept = ("retried in float64" if basis is not None else
+                        "kept the previous projector" if "projector" in state else "update skipped")
+                self._incident(p, group, state, "projector_fallbacks", f"{note}; {kept}")
+            if "projector" not in state:
+                return
+        projection.basis = load_projector(state)
+        state["step"] += 1
+        projected_update_(p, grad, Moments(state), projection, hyper, group["chunk_numel"])
 
     def _incident(self, p: torch.Tensor, group: dict[str, Any], state: dict, counter: str, what: str) -> None:
         """Count an incident in the parameter's state and describe it for `pop_incidents`."""
@@ -221,17 +203,6 @@ class ProjectedAdamW(Optimizer):
                 }
 
 
-def _adam_direction(state: dict, prefix: str, grad: torch.Tensor, beta1: float, beta2: float, eps: float):
-    """Update the moments under `prefix` with `grad` and return N = M / (√S + ε)."""
-    exp_avg = read_moment(state, prefix + "exp_avg")
-    exp_avg_sq = read_moment(state, prefix + "exp_avg_sq")
-    exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    write_moment(state, prefix + "exp_avg", exp_avg)
-    write_moment(state, prefix + "exp_avg_sq", exp_avg_sq)
-    return exp_avg / exp_avg_sq.sqrt().add_(eps)
-
-
 def _init_state(p: torch.Tensor, group: dict[str, Any], state: dict) -> None:
     state["step"] = torch.zeros((), dtype=torch.int64)
     shape = p.shape
@@ -254,6 +225,9 @@ def _complete_and_validate(group: dict[str, Any]) -> None:
     _check(group["eps"] >= 0, f"eps must be >= 0, got {group['eps']}")
     _check(group["weight_decay"] >= 0, f"weight_decay must be >= 0, got {group['weight_decay']}")
     _check(group["bits"] in (32, 8), f"bits must be 32 or 8, got {group['bits']}")
+    _check(group["fused"] in (None, True, False), f"fused must be None, True or False, got {group['fused']!r}")
+    chunk = group["chunk_numel"]
+    _check(isinstance(chunk, int) and chunk > 0, f"chunk_numel must be a positive integer, got {chunk!r}")
     group["proj_dtype"] = resolve_proj_dtype(group["proj_dtype"], group["bits"])
     if "rank" not in group:
         _check(not group.get("weight_norm"), "weight_norm=True needs a rank: give the group a 'rank'")
@@ -303,8 +277,28 @@ def state_bytes(optimizer: Optimizer) -> int:
     )
 
 
-def all_finite(tensor: torch.Tensor) -> bool:
-    """Whether no entry is NaN or ±inf: min and max carry any of them (NaN propagates), and reading two numbers
-    is 20× faster on a CPU than `isfinite(tensor).all()`, which writes a bool per entry (docs/BENCHMARKS.md)."""
-    return tensor.numel() == 0 or bool(torch.isfinite(torch.stack(torch.aminmax(tensor))).all())
+def unusable_gradient(grad: torch.Tensor, projected: bool, magnitude: torch.Tensor | None, chunk: int) -> str | None:
+    """Why `grad` cannot be used (some entry NaN or ±inf, or large enough to overflow Adam), or None.
+
+    Plain groups square each entry: min and max bound them (NaN propagates through both, and reading two
+    numbers is 20× faster on a CPU than `isfinite(grad).all()`, docs/BENCHMARKS.md). Projected groups square
+    entries of R = G·Qᵀ or Pᵀ·G (or of GradNormLoRP's ∂L/∂D = diag(g)(G − D⊙∂L/∂g), whose rows are no longer
+    than g's times G's), each bounded by the Frobenius norm of what is projected: summed a row chunk at a time.
+    """
+    if grad.numel() == 0:
+        return None
+    if not projected:
+        bound = torch.stack(torch.aminmax(grad)).abs().max()
+    else:
+        rows = max(1, chunk // grad.shape[1])
+        squares = sum(torch.linalg.vector_norm(grad[a:a + rows].float()).double() ** 2
+                      for a in range(0, grad.shape[0], rows))
+        bound = squares.sqrt() * (max(1.0, float(magnitude.max())) if magnitude is not None else 1.0)
+    if bool(bound <= GRADIENT_LIMIT):
+        return None
+    largest = torch.stack(torch.aminmax(grad)).abs().max()
+    if not bool(torch.isfinite(largest)):
+        return "is not finite"
+    limit = "on the norm of what is projected" if projected else "on each entry"
+    return f"is too large to square in float32 (largest entry {float(largest):.3g}; the limit is 2^63 {limit})"
 

@@ -1,0 +1,212 @@
+"""The update walks each weight in chunks, so its working memory is a chunk, never a copy of the weight.
+
+Plain AdamW is elementwise: chunks of CHUNK_NUMEL elements (whole 8-bit blocks) go through one kernel.
+GaLore and GradNormLoRP go by rows. On the right side (R = G·Qᵀ, moments m×r) everything is row-local,
+weight normalisation included (the row sums of D⊙G, the magnitudes, diag(g)·N·Q, the renormalisation), so
+one pass does it all. On the left side (R = Pᵀ·G, moments r×n) R sums over every row: the first pass
+accumulates it into one r×n fp32 buffer (the size of the moments, not of the weight), Adam turns it into N
+in place, and a second pass adds diag(g)·P·N row chunk by row chunk. A bf16 weight is read and rounded
+once per step, its chunk updated in fp32 in between.
+
+CHUNK_NUMEL was chosen by measurement (benchmarks/streaming_step.py, docs/BENCHMARKS.md): larger chunks
+are no faster, smaller ones pay Python's per-call cost.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from . import kernels
+from .codec import BLOCKSIZE
+from .moments import Moments
+from .projector import add_projected_back_
+from .weight_norm import renormalize_, split_gradient
+
+CHUNK_NUMEL = 1 << 20
+# What a step holds beyond the weight, its gradient and the state (benchmarks/streaming_step.py): at most this many
+# fp32 chunks (the eager 8-bit kernel on an fp32 weight holds nine), plus, on projected groups, the projector as
+# fp32 and, on the left side, the r×n rank-space buffer.
+CHUNK_TEMPORARIES = 10
+# A refresh holds the fp32 gradient to decompose (m·n) and what torch.linalg.svd adds: its copy of the input, U and
+# Vᵀ, and LAPACK's workspace, measured on this CPU at 2.5·m·n + 3.9·k² floats (k = min(m, n)) within 5% for shapes
+# from square to 16:1, e.g. 1016 MiB for 14336×4096 (docs/BENCHMARKS.md). cuSOLVER's workspace is not measured.
+SVD_FLOATS_PER_MN, SVD_FLOATS_PER_K2 = 2.5, 3.9
+
+
+@dataclass(frozen=True)
+class Hyper:
+    """One step's numbers: step_size = lr·√(1−β2ᵗ)/(1−β1ᵗ); decay = 1 − lr·weight_decay."""
+
+    lr: float
+    step: int
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    compiled: bool  # run the chunk kernels through torch.compile
+    fused: bool  # let torch's fused AdamW take fp32 weights with fp32 moments
+
+    @property
+    def step_size(self) -> float:
+        return self.lr * math.sqrt(1 - self.beta2**self.step) / (1 - self.beta1**self.step)
+
+    @property
+    def decay(self) -> float:
+        return 1 - self.lr * self.weight_decay
+
+
+def step_temporary_bytes(shape: tuple[int, ...], rank: int | None = None, side: str = "right") -> int:
+    """The most a step on a weight of `shape` holds beyond weight, gradient and state (projected: at `rank`)."""
+    chunks = CHUNK_TEMPORARIES * 4 * min(CHUNK_NUMEL, math.prod(shape))
+    if rank is None:
+        return chunks
+    m, n = shape
+    rank = min(rank, m, n)
+    projector = 4 * rank * (n if side == "right" else m)
+    return chunks + projector + (4 * rank * n if side == "left" else 0)
+
+
+def refresh_temporary_bytes(shape: tuple[int, int]) -> int:
+    """What a projector refresh holds while it takes the exact SVD of an m×n gradient."""
+    m, n = shape
+    k = min(m, n)
+    return int(4 * (m * n * (1 + SVD_FLOATS_PER_MN) + SVD_FLOATS_PER_K2 * k * k))
+
+
+def plain_update_(p: torch.Tensor, grad: torch.Tensor, moments: Moments, hyper: Hyper, chunk: int) -> None:
+    """AdamW on `p`, chunk by chunk; torch's fused kernel where weight and moments are fp32."""
+    if p.dtype == grad.dtype == torch.float32 and not moments.quantized and hyper.fused and \
+            kernels.fused_adamw_(p, grad, moments.exp_avg.view_as(p), moments.exp_avg_sq.view_as(p), hyper.step,
+                                 hyper.lr, hyper.beta1, hyper.beta2, hyper.eps, hyper.weight_decay):
+        return
+    weight, gradient = p.view(-1), grad.reshape(-1)
+    kernel = kernels.plain_8 if moments.quantized else kernels.plain_32
+    scalars = (hyper.step_size, hyper.decay, hyper.beta1, hyper.beta2, hyper.eps)
+    tables = moments.tables if moments.quantized else ()
+    chunk = max(BLOCKSIZE, chunk - chunk % BLOCKSIZE)
+    whole = moments.whole_blocks_end(weight.numel())
+    for start in range(0, whole, chunk):
+        end = min(start + chunk, whole)
+        w, g = weight[start:end], gradient[start:end]
+        if moments.quantized:
+            w, g = w.view(-1, BLOCKSIZE), g.view(-1, BLOCKSIZE)
+        kernels.run(kernel, w, g, *moments.slices(start, end), *tables, *scalars, compiled=hyper.compiled)
+    if whole < weight.numel():  # the partial last 8-bit block, padded with zeros
+        padded = moments.padded_tail(whole)
+        w, g = (torch.zeros(1, BLOCKSIZE, dtype=t.dtype, device=t.device) for t in (weight, gradient))
+        count = weight.numel() - whole
+        w[0, :count], g[0, :count] = weight[whole:], gradient[whole:]
+        kernels.run(kernel, w, g, *padded, *tables, *scalars, compiled=hyper.compiled)
+        moments.store_tail(whole, padded)
+        weight[whole:] = w[0, :count]
+
+
+def adam_direction(low_rank: torch.Tensor, moments: Moments, start: int, hyper: Hyper) -> torch.Tensor:
+    """N for elements [start, start + numel) of a moment, from their part of the projected gradient (fp32)."""
+    if not moments.quantized:
+        m, v = moments.slices(start, start + low_rank.numel())
+        return kernels.adam_32(low_rank, m.view_as(low_rank), v.view_as(low_rank), hyper.beta1, hyper.beta2,
+                               hyper.eps)
+    flat, end = low_rank.reshape(-1), start + low_rank.numel()
+    whole = max(start, moments.whole_blocks_end(end))
+    scalars = (hyper.beta1, hyper.beta2, hyper.eps)
+    parts = []
+    if whole > start:
+        parts.append(kernels.run(kernels.adam_8, flat[: whole - start], *moments.slices(start, whole),
+                                 *moments.tables, *scalars, compiled=hyper.compiled).view(-1))
+    if whole < end:  # the partial last block of the moment, padded with zeros
+        padded = moments.padded_tail(whole)
+        grad = torch.zeros(1, BLOCKSIZE, dtype=flat.dtype, device=flat.device)
+        grad[0, : end - whole] = flat[whole - start:]
+        direction = kernels.run(kernels.adam_8, grad, *padded, *moments.tables, *scalars, compiled=hyper.compiled)
+        moments.store_tail(whole, padded)
+        parts.append(direction.view(-1)[: end - whole])
+    return (parts[0] if len(parts) == 1 else torch.cat(parts)).view_as(low_rank)
+
+
+def row_chunks(rows: int, columns: int, aligned_rows: int, chunk: int) -> list[tuple[int, int]]:
+    """Row ranges of about `chunk` elements each, a multiple of `aligned_rows` long (the last one excepted)."""
+    step = max(aligned_rows, chunk // max(columns, 1) // aligned_rows * aligned_rows)
+    return [(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+
+@dataclass
+class Projection:
+    """What a projected update needs besides the weight and its gradient."""
+
+    basis: torch.Tensor  # fp32: Q (r×n) on the right side, P (m×r) on the left
+    side: str
+    scale: float
+    magnitude: torch.Tensor | None  # GradNormLoRP's g (m), updated in place; None for GaLore
+    magnitude_moments: Moments | None
+
+
+def target_rows(weight: torch.Tensor, grad: torch.Tensor, projection: Projection, rows: slice):
+    """The rows' gradient to project, fp32: G, or GradNormLoRP's ∂L/∂D; and ∂L/∂g of the rows (or None)."""
+    if projection.magnitude is None:
+        return grad.float(), None
+    grad_magnitude, grad_direction = split_gradient(weight, grad.float(), projection.magnitude[rows])
+    return grad_direction, grad_magnitude
+
+
+def projection_target(p: torch.Tensor, grad: torch.Tensor, projection: Projection, chunk: int) -> torch.Tensor:
+    """The whole gradient to project, fp32, for a refresh's SVD: the one weight-sized temporary, every T steps."""
+    target = torch.empty(p.shape, dtype=torch.float32, device=p.device)
+    for a, b in row_chunks(p.shape[0], p.shape[1], 1, chunk):
+        target[a:b] = target_rows(p[a:b].float(), grad[a:b], projection, slice(a, b))[0]
+    return target
+
+
+def projected_update_(p: torch.Tensor, grad: torch.Tensor, moments: Moments, projection: Projection,
+                      hyper: Hyper, chunk: int) -> None:
+    """One GaLore or GradNormLoRP step on `p`, by row chunks."""
+    m, n = p.shape
+    rank = projection.basis.shape[0 if projection.side == "right" else 1]
+    aligned = BLOCKSIZE // math.gcd(rank, BLOCKSIZE) if moments.quantized and projection.side == "right" else 1
+    chunks = row_chunks(m, n, aligned, chunk)
+    alpha = -hyper.step_size * projection.scale
+    if projection.side == "right":
+        for a, b in chunks:
+            weight = p[a:b].float()
+            target, grad_magnitude = target_rows(weight, grad[a:b], projection, slice(a, b))
+            direction = adam_direction(target @ projection.basis.T, moments, a * rank, hyper)
+            _step_rows(p, weight, direction, projection.basis, projection, grad_magnitude, (a, b), alpha, hyper)
+        return
+    low_rank = torch.zeros(rank, n, dtype=torch.float32, device=p.device)
+    grad_magnitude = None if projection.magnitude is None else torch.empty_like(projection.magnitude)
+    for a, b in chunks:
+        target, rows_grad_magnitude = target_rows(p[a:b].float(), grad[a:b], projection, slice(a, b))
+        low_rank.addmm_(projection.basis[a:b].T, target)
+        if grad_magnitude is not None:
+            grad_magnitude[a:b] = rows_grad_magnitude
+    for a, b in row_chunks(rank, n, BLOCKSIZE // math.gcd(n, BLOCKSIZE) if moments.quantized else 1, chunk):
+        low_rank[a:b] = adam_direction(low_rank[a:b], moments, a * n, hyper)
+    for a, b in chunks:
+        rows_grad_magnitude = None if grad_magnitude is None else grad_magnitude[a:b]
+        _step_rows(p, p[a:b].float(), low_rank, projection.basis[a:b], projection, rows_grad_magnitude, (a, b),
+                   alpha, hyper)
+
+
+def _step_rows(p, weight, direction, basis, projection: Projection, grad_magnitude, rows: tuple[int, int],
+               alpha: float, hyper: Hyper) -> None:
+    """Add the back-projected update to rows [a, b) of `weight` (their fp32 copy, or p's rows), then store them.
+
+    `direction` and `basis` are the rows' factors: N (rows×r) and Q on the right, N (r×n) and P's rows on the left.
+    """
+    a, b = rows
+    if projection.magnitude is None:
+        add_projected_back_(weight, direction, basis, projection.side, alpha)
+        weight.mul_(hyper.decay)
+    else:
+        magnitude = projection.magnitude[a:b]
+        magnitude_direction = adam_direction(grad_magnitude, projection.magnitude_moments, a, hyper)
+        new_magnitude = (magnitude - hyper.step_size * magnitude_direction).mul_(hyper.decay)
+        # weight = diag(g)·D, so adding diag(g)·back(N) gives diag(g)·D' without forming D.
+        add_projected_back_(weight, direction, basis, projection.side, alpha, row_scale=magnitude)
+        renormalize_(weight, new_magnitude)
+        magnitude.copy_(new_magnitude)
+    if weight.data_ptr() != p[a:b].data_ptr():
+        p[a:b] = weight
