@@ -1,10 +1,14 @@
 """One optimizer step on one large bf16 weight: time, and memory beyond the weight, its gradient and the state.
 
 Each optimizer runs in a fresh process on the same weight: plain AdamW on 128256×4096 (Llama-3-8B's embedding
-and head), the projected methods at rank 1024 on 14336×4096 (its MLP). The first step creates the state (and, for
+and head), the projected methods at rank 1024 on 14336×4096 (its MLP's gate and up: the right side) and
+4096×14336 (its down projection: the left side). The first step creates the state (and, for
 projected methods, takes the SVD); the later ones are what every step costs. Memory is the process's peak RSS
 during a step minus its RSS just before it (write 5 to /proc/self/clear_refs, then read VmHWM), so it is what
-the step adds: its temporaries, plus the state on the first step.
+the step adds: its temporaries, plus the state on the first step. Every process pins glibc's mmap threshold as
+the trainer does (gnlorp.memory.return_freed_memory), so freed temporaries leave the RSS and each step shows its
+own; that also makes every temporary of 128 KiB or more cost fresh zero-filled pages, as in training.
+`--chunks N ...` instead times ProjectedAdamW's 8-bit rows at each `chunk_numel`: how CHUNK_NUMEL was chosen.
 Run:  python benchmarks/streaming_step.py [--quick] [--out DIR] [--only NAME ...] [--json FILE] [--before FILE]
 `--before FILE` adds the columns of an earlier run (its `--json`), e.g. of the code before the streaming step.
 """
@@ -26,19 +30,21 @@ import torch
 
 from common import add_output_arguments, machine, write_section
 
-PLAIN, PROJECTED = (128256, 4096), (14336, 4096)
-QUICK_PLAIN, QUICK_PROJECTED = (16384, 1024), (4096, 1024)
+PLAIN, PROJECTED, WIDE = (128256, 4096), (14336, 4096), (4096, 14336)
+QUICK_PLAIN, QUICK_PROJECTED, QUICK_WIDE = (16384, 1024), (4096, 1024), (1024, 4096)
 RANK, QUICK_RANK = 1024, 256
 MIB = 2**20
 
 
 def _ours(bits: int, rank: int | None = None, weight_norm: bool = False, fused: bool | None = None) -> Callable:
-    def make(p):
+    def make(p, chunk: int | None = None):
         from gnlorp.optim import ProjectedAdamW
 
         group = {"params": [p]} if rank is None else {
             "params": [p], "rank": rank, "update_proj_gap": 10**6, "weight_norm": weight_norm}
         kwargs = {} if fused is None else {"fused": fused}
+        if chunk is not None:
+            kwargs["chunk_numel"] = chunk
         return ProjectedAdamW([group], lr=1e-3, bits=bits, **kwargs)
     return make
 
@@ -75,6 +81,8 @@ def optimizers(rank: int) -> dict[str, tuple[str, Callable]]:
         "ProjectedAdamW 8-bit GaLore": ("projected", _ours(8, rank)),
         "ProjectedAdamW 32-bit GradNormLoRP": ("projected", _ours(32, rank, True)),
         "ProjectedAdamW 8-bit GradNormLoRP": ("projected", _ours(8, rank, True)),
+        "galore-torch GaLoreAdamW, left side": ("wide", _galore_torch(rank, 32)),
+        "ProjectedAdamW 8-bit GradNormLoRP, left side": ("wide", _ours(8, rank, True)),
     }
 
 
@@ -94,32 +102,37 @@ def _measured_step(step: Callable[[], object]) -> tuple[float, int]:
     return time.perf_counter() - start, _status("VmHWM") - before
 
 
-def child(name: str, quick: bool, steps: int) -> dict:
+def child(name: str, quick: bool, steps: int, chunk: int | None) -> dict:
     """Run one optimizer in this (fresh) process and return its numbers."""
     warnings.filterwarnings("ignore")
+    from gnlorp.memory import return_freed_memory
+
+    return_freed_memory()
     rank = QUICK_RANK if quick else RANK
     weight_kind, make = optimizers(rank)[name]
-    shapes = {"plain": QUICK_PLAIN, "projected": QUICK_PROJECTED} if quick else {"plain": PLAIN, "projected": PROJECTED}
+    shapes = ({"plain": QUICK_PLAIN, "projected": QUICK_PROJECTED, "wide": QUICK_WIDE} if quick else
+              {"plain": PLAIN, "projected": PROJECTED, "wide": WIDE})
     shape = shapes[weight_kind]
     gen = torch.Generator().manual_seed(0)
     p = torch.nn.Parameter((torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16))
     p.grad = (torch.randn(shape, generator=gen) * 1e-3).to(torch.bfloat16)
-    optimizer = make(p)
+    optimizer = make(p) if chunk is None else make(p, chunk)
     first_s, first_bytes = _measured_step(optimizer.step)
     later = [_measured_step(optimizer.step) for _ in range(steps - 1)]
     state = sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values()
                 if torch.is_tensor(v))
-    return {"name": name, "shape": "×".join(map(str, shape)), "rank": rank if weight_kind == "projected" else None,
+    return {"name": name, "shape": "×".join(map(str, shape)), "rank": rank if weight_kind != "plain" else None,
             "first_s": first_s, "first_extra": first_bytes, "step_s": statistics.median(s for s, _ in later),
-            "step_extra": max(b for _, b in later), "state_bytes": state}
+            "step_extra": max(b for _, b in later), "state_bytes": state, "chunk": chunk}
 
 
-def run_all(names: list[str], quick: bool, steps: int) -> list[dict]:
+def run_all(names: list[str], quick: bool, steps: int, chunk: int | None = None) -> list[dict]:
     results = []
     for name in names:
         print(f"  {name} ...", file=sys.stderr, flush=True)
         proc = subprocess.run([sys.executable, __file__, "--child", name, "--steps", str(steps),
-                               *(["--quick"] if quick else [])], capture_output=True, text=True)
+                               *(["--quick"] if quick else []), *(["--chunk", str(chunk)] if chunk else [])],
+                              capture_output=True, text=True)
         if proc.returncode != 0:
             tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
             print(f"  {name} failed: {tail}", file=sys.stderr, flush=True)
@@ -161,6 +174,21 @@ def markdown(results: list[dict], before: dict[str, dict], quick: bool) -> str:
     return "\n".join(lines)
 
 
+CHUNK_SWEEP = ("ProjectedAdamW 8-bit", "ProjectedAdamW 8-bit eager", "ProjectedAdamW 8-bit GradNormLoRP",
+               "ProjectedAdamW 8-bit GradNormLoRP, left side")
+
+
+def chunk_table(results: list[dict]) -> str:
+    lines = ["| chunk_numel | optimizer | weight | step s | step extra MiB |", "| ---: | --- | --- | ---: | ---: |"]
+    for r in results:
+        if "failed" in r:
+            lines.append(f"| | {r['name']} | failed: {r['failed']} | | |")
+            continue
+        extra = r["step_extra"] / MIB
+        lines.append(f"| {r['chunk']:,} | {r['name']} | {r['shape']} | {r['step_s']:.2f} | {extra:.0f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_output_arguments(parser)
@@ -168,11 +196,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="steps per optimizer, the first included")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--before", type=Path, help="an earlier run's --json, shown beside")
+    parser.add_argument("--chunks", type=int, nargs="+", help="time ProjectedAdamW's 8-bit rows at these chunk sizes")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--chunk", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
     if args.child:
-        print(json.dumps(child(args.child, args.quick, args.steps)))
+        print(json.dumps(child(args.child, args.quick, args.steps, args.chunk)))
+        return
+    if args.chunks:
+        results = [r for chunk in args.chunks for r in run_all(list(args.only or CHUNK_SWEEP), args.quick, args.steps,
+                                                                chunk)]
+        write_section(args.out, "streaming_step-chunks", "### Chunk size\n\n" + chunk_table(results))
         return
     names = args.only or list(optimizers(RANK))
     results = run_all(names, args.quick, args.steps)

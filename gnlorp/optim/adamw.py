@@ -4,12 +4,14 @@ Groups without `rank` are plain AdamW. Groups with `rank` keep Adam moments in r
 with `weight_norm=True` as well, the projected quantity is the direction of W = diag(g)·D and g gets its
 own small Adam (GradNormLoRP). Conventions follow galore-torch's AdamW (eps outside the square root,
 bias correction folded into the step size, decoupled weight decay after the update), so the two can be
-compared step by step. All state is tensors in `self.state`.
+compared step by step. All state is tensors in `self.state`. This file decides what each step does; the
+chunked arithmetic lives in streaming.py (the walk over a weight) and kernels.py (one chunk).
 
-Built to survive long runs: a gradient with a NaN or Inf skips that parameter's update (its moments stay
-clean, as AMP's inf-skip does for a whole step); a failed SVD is retried in float64, else the previous
-projector is kept. Each incident is counted in the parameter's state (`nonfinite_skips`,
-`projector_fallbacks`, created on the first one) and described by `pop_incidents()` for the run's log.
+Built to survive long runs: a gradient with a NaN or Inf, or too large to square in float32, skips that
+parameter's update (its moments stay clean, as AMP's inf-skip does for a whole step); a failed SVD is
+retried in float64, else the previous projector is kept. Each incident is counted in the parameter's state
+(`nonfinite_skips`, `projector_fallbacks`, created on the first one) and described by `pop_incidents()`
+for the run's log.
 With `stagger_refresh`, the matrices of a group take their SVDs at different steps of the
 `update_proj_gap` window, so no single step pays for all of them.
 """
@@ -33,9 +35,10 @@ PROJECTION_DEFAULTS = {
     "update_proj_gap": 200, "scale": 0.25, "proj_type": "std", "weight_norm": False, "stagger_refresh": False,
 }
 INCIDENTS_KEPT = 100
-# Tensors this large get compiled kernels by default: the first compile in a process costs about a second
-# (more with a cold cache), which a smaller tensor would not win back in a short run.
-COMPILE_MIN_NUMEL = 1 << 20
+# An optimizer over this many elements gets compiled kernels by default. Compiling costs a process a second or two
+# once (half a minute with a cold cache), which the 2.2 M parameters of `tiny` would not win back in a demo; llama-60m
+# (58 M) wins it back within a few steps (docs/BENCHMARKS.md, table 3).
+COMPILE_MIN_NUMEL = 1 << 24
 # A gradient entry (or, projected, the gradient's Frobenius norm, which bounds every projected entry) above
 # this could square to infinity in float32 (whose largest value is about 2^128) and poison the second moment.
 GRADIENT_LIMIT = 2.0**63
@@ -51,8 +54,8 @@ class ProjectedAdamW(Optimizer):
 
     Every update walks its weight in chunks of about `chunk_numel` elements (streaming.py), so it needs no
     weight-sized temporary. `fused` picks the kernels: None (default) takes torch's fused AdamW for fp32
-    weights with fp32 moments and compiled chunk kernels for tensors of COMPILE_MIN_NUMEL elements or more;
-    True compiles for every tensor; False runs the eager kernels only (the reference).
+    weights with fp32 moments, and compiled chunk kernels once the optimizer holds COMPILE_MIN_NUMEL elements
+    or more; True compiles whatever the size; False runs the eager kernels only (the reference).
     """
 
     def __init__(
@@ -88,6 +91,7 @@ class ProjectedAdamW(Optimizer):
             self.param_groups.pop()
             raise
         self._position.update((id(p), i) for i, p in enumerate(group["params"]))
+        self._numel = sum(p.numel() for g in self.param_groups for p in g["params"])
 
     def pop_incidents(self, limit: int = 5) -> list[str]:
         """Describe the skipped updates and SVD fallbacks since the last call, oldest first, and forget them.
@@ -141,7 +145,7 @@ class ProjectedAdamW(Optimizer):
             self._skip_count += 1
             self._incident(p, group, state, "nonfinite_skips", f"its gradient {problem}; update skipped")
             return
-        compiled = group["fused"] is True or (group["fused"] is None and p.numel() >= COMPILE_MIN_NUMEL)
+        compiled = group["fused"] is True or (group["fused"] is None and self._numel >= COMPILE_MIN_NUMEL)
         hyper = Hyper(lr=group["lr"], step=int(state["step"]) + 1, beta1=group["betas"][0], beta2=group["betas"][1],
                       eps=group["eps"], weight_decay=group["weight_decay"], compiled=compiled,
                       fused=group["fused"] is not False)

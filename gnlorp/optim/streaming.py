@@ -23,16 +23,21 @@ from . import kernels
 from .codec import BLOCKSIZE
 from .moments import Moments
 from .projector import add_projected_back_
-from .weight_norm import renormalize_, split_gradient
+from .weight_norm import renormalize_, split_gradient_
 
 CHUNK_NUMEL = 1 << 20
+# Eager kernels make a dozen temporaries the size of what they are given. At 2^14 fp32 values (64 KiB) these come
+# from malloc's heap, reused and in cache; larger ones are mmapped and zero-filled afresh on every call once the
+# trainer pins glibc's mmap threshold (memory/release.py), which made the eager 8-bit step 3.7× slower at 2^18.
+EAGER_CHUNK_NUMEL = 1 << 14
 # What a step holds beyond the weight, its gradient and the state (benchmarks/streaming_step.py): at most this many
 # fp32 chunks (the eager 8-bit kernel on an fp32 weight holds nine), plus, on projected groups, the projector as
 # fp32 and, on the left side, the r×n rank-space buffer.
 CHUNK_TEMPORARIES = 10
 # A refresh holds the fp32 gradient to decompose (m·n) and what torch.linalg.svd adds: its copy of the input, U and
-# Vᵀ, and LAPACK's workspace, measured on this CPU at 2.5·m·n + 3.9·k² floats (k = min(m, n)) within 5% for shapes
-# from square to 16:1, e.g. 1016 MiB for 14336×4096 (docs/BENCHMARKS.md). cuSOLVER's workspace is not measured.
+# Vᵀ, and LAPACK's workspace, fitted on this CPU as 2.5·m·n + 3.9·k² floats (k = min(m, n)): within 6% on six of
+# eight shapes from square to 16:1, -22% (16 MiB) on 4096×1024, +13% on 4096×14336 (benchmarks/svd_memory.py,
+# docs/BENCHMARKS.md). cuSOLVER's workspace is not measured.
 SVD_FLOATS_PER_MN, SVD_FLOATS_PER_K2 = 2.5, 3.9
 
 
@@ -82,14 +87,17 @@ def plain_update_(p: torch.Tensor, grad: torch.Tensor, moments: Moments, hyper: 
             kernels.fused_adamw_(p, grad, moments.exp_avg.view_as(p), moments.exp_avg_sq.view_as(p), hyper.step,
                                  hyper.lr, hyper.beta1, hyper.beta2, hyper.eps, hyper.weight_decay):
         return
+    if not p.is_contiguous():  # never so for a model's parameters; kept correct, at the cost of a copy
+        flat = p.contiguous()
+        plain_update_(flat, grad, moments, hyper, chunk)
+        p.copy_(flat)
+        return
     weight, gradient = p.view(-1), grad.reshape(-1)
     kernel = kernels.plain_8 if moments.quantized else kernels.plain_32
     scalars = (hyper.step_size, hyper.decay, hyper.beta1, hyper.beta2, hyper.eps)
     tables = moments.tables if moments.quantized else ()
-    chunk = max(BLOCKSIZE, chunk - chunk % BLOCKSIZE)
     whole = moments.whole_blocks_end(weight.numel())
-    for start in range(0, whole, chunk):
-        end = min(start + chunk, whole)
+    for start, end in _pieces(0, whole, chunk, hyper.compiled):
         w, g = weight[start:end], gradient[start:end]
         if moments.quantized:
             w, g = w.view(-1, BLOCKSIZE), g.view(-1, BLOCKSIZE)
@@ -104,27 +112,39 @@ def plain_update_(p: torch.Tensor, grad: torch.Tensor, moments: Moments, hyper: 
         weight[whole:] = w[0, :count]
 
 
-def adam_direction(low_rank: torch.Tensor, moments: Moments, start: int, hyper: Hyper) -> torch.Tensor:
-    """N for elements [start, start + numel) of a moment, from their part of the projected gradient (fp32)."""
-    if not moments.quantized:
-        m, v = moments.slices(start, start + low_rank.numel())
-        return kernels.adam_32(low_rank, m.view_as(low_rank), v.view_as(low_rank), hyper.beta1, hyper.beta2,
-                               hyper.eps)
+def _pieces(start: int, end: int, chunk: int, compiled: bool) -> list[tuple[int, int]]:
+    """[start, end) in pieces of whole 8-bit blocks, at most `chunk` long, or EAGER_CHUNK_NUMEL for eager kernels."""
+    size = min(chunk, CHUNK_NUMEL if compiled else EAGER_CHUNK_NUMEL)
+    size = max(BLOCKSIZE, size - size % BLOCKSIZE)
+    return [(a, min(a + size, end)) for a in range(start, end, size)]
+
+
+def adam_direction(low_rank: torch.Tensor, moments: Moments, start: int, hyper: Hyper, chunk: int,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+    """N for elements [start, start + numel) of a moment, from their part of the projected gradient (fp32).
+
+    `out` may be `low_rank` itself: each piece is read before its N is written.
+    """
     flat, end = low_rank.reshape(-1), start + low_rank.numel()
-    whole = max(start, moments.whole_blocks_end(end))
+    direction = torch.empty_like(flat) if out is None else out.view(-1)
     scalars = (hyper.beta1, hyper.beta2, hyper.eps)
-    parts = []
-    if whole > start:
-        parts.append(kernels.run(kernels.adam_8, flat[: whole - start], *moments.slices(start, whole),
-                                 *moments.tables, *scalars, compiled=hyper.compiled).view(-1))
-    if whole < end:  # the partial last block of the moment, padded with zeros
+    whole = max(start, moments.whole_blocks_end(end))
+    for a, b in _pieces(start, whole, chunk, hyper.compiled):
+        if moments.quantized:
+            direction[a - start:b - start] = kernels.run(
+                kernels.adam_8, flat[a - start:b - start], *moments.slices(a, b), *moments.tables, *scalars,
+                compiled=hyper.compiled).view(-1)
+        else:
+            direction[a - start:b - start] = kernels.adam_32(flat[a - start:b - start], *moments.slices(a, b),
+                                                             *scalars)
+    if whole < end:  # the partial last block of an 8-bit moment, padded with zeros
         padded = moments.padded_tail(whole)
         grad = torch.zeros(1, BLOCKSIZE, dtype=flat.dtype, device=flat.device)
         grad[0, : end - whole] = flat[whole - start:]
-        direction = kernels.run(kernels.adam_8, grad, *padded, *moments.tables, *scalars, compiled=hyper.compiled)
+        tail = kernels.run(kernels.adam_8, grad, *padded, *moments.tables, *scalars, compiled=hyper.compiled)
         moments.store_tail(whole, padded)
-        parts.append(direction.view(-1)[: end - whole])
-    return (parts[0] if len(parts) == 1 else torch.cat(parts)).view_as(low_rank)
+        direction[whole - start:] = tail.view(-1)[: end - whole]
+    return direction.view_as(low_rank)
 
 
 def row_chunks(rows: int, columns: int, aligned_rows: int, chunk: int) -> list[tuple[int, int]]:
@@ -137,26 +157,43 @@ def row_chunks(rows: int, columns: int, aligned_rows: int, chunk: int) -> list[t
 class Projection:
     """What a projected update needs besides the weight and its gradient."""
 
-    basis: torch.Tensor  # fp32: Q (r×n) on the right side, P (m×r) on the left
+    basis: torch.Tensor | None  # fp32: Q (r×n) on the right side, P (m×r) on the left
     side: str
     scale: float
     magnitude: torch.Tensor | None  # GradNormLoRP's g (m), updated in place; None for GaLore
     magnitude_moments: Moments | None
 
 
-def target_rows(weight: torch.Tensor, grad: torch.Tensor, projection: Projection, rows: slice):
-    """The rows' gradient to project, fp32: G, or GradNormLoRP's ∂L/∂D; and ∂L/∂g of the rows (or None)."""
-    if projection.magnitude is None:
-        return grad.float(), None
-    grad_magnitude, grad_direction = split_gradient(weight, grad.float(), projection.magnitude[rows])
-    return grad_direction, grad_magnitude
+class RowBuffers:
+    """Two fp32 buffers of a row chunk, reused chunk after chunk: the weight's rows (unless p is fp32 and is
+    updated in place) and the rows' gradient to project. Fresh tensors per chunk would each be mmapped and
+    zero-filled anew once the trainer pins glibc's mmap threshold (memory/release.py)."""
+
+    def __init__(self, p: torch.Tensor, rows: int):
+        shape = (rows, p.shape[1])
+        self.weight = None if p.dtype == torch.float32 else torch.empty(shape, device=p.device)
+        self.target = torch.empty(shape, device=p.device)
+
+    def weight_rows(self, p: torch.Tensor, a: int, b: int) -> torch.Tensor:
+        return p[a:b] if self.weight is None else self.weight[: b - a].copy_(p[a:b])
+
+    def target_rows(self, weight: torch.Tensor, grad: torch.Tensor, projection: Projection, a: int, b: int):
+        """The rows' gradient to project, fp32: G, or GradNormLoRP's ∂L/∂D; and ∂L/∂g of the rows (or None)."""
+        target = self.target[: b - a].copy_(grad[a:b])
+        if projection.magnitude is None:
+            return target, None
+        return target, split_gradient_(weight, target, projection.magnitude[a:b])
 
 
 def projection_target(p: torch.Tensor, grad: torch.Tensor, projection: Projection, chunk: int) -> torch.Tensor:
     """The whole gradient to project, fp32, for a refresh's SVD: the one weight-sized temporary, every T steps."""
+    if projection.magnitude is None and grad.dtype == torch.float32:
+        return grad
     target = torch.empty(p.shape, dtype=torch.float32, device=p.device)
-    for a, b in row_chunks(p.shape[0], p.shape[1], 1, chunk):
-        target[a:b] = target_rows(p[a:b].float(), grad[a:b], projection, slice(a, b))[0]
+    chunks = row_chunks(p.shape[0], p.shape[1], 1, chunk)
+    buffers = RowBuffers(p, chunks[0][1])
+    for a, b in chunks:
+        target[a:b] = buffers.target_rows(buffers.weight_rows(p, a, b), grad, projection, a, b)[0]
     return target
 
 
@@ -167,31 +204,32 @@ def projected_update_(p: torch.Tensor, grad: torch.Tensor, moments: Moments, pro
     rank = projection.basis.shape[0 if projection.side == "right" else 1]
     aligned = BLOCKSIZE // math.gcd(rank, BLOCKSIZE) if moments.quantized and projection.side == "right" else 1
     chunks = row_chunks(m, n, aligned, chunk)
+    buffers = RowBuffers(p, chunks[0][1])
     alpha = -hyper.step_size * projection.scale
     if projection.side == "right":
         for a, b in chunks:
-            weight = p[a:b].float()
-            target, grad_magnitude = target_rows(weight, grad[a:b], projection, slice(a, b))
-            direction = adam_direction(target @ projection.basis.T, moments, a * rank, hyper)
-            _step_rows(p, weight, direction, projection.basis, projection, grad_magnitude, (a, b), alpha, hyper)
+            weight = buffers.weight_rows(p, a, b)
+            target, grad_magnitude = buffers.target_rows(weight, grad, projection, a, b)
+            direction = adam_direction(target @ projection.basis.T, moments, a * rank, hyper, chunk)
+            _step_rows(p, weight, direction, projection.basis, projection, grad_magnitude, (a, b), alpha, hyper,
+                       chunk)
         return
     low_rank = torch.zeros(rank, n, dtype=torch.float32, device=p.device)
     grad_magnitude = None if projection.magnitude is None else torch.empty_like(projection.magnitude)
     for a, b in chunks:
-        target, rows_grad_magnitude = target_rows(p[a:b].float(), grad[a:b], projection, slice(a, b))
+        target, rows_grad_magnitude = buffers.target_rows(buffers.weight_rows(p, a, b), grad, projection, a, b)
         low_rank.addmm_(projection.basis[a:b].T, target)
         if grad_magnitude is not None:
             grad_magnitude[a:b] = rows_grad_magnitude
-    for a, b in row_chunks(rank, n, BLOCKSIZE // math.gcd(n, BLOCKSIZE) if moments.quantized else 1, chunk):
-        low_rank[a:b] = adam_direction(low_rank[a:b], moments, a * n, hyper)
+    adam_direction(low_rank, moments, 0, hyper, chunk, out=low_rank)
     for a, b in chunks:
         rows_grad_magnitude = None if grad_magnitude is None else grad_magnitude[a:b]
-        _step_rows(p, p[a:b].float(), low_rank, projection.basis[a:b], projection, rows_grad_magnitude, (a, b),
-                   alpha, hyper)
+        _step_rows(p, buffers.weight_rows(p, a, b), low_rank, projection.basis[a:b], projection, rows_grad_magnitude,
+                   (a, b), alpha, hyper, chunk)
 
 
 def _step_rows(p, weight, direction, basis, projection: Projection, grad_magnitude, rows: tuple[int, int],
-               alpha: float, hyper: Hyper) -> None:
+               alpha: float, hyper: Hyper, chunk: int) -> None:
     """Add the back-projected update to rows [a, b) of `weight` (their fp32 copy, or p's rows), then store them.
 
     `direction` and `basis` are the rows' factors: N (rows×r) and Q on the right, N (r×n) and P's rows on the left.
@@ -202,7 +240,7 @@ def _step_rows(p, weight, direction, basis, projection: Projection, grad_magnitu
         weight.mul_(hyper.decay)
     else:
         magnitude = projection.magnitude[a:b]
-        magnitude_direction = adam_direction(grad_magnitude, projection.magnitude_moments, a, hyper)
+        magnitude_direction = adam_direction(grad_magnitude, projection.magnitude_moments, a, hyper, chunk)
         new_magnitude = (magnitude - hyper.step_size * magnitude_direction).mul_(hyper.decay)
         # weight = diag(g)·D, so adding diag(g)·back(N) gives diag(g)·D' without forming D.
         add_projected_back_(weight, direction, basis, projection.side, alpha, row_scale=magnitude)

@@ -15,16 +15,15 @@ def row_norms(weight: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(weight.float(), dim=1)
 
 
-def split_gradient(weight: torch.Tensor, grad: torch.Tensor, magnitude: torch.Tensor):
-    """Gradients for g and D from G = ∂L/∂W, with the radial part of ∂L/∂D removed.
+def split_gradient_(weight: torch.Tensor, grad: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+    """Turn the fp32 `grad` = ∂L/∂W into ∂L/∂D in place, with the radial part removed; return ∂L/∂g.
 
     ∂L/∂g = rowsum(D ⊙ G) and ∂L/∂D = diag(g)(G − D ⊙ ∂L/∂g) = diag(g)·G − W ⊙ ∂L/∂g, the second form
     needing D nowhere.
     """
     grad_magnitude = torch.linalg.vecdot(weight, grad, dim=1) / magnitude.clamp_min(_TINY)
-    grad_direction = grad * magnitude[:, None]
-    grad_direction.addcmul_(weight, grad_magnitude[:, None], value=-1.0)
-    return grad_magnitude, grad_direction
+    grad.mul_(magnitude[:, None]).addcmul_(weight, grad_magnitude[:, None], value=-1.0)
+    return grad_magnitude
 
 
 def renormalize_(scaled_direction: torch.Tensor, new_magnitude: torch.Tensor) -> None:
