@@ -151,12 +151,13 @@ def _run_estimate(args: argparse.Namespace) -> int:
                               for name, row in table.items()}))
             return 0
         columns = [*PARTS, "total"]
-        print(f"{'GiB':<13}" + "".join(f"{name:>13}" for name in table))
+        label = max(map(len, columns)) + 1
+        print(f"{'GiB':<{label}}" + "".join(f"{name:>13}" for name in table))
         for key in columns:
-            print(f"{key:<13}" + "".join(f"{row[key] / 2**30:13.3f}" for row in table.values()))
-        print(f"{'trainable':<13}" + "".join(f"{row['trainable_params']:13,}" for row in table.values()))
-        print(f"{'fits':<13}" + "".join(f"{'yes' if f.fits else 'no':>13}" for f in fits.values()))
-        print(f"{'max batch':<13}" + "".join(f"{f.max_batch_size:13}" for f in fits.values()))
+            print(f"{key:<{label}}" + "".join(f"{row[key] / 2**30:13.3f}" for row in table.values()))
+        print(f"{'trainable':<{label}}" + "".join(f"{_count(row['trainable_params']):>13}" for row in table.values()))
+        print(f"{'fits':<{label}}" + "".join(f"{'yes' if f.fits else 'no':>13}" for f in fits.values()))
+        print(f"{'max batch':<{label}}" + "".join(f"{f.max_batch_size:13}" for f in fits.values()))
         print(f"on {device.label}, batch {cfg.batch_size} x {cfg.seq_len} tokens")
         return 0
     verdict = fit(cfg, device)
@@ -173,6 +174,14 @@ def _run_estimate(args: argparse.Namespace) -> int:
           f"{device.capacity_bytes / 2**30:.2f}); largest batch that fits at seq {cfg.seq_len}: "
           f"{verdict.max_batch_size}")
     return 0
+
+
+def _count(number: int) -> str:
+    """A parameter count short enough for a table column, to four digits: 8.030 B, 134.5 M, 49.66 k."""
+    for size, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if number >= size:
+            return f"{number / size:.4g} {unit}"
+    return str(number)
 
 
 def _add_methods(commands: argparse._SubParsersAction) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -163,6 +164,20 @@ def test_compare_lists_every_method_side_by_side():
     table = json.loads(result.stdout)
     assert list(table) == list(METHOD_NAMES)
     assert table["vera"]["trainable_params"] < table["lora"]["trainable_params"] < table["full"]["trainable_params"]
+
+
+def test_the_compare_table_keeps_ten_digit_counts_apart():
+    """LLaMA-7B's 6,738,415,616 trainable parameters filled a 13-wide column and ran into the next number."""
+    args = [sys.executable, "-m", "gnlorp", "estimate", "--model", "llama-7b", "--compare", "--device", "rtx-4090"]
+    shown = subprocess.run(args, capture_output=True, text=True, timeout=300, check=True).stdout
+    exact = json.loads(subprocess.run([*args, "--json"], capture_output=True, text=True, timeout=300,
+                                      check=True).stdout)
+    [row] = [line for line in shown.splitlines() if line.startswith("trainable")]
+    counts = re.findall(r"(\d+(?:\.\d+)?) ([BMk])\b", row)
+    scale = {"B": 1e9, "M": 1e6, "k": 1e3}
+    assert len(counts) == len(METHOD_NAMES)
+    for (value, unit), method in zip(counts, METHOD_NAMES, strict=True):
+        assert float(value) * scale[unit] == pytest.approx(exact[method]["trainable_params"], rel=0.01), method
 
 
 FREED_MEMORY_PROBE = """
