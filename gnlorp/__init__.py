@@ -2,6 +2,7 @@
 
 import logging
 import os
+import warnings
 
 # Nothing is ever fetched from a hub: set before transformers/peft import huggingface_hub, which reads it once.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -21,5 +22,9 @@ class _DropLine(logging.Filter):
 # bitsandbytes (peft imports it) warns on every CPU with AVX512-BF16 that an optional 4-bit inference kernel
 # is not installed; gnlorp never runs 4-bit inference, and the line would open every run's log and error output.
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropLine("Failed to load CPU gemm_4bit_forward"))
+
+# peft asks transformers 5 for `is_gradient_checkpointing` when it wraps a model, which warns that the name is going;
+# the user can do nothing about it.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 __version__ = "0.1.0"
