@@ -131,7 +131,7 @@ def _add_estimate(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--compare", action="store_true", help="every method side by side")
     add_config_arguments(parser, ["model", "task", "method", "rank", "optim_bits", "batch_size", "seq_len",
                                   "grad_accum", "targets", "proj_type", "proj_dtype", "layerwise",
-                                  "grad_checkpointing", "dtype"])
+                                  "grad_checkpointing", "chunked_loss", "dtype"])
     parser.set_defaults(run=_run_estimate)
 
 

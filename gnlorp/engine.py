@@ -29,6 +29,7 @@ from .atomic import atomic_dir, write_text_atomic
 from .checkpoint import DamagedCheckpoint, checkpoints, newest_good, write_manifest
 from .config import ConfigError, RunConfig
 from .data import batches, collate, prepare_data
+from .loss import loss_function
 from .memory import MemoryMonitor, estimate, predict_optimizer_state_bytes, return_freed_memory, this_machine
 from .methods import get_method
 from .models import enable_checkpointing, load_tokenizer
@@ -170,6 +171,7 @@ class TrainingRun:
         predicted_peak = estimate(cfg, this_machine())["total"]
 
         model, optimizer = accelerator.prepare(model, optimizer)
+        loss_of = self._loss_of = loss_function(model, accelerator.unwrap_model(model), cfg.chunked_loss)
         position = Position()
         if self.resume:
             position, skipped = self._load_checkpoint(accelerator.unwrap_model(model), optimizer, scheduler)
@@ -201,7 +203,7 @@ class TrainingRun:
                 batch = {k: v.to(accelerator.device) for k, v in batch.items()}
                 sync = nullcontext() if i == cfg.grad_accum - 1 else accelerator.no_sync(model)
                 with sync:
-                    loss = model(**batch).loss / cfg.grad_accum
+                    loss = loss_of(batch) / cfg.grad_accum
                     accelerator.backward(loss)
                 loss_sum += loss.item()
                 tokens += int(batch["attention_mask"].sum())
@@ -315,13 +317,15 @@ class TrainingRun:
         for start in range(0, len(examples), self.cfg.batch_size):
             batch = collate(examples[start:start + self.cfg.batch_size], pad_id)
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-            out = model(**batch)
             labels = batch["labels"]
             weight = int((labels[:, 1:] != -100).sum()) if self.cfg.task == "causal-lm" else labels.numel()
-            loss_total += out.loss.item() * weight
-            weight_total += weight
             if self.cfg.task == "seq-cls":
+                out = model(**batch)
+                loss_total += out.loss.item() * weight
                 correct += int((out.logits.argmax(-1) == labels).sum())
+            else:
+                loss_total += self._loss_of(batch).item() * weight
+            weight_total += weight
         model.train()
         accuracy = correct / len(examples) if self.cfg.task == "seq-cls" else None
         event = EvalEvent(step, loss_total / max(weight_total, 1), accuracy)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..config import METHOD_NAMES, RunConfig
+from ..loss import chunk_tokens
 from .activations import layer_bytes, saved_bytes
 from .devices import Device, get_device, this_machine
 from .state import optimizer_state_parts, update_temporaries
@@ -58,7 +59,9 @@ class _Budget:
     layerwise: bool  # each weight steps (and drops its gradient) inside backward
     update: int  # the most one weight's update holds at once
     per_sequence: int  # what autograd saved for one sequence, at the end of the forward pass
-    logits_per_sequence: int  # one fp32 logit-sized tensor of one sequence
+    logits_per_sequence: int  # one fp32 logit-sized tensor of one sequence (0 with the chunked loss)
+    loss_fixed: int  # the chunked loss's backward: one chunk of fp32 logits
+    loss_per_sequence: int  # the chunked loss's backward: the final hidden states' gradient, one sequence's
     trainable_params: int
 
     def parts(self, batch: int) -> dict[str, int]:
@@ -69,7 +72,8 @@ class _Budget:
         head = self.gradients + self.update if self.layerwise else self.head_gradient
         moments = [
             {"gradients": persisting, "activations": saved + LOGIT_GRADIENTS * batch * self.logits_per_sequence},
-            {"gradients": max(persisting, head), "activations": saved},
+            {"gradients": max(persisting, head),
+             "activations": saved + self.loss_fixed + batch * self.loss_per_sequence},
             {"gradients": self.gradients + (0 if self.layerwise else self.update), "activations": 0},
         ]
         peak = max(moments, key=lambda moment: sum(moment.values()))
@@ -203,8 +207,11 @@ def _budget(cfg: RunConfig, device: Device) -> _Budget:
     autocast = device.kind == "cuda"
     shape = {"hidden": config.hidden_size, "ffn": config.intermediate_size, "heads": config.num_attention_heads,
              "dtype": cfg.dtype, "autocast": autocast}
-    saved = saved_bytes(tokens=cfg.seq_len, layers=config.num_hidden_layers, vocab=outputs,
-                        checkpointing=cfg.grad_checkpointing, **shape)
+    # The chunked loss keeps one number per token (its log-sum-exp) instead of the log-probabilities, and its
+    # backward holds one chunk of logits at a time instead of two logit-sized gradients.
+    chunked = cfg.chunked_loss and cfg.task == "causal-lm"
+    saved = saved_bytes(tokens=cfg.seq_len, layers=config.num_hidden_layers, vocab=0 if chunked else outputs,
+                        checkpointing=cfg.grad_checkpointing, **shape) + (4 * cfg.seq_len if chunked else 0)
     recomputed = layer_bytes(tokens=cfg.seq_len, **shape) if cfg.grad_checkpointing else 0
     method_saved = method.saved_per_token_feature * cfg.seq_len * counts.target_features
     if cfg.grad_checkpointing:  # the adapters' extra lives only in the one layer being recomputed
@@ -224,7 +231,9 @@ def _budget(cfg: RunConfig, device: Device) -> _Budget:
         # largest, under "gradients") and the rest of the worst weight's gradient and update.
         update=counts.layerwise_step - counts.largest * weight_bytes if cfg.layerwise else counts.update,
         per_sequence=int(saved + recomputed + method_saved),
-        logits_per_sequence=4 * cfg.seq_len * outputs,
+        logits_per_sequence=0 if chunked else 4 * cfg.seq_len * outputs,
+        loss_fixed=4 * chunk_tokens(outputs) * outputs if chunked else 0,
+        loss_per_sequence=cfg.seq_len * config.hidden_size * weight_bytes if chunked else 0,
         trainable_params=counts.trainable,
     )
 
