@@ -265,7 +265,7 @@ def load_for_try(path: str | Path, *, base: bool = False, task: str | None = Non
 def _load_run(source: Source, base: bool) -> tuple[torch.nn.Module, object, list[str] | None, str]:
     """The run's model as export builds it (or its untrained base), its tokenizer, class names and a description."""
     from .methods import get_method
-    from .models import PRESETS, load_tokenizer
+    from .models import is_random_init, load_tokenizer
     from .run_folder import base_model, load_run_tokenizer, load_weights, read_labels
 
     cfg, run = source.cfg, source.path
@@ -274,7 +274,7 @@ def _load_run(source: Source, base: bool) -> tuple[torch.nn.Module, object, list
     tokenizer = (load_run_tokenizer(run / "final", cfg) if (run / "final" / "tokenizer_config.json").is_file()
                  else load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code))
     if base:
-        origin = (f"random init from seed {cfg.seed}" if cfg.model in PRESETS else "its folder's weights"
+        origin = (f"random init from seed {cfg.seed}" if is_random_init(cfg.model) else "its folder's weights"
                   + (f", a new head from seed {cfg.seed}" if cfg.task == "seq-cls" else ""))
         return model, tokenizer, labels, f"base model {cfg.model} of run {run} (untrained: {origin})"
     method = get_method(cfg.method)

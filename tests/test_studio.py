@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from gnlorp.config import RunConfig
-from gnlorp.memory import PARTS, estimate
+from gnlorp.memory import PARTS, estimate, fit
 from studio_process import ENV, ROOT, studio
 
 # So many steps that a run is always still going when a test stops it, however loaded the machine.
@@ -91,6 +91,19 @@ def test_budget_shows_the_library_estimate(client: Client, api: dict, changes: d
         assert shown[part.replace("_", " ")] == pytest.approx(expected[part], rel=1e-9, abs=1)
     assert "Fits on RTX 4090" in verdict and "Largest batch that fits" in verdict
     assert [row[0] for row in devices["data"]][0] == "RTX 4090 24 GB"
+
+
+def test_a_config_only_model_says_it_starts_from_random_weights(client: Client, api: dict) -> None:
+    """Llama-3-8B is in the Model list by its config alone: the studio says what training it means, and the budget
+    answers for its real size."""
+    model = next(p for p in api["/start"]["parameters"] if p["label"] == "Model")
+    assert "llama3-8b" in model["type"]["enum"]
+    line = client.predict("llama3-8b", api_name="/model_origin")
+    assert "Meta-Llama-3-8B" in line and "random weights" in line
+    assert "pretrained weights" in client.predict("smollm2", api_name="/model_origin")
+    verdict, _, _ = call(client, api, "/budget", Model="llama3-8b")
+    cfg = RunConfig.from_yaml(ROOT / "presets" / "tiny-gradnormlorp.yaml", model="llama3-8b")
+    assert f"needs {fit(cfg, 'rtx-4090').total_bytes / 2**30:.2f} GiB" in verdict
 
 
 def test_budget_compares_all_six_methods(client: Client, api: dict) -> None:

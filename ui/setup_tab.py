@@ -15,7 +15,7 @@ import gradio as gr
 from gnlorp.config import ConfigError, RunConfig
 from gnlorp.data import SUPPORTED, read_records, read_table
 from gnlorp.methods import METHODS
-from gnlorp.models import preset_names
+from gnlorp.models import describe_origin, preset_names
 
 from .context import NAME, Studio
 from .feedback import guarded, ok
@@ -60,7 +60,9 @@ def build_setup(studio: Studio, page: gr.Blocks) -> SetupTab:
 
     def model_picker(common: dict) -> gr.Component:
         common["info"] += " Pick a preset or type a folder path."
-        return gr.Dropdown(choices=preset_names(), allow_custom_value=True, **common)
+        dropdown = gr.Dropdown(choices=preset_names(), allow_custom_value=True, **common)
+        extras["model_origin"] = gr.Markdown(elem_id="model-origin")
+        return dropdown
 
     def data_picker(common: dict) -> gr.Component:
         common["info"] += " Pick a shipped file, upload one, or type a path."
@@ -110,6 +112,12 @@ def build_setup(studio: Studio, page: gr.Blocks) -> SetupTab:
     gr.on([page.load, *(c.change for c in preview_inputs)], preview, inputs=tab.inputs,
           outputs=[message, preview_info, preview_table], api_name="preview_data", trigger_mode="always_last",
           show_progress="hidden")
+
+    def origin(model: str) -> str:
+        return describe_origin(model) if model else ""
+
+    gr.on([page.load, form["model"].change], origin, inputs=form["model"], outputs=extras["model_origin"],
+          api_name="model_origin", show_progress="hidden")
 
     @guarded(2, 0, log)
     def upload(file: str | None) -> tuple[str, Any]:
