@@ -39,7 +39,7 @@ class RunConfig:
     task: str = knob("causal-lm", "causal-lm: next-token prediction; seq-cls: classify each text.", choices=TASKS)
     method: str = knob("gradnormlorp", "What trains and how its optimizer state is kept.", choices=METHOD_NAMES)
     rank: int = knob(8, "Rank r of the adapter or of the gradient projection.", min=1, max=65536)
-    optim_bits: int = knob(8, "Adam moments in 32-bit or 8-bit blockwise quantized form.", choices=(32, 8))
+    optim_bits: int = knob(8, "Adam moments in 32-bit, or 8- or 4-bit blockwise quantized form.", choices=(32, 8, 4))
     output: str = knob("runs/latest", "Run folder to write (config, metrics, checkpoints, weights).")
     max_steps: int = knob(100, "Optimizer steps to train.", min=1, max=10**9)
     batch_size: int = knob(8, "Sequences per micro-batch.", min=1, max=65536)

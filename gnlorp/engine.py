@@ -404,10 +404,10 @@ def _disk_full(exc: BaseException, folder: Path) -> bool:
 
 
 def warm_imports(cfg: RunConfig) -> None:
-    """Import the libraries the run will load lazily (peft for adapters, bitsandbytes for 8-bit states)."""
+    """Import the libraries the run will load lazily (peft for adapters, bitsandbytes for quantized states)."""
     if get_method(cfg.method).uses_adapter:
         import peft  # noqa: F401
-    if cfg.optim_bits == 8:
+    if cfg.optim_bits in (8, 4):
         import bitsandbytes  # noqa: F401
 
 

@@ -22,7 +22,7 @@ from gnlorp.models import PRESETS, enable_checkpointing
 SETTINGS = {"rank": 16, "max_steps": 1, "batch_size": 4, "seq_len": 64, "eval_every": 10, "checkpoint_every": 10}
 
 
-@pytest.mark.parametrize("bits", [32, 8])
+@pytest.mark.parametrize("bits", [32, 8, 4])
 @pytest.mark.parametrize("method", METHOD_NAMES)
 def test_estimated_optimizer_state_equals_the_bytes_a_run_holds(tmp_path, method, bits):
     cfg = RunConfig.from_dict({**SETTINGS, "method": method, "optim_bits": bits, "output": str(tmp_path)})

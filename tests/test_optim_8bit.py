@@ -52,6 +52,25 @@ def test_state_bytes_of_a_large_weight(weight_norm: bool) -> None:
             assert state[key].shape == (m,) and state[key].dtype == torch.float32, key
 
 
+def test_4bit_state_is_half_a_byte_a_value_and_a_scale_per_128() -> None:
+    """1024×4096 at rank 64, 4-bit: moments r×n at n/2 bytes plus 4 bytes per 128 values; embeddings-sized plain
+    moments alike."""
+    m, n, r = 1024, 4096, 64
+    gen = torch.Generator().manual_seed(0)
+    weight, embedding = (nn.Parameter(torch.randn(m, n, generator=gen) * 0.02) for _ in range(2))
+    for p in (weight, embedding):
+        p.grad = torch.randn(m, n, generator=gen) * 1e-3
+    opt = ProjectedAdamW([{"params": [weight], "rank": r, "weight_norm": True}, {"params": [embedding]}], bits=4)
+    opt.step()
+    for p, values in ((weight, r * n), (embedding, m * n)):
+        state = opt.state[p]
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert state[key].dtype == torch.uint8 and state[key].numel() == values // 2, key
+            assert state[f"{key}_absmax"].numel() == values // 128, key
+    expected = 2 * (r * n // 2 + 4 * r * n // 128) + m * r * 2 + 3 * m * 4 + 2 * (m * n // 2 + 4 * m * n // 128)
+    assert counted_bytes(opt) == state_bytes(opt) == expected + 2 * 8  # and two step counters
+
+
 @pytest.mark.parametrize("rank", [32, None])
 def test_first_moment_bytes_decode_to_adam_moment(rank: int | None) -> None:
     """After one step M = (1-β1) R; its uint8 codes must decode through bitsandbytes' signed dynamic map."""
@@ -114,15 +133,17 @@ def mean_tail(losses: list[float], k: int = 5) -> float:
     return sum(losses[-k:]) / k
 
 
+@pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("method", ["galore", "gradnormlorp"])
-def test_8bit_learns_like_32bit_on_tiny_llama(method: str) -> None:
+def test_quantized_states_learn_like_32bit_on_tiny_llama(method: str, bits: int) -> None:
     losses32, _ = llama_losses(method, 32)
-    losses8, opt8 = llama_losses(method, 8)
+    losses8, opt8 = llama_losses(method, bits)
     projected_states = [opt8.state[p] for p in opt8.param_groups[0]["params"]]
     assert projected_states and all(s["exp_avg"].dtype == torch.uint8 for s in projected_states)
 
     for losses in (losses32, losses8):
         assert mean_tail(losses) < 0.8 * losses[0]
-    assert abs(mean_tail(losses8) - mean_tail(losses32)) <= 0.1 * mean_tail(losses32)
+    # 4-bit moments cost some accuracy at this lr (GaLore 13% above 32-bit's loss here, docs/BENCHMARKS.md)
+    assert abs(mean_tail(losses8) - mean_tail(losses32)) <= (0.1 if bits == 8 else 0.2) * mean_tail(losses32)
     curves: Tensor = torch.tensor([losses32, losses8])
     assert torch.corrcoef(curves)[0, 1] > 0.9

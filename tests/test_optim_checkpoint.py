@@ -50,7 +50,7 @@ def train(model: nn.Module, opt: ProjectedAdamW, steps: range, clock: list[int])
         opt.step()
 
 
-MODES = list(itertools.product(["galore", "gradnormlorp"], [32, 8], ["float32", "bfloat16", "int8"]))
+MODES = list(itertools.product(["galore", "gradnormlorp"], [32, 8, 4], ["float32", "bfloat16", "int8"]))
 
 
 @pytest.mark.parametrize("method,bits,proj_dtype", MODES)

@@ -12,9 +12,10 @@ import bitsandbytes.functional as bnbf
 import pytest
 import torch
 
-from gnlorp.optim.codec import BLOCKSIZE, code_map, decode, encode
+from gnlorp.optim.codec import code_map, decode, encode
 
 BLOCKS = 512
+BLOCKSIZE = 256
 
 
 def spread_values(signed: bool, seed: int = 0) -> torch.Tensor:
@@ -101,3 +102,26 @@ def test_every_bfloat16_bucket_holds_at_most_one_midpoint() -> None:
         slice_index = torch.floor((mantissa - 0.5) * 256)
         buckets = list(zip(torch.sign(midpoints).tolist(), exponent.tolist(), slice_index.tolist(), strict=True))
         assert len(set(buckets)) == len(buckets)
+
+
+def test_4bit_maps_are_the_papers() -> None:
+    """16 sorted dynamic-exponent values each: the first moment's with an exact zero and +1; the second moment's
+    with no zero (DE-0), its smallest half the next one."""
+    for signed in (True, False):
+        values = code_map(signed, bits=4).values
+        assert values.numel() == 16 and bool((values[1:] > values[:-1]).all()) and values[-1] == 1.0
+    assert 0.0 in code_map(True, bits=4).values.tolist()
+    unsigned = code_map(False, bits=4).values
+    assert unsigned[0] > 0 and unsigned[0] == unsigned[1] / 2
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_4bit_codes_are_the_nearest_packed_two_a_byte_high_half_first(signed: bool) -> None:
+    cmap = code_map(signed, bits=4)
+    values = spread_values(signed, seed=3).view(-1, 128)  # 4-bit blocks hold 128 values
+    packed, absmax = encode(values, cmap.tables)
+    assert packed.shape == (values.shape[0], 64) and packed.dtype == torch.uint8
+    nearest = nearest_codes(values, cmap.values)
+    assert torch.equal(packed.long(), nearest[:, 0::2] * 16 + nearest[:, 1::2])
+    decoded = decode(packed, absmax, cmap.tables)
+    assert torch.equal(decoded, cmap.values[nearest] * absmax[:, None])

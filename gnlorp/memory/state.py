@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 from ..optim.adamw import resolve_proj_dtype
-from ..optim.moments import BLOCKSIZE, MIN_8BIT_NUMEL
+from ..optim.codec import BLOCKSIZE
+from ..optim.moments import MIN_QUANTIZED_NUMEL
 from ..optim.projector import projection_side, projector_state_bytes
 from ..optim.streaming import refresh_temporary_bytes, step_temporary_bytes
 
 
 def moment_bytes(numel: int, bits: int) -> int:
-    """Bytes of one Adam moment of `numel` elements: fp32, or 8-bit codes plus one fp32 scale per block."""
-    if bits == 8 and numel >= MIN_8BIT_NUMEL:
-        return numel + 4 * -(-numel // BLOCKSIZE)
+    """Bytes of one Adam moment of `numel` elements: fp32, or 8- or 4-bit codes plus one fp32 scale per block."""
+    if bits in BLOCKSIZE and numel >= MIN_QUANTIZED_NUMEL:
+        return -(-numel * bits // 8) + 4 * -(-numel // BLOCKSIZE[bits])
     return 4 * numel
 
 

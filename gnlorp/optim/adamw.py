@@ -1,4 +1,4 @@
-"""ProjectedAdamW: AdamW, GaLore and GradNormLoRP in one optimizer, with 32- or 8-bit moments.
+"""ProjectedAdamW: AdamW, GaLore and GradNormLoRP in one optimizer, with 32-, 8- or 4-bit moments.
 
 Groups without `rank` are plain AdamW. Groups with `rank` keep Adam moments in rank-r space (GaLore);
 with `weight_norm=True` as well, the projected quantity is the direction of W = diag(g)·D and g gets its
@@ -47,9 +47,9 @@ GRADIENT_LIMIT = 2.0**63
 class ProjectedAdamW(Optimizer):
     """AdamW whose groups may carry `rank`, `update_proj_gap`, `scale`, `proj_type` and `weight_norm`.
 
-    `bits` (32 or 8) sets how Adam moments are stored. `proj_dtype` ('float32', 'bfloat16' or 'int8') sets
+    `bits` (32, 8 or 4) sets how Adam moments are stored. `proj_dtype` ('float32', 'bfloat16' or 'int8') sets
     how projectors are stored; by default ('auto') float32 at 32 bits, so the trajectory matches GaLore
-    exactly, and bfloat16 at 8 bits, where memory is the point and the projector's rounding is far below
+    exactly, and bfloat16 at 8 or 4 bits, where memory is the point and the projector's rounding is far below
     the moments'. `stagger_refresh` (a group key too) spreads the refreshes after the first one.
 
     Every update walks its weight in chunks of about `chunk_numel` elements (streaming.py), so it needs no
@@ -151,10 +151,11 @@ class ProjectedAdamW(Optimizer):
                       fused=group["fused"] is not False)
         if not projected:
             state["step"] += 1
-            plain_update_(p, grad, Moments(state), hyper, group["chunk_numel"])
+            plain_update_(p, grad, Moments(state, p.numel()), hyper, group["chunk_numel"])
             return
-        projection = Projection(None, projection_side(p.shape, group["proj_type"]), group["scale"], magnitude,
-                                Moments(state, "magnitude_") if magnitude is not None else None)
+        side = projection_side(p.shape, group["proj_type"])
+        magnitude_moments = Moments(state, p.shape[0], "magnitude_") if magnitude is not None else None
+        projection = Projection(None, side, group["scale"], magnitude, magnitude_moments)
         # A projector on the first step, then a refresh every update_proj_gap steps (at the parameter's offset
         # when staggered), from the SVD of the whole gradient to project.
         t = int(state["step"])
@@ -172,7 +173,9 @@ class ProjectedAdamW(Optimizer):
                 return
         projection.basis = load_projector(state)
         state["step"] += 1
-        projected_update_(p, grad, Moments(state), projection, hyper, group["chunk_numel"])
+        rank = min(group["rank"], *p.shape)
+        moments = Moments(state, rank * (p.shape[0] if side == "right" else p.shape[1]))
+        projected_update_(p, grad, moments, projection, hyper, group["chunk_numel"])
 
     def _incident(self, p: torch.Tensor, group: dict[str, Any], state: dict, counter: str, what: str) -> None:
         """Count an incident in the parameter's state and describe it for `pop_incidents`."""
@@ -228,7 +231,7 @@ def _complete_and_validate(group: dict[str, Any]) -> None:
     _check(0 <= beta1 < 1 and 0 <= beta2 < 1, f"betas must each be in [0, 1), got {group['betas']}")
     _check(group["eps"] >= 0, f"eps must be >= 0, got {group['eps']}")
     _check(group["weight_decay"] >= 0, f"weight_decay must be >= 0, got {group['weight_decay']}")
-    _check(group["bits"] in (32, 8), f"bits must be 32 or 8, got {group['bits']}")
+    _check(group["bits"] in (32, 8, 4), f"bits must be 32, 8 or 4, got {group['bits']}")
     _check(group["fused"] in (None, True, False), f"fused must be None, True or False, got {group['fused']!r}")
     chunk = group["chunk_numel"]
     _check(isinstance(chunk, int) and chunk > 0, f"chunk_numel must be a positive integer, got {chunk!r}")
@@ -258,7 +261,7 @@ def _complete_and_validate(group: dict[str, Any]) -> None:
 
 
 def resolve_proj_dtype(proj_dtype: str | torch.dtype | None, bits: int) -> str:
-    """The stored projector dtype's name: the given one, or (None or 'auto') float32 at 32 bits, bfloat16 at 8."""
+    """The stored projector dtype's name: the given one, or (None or 'auto') float32 at 32 bits, bfloat16 below."""
     if proj_dtype is None or proj_dtype == "auto":
         return "float32" if bits == 32 else "bfloat16"
     name = str(proj_dtype).removeprefix("torch.")

@@ -1,7 +1,7 @@
 """Adam on one chunk: the moments, the direction N = M / (√S + ε), and for plain groups the weight.
 
 Each kernel is plain torch on a chunk: run as it is (eager), it is the reference and works on any device;
-through `torch.compile` the decode, Adam and encode of an 8-bit chunk become one loop instead of a dozen
+through `torch.compile` the decode, Adam and encode of a quantized chunk become one loop instead of a dozen
 passes, several times faster on a CPU. Compiled kernels are used where a caller asks for them; if
 compiling fails (no C++ compiler, an unsupported device) the eager kernels take over for the rest of
 the process, with one warning. Plain fp32 weights with fp32 moments take torch's own fused AdamW kernel.
@@ -31,8 +31,8 @@ def adam_32(grad, exp_avg, exp_avg_sq, beta1, beta2, eps):
     return exp_avg / exp_avg_sq.sqrt().add_(eps)
 
 
-def adam_8(grad, m_codes, m_absmax, v_codes, v_absmax, m_tables, v_tables, beta1, beta2, eps):
-    """`adam_32` on 8-bit moments: decode, update, encode back; N comes from the moments before encoding."""
+def adam_q(grad, m_codes, m_absmax, v_codes, v_absmax, m_tables, v_tables, beta1, beta2, eps):
+    """`adam_32` on 8- or 4-bit moments: decode, update, encode back; N comes from the moments before encoding."""
     exp_avg, exp_avg_sq = decode(m_codes, m_absmax, m_tables), decode(v_codes, v_absmax, v_tables)
     direction = adam_32(grad.view_as(exp_avg), exp_avg, exp_avg_sq, beta1, beta2, eps)
     for codes, absmax, values, tables in ((m_codes, m_absmax, exp_avg, m_tables),
@@ -55,8 +55,8 @@ def plain_32(p, grad, exp_avg, exp_avg_sq, step_size, decay, beta1, beta2, eps):
     step_weight(p, adam_32(grad.float(), exp_avg, exp_avg_sq, beta1, beta2, eps), step_size, decay)
 
 
-def plain_8(p, grad, m_codes, m_absmax, v_codes, v_absmax, m_tables, v_tables, step_size, decay, beta1, beta2, eps):
-    direction = adam_8(grad.float(), m_codes, m_absmax, v_codes, v_absmax, m_tables, v_tables, beta1, beta2, eps)
+def plain_q(p, grad, m_codes, m_absmax, v_codes, v_absmax, m_tables, v_tables, step_size, decay, beta1, beta2, eps):
+    direction = adam_q(grad.float(), m_codes, m_absmax, v_codes, v_absmax, m_tables, v_tables, beta1, beta2, eps)
     step_weight(p, direction, step_size, decay)
 
 

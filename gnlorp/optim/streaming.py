@@ -20,7 +20,6 @@ from dataclasses import dataclass
 import torch
 
 from . import kernels
-from .codec import BLOCKSIZE
 from .moments import Moments
 from .projector import add_projected_back_
 from .weight_norm import renormalize_, split_gradient_
@@ -93,18 +92,18 @@ def plain_update_(p: torch.Tensor, grad: torch.Tensor, moments: Moments, hyper: 
         p.copy_(flat)
         return
     weight, gradient = p.view(-1), grad.reshape(-1)
-    kernel = kernels.plain_8 if moments.quantized else kernels.plain_32
+    kernel = kernels.plain_q if moments.quantized else kernels.plain_32
     scalars = (hyper.step_size, hyper.decay, hyper.beta1, hyper.beta2, hyper.eps)
     tables = moments.tables if moments.quantized else ()
-    whole = moments.whole_blocks_end(weight.numel())
-    for start, end in _pieces(0, whole, chunk, hyper.compiled):
+    whole, block = moments.whole_blocks_end(weight.numel()), moments.block
+    for start, end in _pieces(0, whole, chunk, hyper.compiled, block):
         w, g = weight[start:end], gradient[start:end]
         if moments.quantized:
-            w, g = w.view(-1, BLOCKSIZE), g.view(-1, BLOCKSIZE)
+            w, g = w.view(-1, block), g.view(-1, block)
         kernels.run(kernel, w, g, *moments.slices(start, end), *tables, *scalars, compiled=hyper.compiled)
-    if whole < weight.numel():  # the partial last 8-bit block, padded with zeros
+    if whole < weight.numel():  # the partial last block of quantized moments, padded with zeros
         padded = moments.padded_tail(whole)
-        w, g = (torch.zeros(1, BLOCKSIZE, dtype=t.dtype, device=t.device) for t in (weight, gradient))
+        w, g = (torch.zeros(1, block, dtype=t.dtype, device=t.device) for t in (weight, gradient))
         count = weight.numel() - whole
         w[0, :count], g[0, :count] = weight[whole:], gradient[whole:]
         kernels.run(kernel, w, g, *padded, *tables, *scalars, compiled=hyper.compiled)
@@ -112,10 +111,10 @@ def plain_update_(p: torch.Tensor, grad: torch.Tensor, moments: Moments, hyper: 
         weight[whole:] = w[0, :count]
 
 
-def _pieces(start: int, end: int, chunk: int, compiled: bool) -> list[tuple[int, int]]:
-    """[start, end) in pieces of whole 8-bit blocks, at most `chunk` long, or EAGER_CHUNK_NUMEL for eager kernels."""
+def _pieces(start: int, end: int, chunk: int, compiled: bool, block: int) -> list[tuple[int, int]]:
+    """[start, end) in pieces of whole blocks, at most `chunk` long, or EAGER_CHUNK_NUMEL for eager kernels."""
     size = min(chunk, CHUNK_NUMEL if compiled else EAGER_CHUNK_NUMEL)
-    size = max(BLOCKSIZE, size - size % BLOCKSIZE)
+    size = max(block, size - size % block)
     return [(a, min(a + size, end)) for a in range(start, end, size)]
 
 
@@ -129,19 +128,19 @@ def adam_direction(low_rank: torch.Tensor, moments: Moments, start: int, hyper: 
     direction = torch.empty_like(flat) if out is None else out.view(-1)
     scalars = (hyper.beta1, hyper.beta2, hyper.eps)
     whole = max(start, moments.whole_blocks_end(end))
-    for a, b in _pieces(start, whole, chunk, hyper.compiled):
+    for a, b in _pieces(start, whole, chunk, hyper.compiled, moments.block):
         if moments.quantized:
             direction[a - start:b - start] = kernels.run(
-                kernels.adam_8, flat[a - start:b - start], *moments.slices(a, b), *moments.tables, *scalars,
+                kernels.adam_q, flat[a - start:b - start], *moments.slices(a, b), *moments.tables, *scalars,
                 compiled=hyper.compiled).view(-1)
         else:
             direction[a - start:b - start] = kernels.adam_32(flat[a - start:b - start], *moments.slices(a, b),
                                                              *scalars)
-    if whole < end:  # the partial last block of an 8-bit moment, padded with zeros
+    if whole < end:  # the partial last block of a quantized moment, padded with zeros
         padded = moments.padded_tail(whole)
-        grad = torch.zeros(1, BLOCKSIZE, dtype=flat.dtype, device=flat.device)
+        grad = torch.zeros(1, moments.block, dtype=flat.dtype, device=flat.device)
         grad[0, : end - whole] = flat[whole - start:]
-        tail = kernels.run(kernels.adam_8, grad, *padded, *moments.tables, *scalars, compiled=hyper.compiled)
+        tail = kernels.run(kernels.adam_q, grad, *padded, *moments.tables, *scalars, compiled=hyper.compiled)
         moments.store_tail(whole, padded)
         direction[whole - start:] = tail.view(-1)[: end - whole]
     return direction.view_as(low_rank)
@@ -202,7 +201,7 @@ def projected_update_(p: torch.Tensor, grad: torch.Tensor, moments: Moments, pro
     """One GaLore or GradNormLoRP step on `p`, by row chunks."""
     m, n = p.shape
     rank = projection.basis.shape[0 if projection.side == "right" else 1]
-    aligned = BLOCKSIZE // math.gcd(rank, BLOCKSIZE) if moments.quantized and projection.side == "right" else 1
+    aligned = moments.block // math.gcd(rank, moments.block) if projection.side == "right" else 1
     chunks = row_chunks(m, n, aligned, chunk)
     buffers = RowBuffers(p, chunks[0][1])
     alpha = -hyper.step_size * projection.scale
