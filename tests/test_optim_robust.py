@@ -236,3 +236,17 @@ def test_consecutive_skipped_steps_are_counted_and_reset_by_a_good_one() -> None
         opt.step()
         streak.append(opt.skipped_steps_in_a_row)
     assert streak == [1, 2, 0, 1]
+
+
+@pytest.mark.parametrize("where", [None, 0, 999, 1000, 20_999])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_the_checkpoint_guard_finds_a_bad_weight_anywhere_piece_by_piece(where: int | None, bad: float) -> None:
+    """engine.all_finite walks pieces (a whole embedding's isfinite held GBs); it answers as isfinite on the whole."""
+    from gnlorp.engine import all_finite
+
+    weights = [torch.randn(7), torch.randn(3, 7000, dtype=torch.bfloat16)]
+    if where is not None:
+        weights[1].view(-1)[where] = bad
+    expected = all(bool(torch.isfinite(w).all()) for w in weights)
+    assert all_finite(weights, piece_numel=1000) is expected
+    assert expected is (where is None)
