@@ -176,6 +176,66 @@ def _run_estimate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_plan(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "plan", help="find the fastest settings of a run that fit a device, and write them as a config",
+        description="Search the memory-saving settings (optimizer bits, projector dtype, weight dtype, layer-wise "
+        "steps, activation checkpointing, the chunked loss, micro-batch and accumulation at the same tokens per "
+        "step; the rank too unless given) with the estimator, and print the fastest run that fits. Exit 2 when "
+        "nothing fits, with what comes closest.",
+    )
+    parser.add_argument("--config", help="a YAML run config to start from (its data, lr, steps are kept)")
+    parser.add_argument("--device", default="this-machine",
+                        help="rtx-4090, rtx-3090, l4, t4, a100-40gb, a100-80gb, h100-80gb or this-machine")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object: fits, config, predicted_peak_bytes, device_bytes, parts")
+    parser.add_argument("--write-config", metavar="FILE", help="write the planned run as YAML for train --config")
+    add_config_arguments(parser, ["model", "task", "method", "rank", "batch_size", "seq_len", "grad_accum",
+                                  "targets", "proj_type"])
+    parser.set_defaults(run=_run_plan)
+
+
+def _run_plan(args: argparse.Namespace) -> int:
+    import json
+
+    cfg = config_from_args(args)
+    if args.write_config and Path(args.write_config).exists():
+        raise ConfigError(f"{args.write_config} already exists; choose another --write-config file")
+    from gnlorp.memory import plan
+
+    result = plan(cfg, args.device, search_rank=args.rank is None and args.config is None)
+    gib = 2**30
+    if args.json:
+        print(json.dumps(result.to_json()))
+    else:
+        chosen = result.config
+        print(f"{'fits' if result.fits else 'nothing fits'} on {result.device.label}: {chosen.method} rank "
+              f"{chosen.rank} needs {result.predicted_peak_bytes / gib:.2f} of {result.device.capacity_bytes / gib:.2f}"
+              f" GiB; {chosen.batch_size} x {chosen.grad_accum} sequences of {chosen.seq_len} tokens per step; "
+              f"rough step time {result.time_factor:.2f}x the unconstrained run's")
+        for change in result.changes:
+            print(f"  {change}")
+        for name, value in result.parts.items():
+            print(f"  {name:<18} {value / gib:8.3f} GiB")
+    if not result.fits:
+        print(f"gnlorp plan: error: nothing fits on {result.device.label}; the closest, {_settings(result.config)}, "
+              f"needs {result.predicted_peak_bytes / gib:.2f} GiB, {result.over_bytes / gib:.2f} GiB over; try a "
+              "shorter --seq-len, fewer sequences per step, another method or a larger device", file=sys.stderr)
+        return 2
+    if args.write_config:
+        result.config.to_yaml(args.write_config)
+        if not args.json:
+            print(f"wrote {args.write_config}; train it with: python -m gnlorp train --config {args.write_config}")
+    return 0
+
+
+def _settings(cfg) -> str:
+    """The settings a plan varies, in one phrase."""
+    on = [name for name in ("layerwise", "grad_checkpointing", "chunked_loss") if getattr(cfg, name)]
+    return (f"{cfg.optim_bits}-bit states, {cfg.proj_dtype} projectors, {cfg.dtype} weights, batch "
+            f"{cfg.batch_size} x {cfg.grad_accum}" + "".join(f", {name}" for name in on))
+
+
 def _count(number: int) -> str:
     """A parameter count short enough for a table column, to four digits: 8.030 B, 134.5 M, 49.66 k."""
     for size, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
@@ -261,7 +321,7 @@ def _run_try(args: argparse.Namespace) -> int:
 
 
 _COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
-    _add_train, _add_estimate, _add_export, _add_try, _add_methods, _add_demo,
+    _add_train, _add_estimate, _add_plan, _add_export, _add_try, _add_methods, _add_demo,
 )
 
 

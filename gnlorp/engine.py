@@ -16,10 +16,11 @@ import shutil
 import threading
 import time
 import traceback
+from collections.abc import Iterable
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -392,7 +393,8 @@ class TrainingRun:
 
 def all_finite(tensors: Iterable[torch.Tensor], piece_numel: int = 2**24) -> bool:
     """Piece by piece: `isfinite` on a whole 128K-row embedding holds gigabytes of temporaries."""
-    return all(bool(torch.isfinite(piece).all()) for t in tensors for piece in t.detach().reshape(-1).split(piece_numel))
+    pieces = (piece for tensor in tensors for piece in tensor.detach().reshape(-1).split(piece_numel))
+    return all(bool(torch.isfinite(piece).all()) for piece in pieces)
 
 
 def _disk_full(exc: BaseException, folder: Path) -> bool:

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from gnlorp.config import RunConfig
-from gnlorp.memory import PARTS, estimate, fit
+from gnlorp.memory import PARTS, estimate, fit, plan
 from studio_process import ENV, ROOT, studio
 
 # So many steps that a run is always still going when a test stops it, however loaded the machine.
@@ -104,6 +104,24 @@ def test_a_config_only_model_says_it_starts_from_random_weights(client: Client, 
     verdict, _, _ = call(client, api, "/budget", Model="llama3-8b")
     cfg = RunConfig.from_yaml(ROOT / "presets" / "tiny-gradnormlorp.yaml", model="llama3-8b")
     assert f"needs {fit(cfg, 'rtx-4090').total_bytes / 2**30:.2f} GiB" in verdict
+
+
+def test_fit_to_device_fills_the_form_with_the_planners_run(client: Client, api: dict) -> None:
+    """The button answers with the library's plan (checked by `estimate`) and puts it in the form's fields."""
+    asked = {"Model": "llama3-8b", "Sequence length": 2048, "Batch size": 2, "Rank": 1024}
+    message, *values = call(client, api, "/fit_to_device", **asked)
+    cfg = RunConfig.from_yaml(ROOT / "presets" / "tiny-gradnormlorp.yaml", model="llama3-8b", seq_len=2048,
+                              batch_size=2, rank=1024)
+    planned = plan(cfg, "rtx-4090").config
+    labels = [p["label"] for p in api["/fit_to_device"]["returns"]][1:]
+    filled = dict(zip(labels, values, strict=True))
+    assert "Planned for RTX 4090" in message
+    assert (filled["Optimizer bits"], filled["Layer-wise updates"], filled["Activation checkpointing"]) == (
+        planned.optim_bits, planned.layerwise, planned.grad_checkpointing)
+    assert fit(planned, "rtx-4090").fits
+    message, *_ = call(client, api, "/fit_to_device", Model="llama3-8b", Method="full", **{"Sequence length": 8192,
+                       "Batch size": 8, "Device": "t4"})
+    assert "Nothing fits on T4 16 GB" in message and "over" in message
 
 
 def test_budget_compares_all_six_methods(client: Client, api: dict) -> None:

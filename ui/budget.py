@@ -1,5 +1,6 @@
 """The Memory budget panel: what the chosen run needs, part by part, whether it fits the chosen device, the
-largest batch that would, and every method side by side. It follows each change of the form."""
+largest batch that would, and every method side by side. It follows each change of the form; "Fit to device"
+fills the form with the planner's fastest settings that fit."""
 
 from __future__ import annotations
 
@@ -11,13 +12,13 @@ from typing import Any
 import gradio as gr
 
 from gnlorp.config import RunConfig
-from gnlorp.memory import PARTS, compare, devices, estimate, fit
+from gnlorp.memory import PARTS, Plan, compare, devices, estimate, fit, plan
 
 from .charts import budget_figure, compare_figure, human_bytes
 from .context import Studio
 from .feedback import guarded, ok, problem
 from .setup_tab import SetupTab
-from .widgets import values_to_config
+from .widgets import config_to_values, values_to_config
 
 DEFAULT_DEVICE = "rtx-4090"
 
@@ -40,6 +41,18 @@ def verdict(cfg: RunConfig, device_name: str) -> str:
     return problem(f"Does not fit on {result.device.label}: needs {need} of {have} ({share:.0%}). {largest} "
                    "Try a lower batch size or sequence length, 8-bit states, gradnormlorp/galore, activation "
                    "checkpointing or layer-wise updates.")
+
+
+def plan_message(result: Plan) -> str:
+    """What the planner changed and what it costs, or what comes closest when nothing fits."""
+    need, have = human_bytes(result.predicted_peak_bytes), human_bytes(result.device.capacity_bytes)
+    if not result.fits:
+        return problem(f"Nothing fits on {result.device.label}: the leanest settings need {need} of {have}, "
+                       f"{human_bytes(result.over_bytes)} over. Try a shorter sequence, fewer sequences per step or a "
+                       "larger device.")
+    changed = "; ".join(result.changes) or "nothing: the run fits as it is"
+    return ok(f"Planned for {result.device.label}: needs {need} of {have}, rough step time "
+              f"{result.time_factor:.2f}x the unconstrained run's. Changed: {changed}.")
 
 
 def device_rows(cfg: RunConfig) -> list[list[Any]]:
@@ -65,6 +78,8 @@ def build_budget(studio: Studio, setup: SetupTab, page: gr.Blocks) -> BudgetPane
     chosen = gr.Plot(label="This run", elem_id="budget-chosen")
     table = gr.Dataframe(headers=["device", "memory", "this run needs", "fits"], label="Devices",
                          interactive=False, elem_id="budget-devices")
+    fit_button = gr.Button("Fit to device", size="sm", elem_id="budget-fit")
+    plan_md = gr.Markdown(elem_id="budget-plan")
     everything = gr.Plot(label="All methods", elem_id="budget-compare")
     cache: dict[tuple, dict[str, dict[str, int]]] = {}
     lock = threading.Lock()
@@ -97,4 +112,15 @@ def build_budget(studio: Studio, setup: SetupTab, page: gr.Blocks) -> BudgetPane
           trigger_mode="always_last", show_progress="hidden")
     gr.on(triggers, update_all, inputs=inputs, outputs=[verdict_md, everything],
           api_name="budget_all_methods", trigger_mode="always_last", show_progress="hidden")
+
+    @guarded(1 + len(setup.inputs), 0, studio.error_log)
+    def fit_to_device(*values: Any) -> tuple:
+        *form, device_name = values
+        cfg = values_to_config(form)
+        studio.check_model(cfg)
+        result = plan(cfg, device_name)
+        filled = config_to_values(result.config) if result.fits else [gr.skip()] * len(setup.inputs)
+        return plan_message(result), *filled
+
+    fit_button.click(fit_to_device, inputs=inputs, outputs=[plan_md, *setup.inputs], api_name="fit_to_device")
     return BudgetPanel(device, verdict_md)

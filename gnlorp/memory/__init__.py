@@ -3,11 +3,12 @@
 from .devices import Device, devices, get_device, this_machine
 from .estimate import CPU_OVERHEAD, CUDA_CONTEXT, PARTS, Fit, compare, estimate, fit
 from .monitor import MemoryMonitor
+from .plan import Plan, plan
 from .release import return_freed_memory
 from .state import moment_bytes, optimizer_state_parts, predict_optimizer_state_bytes
 
 __all__ = [
-    "CPU_OVERHEAD", "CUDA_CONTEXT", "PARTS", "Device", "Fit", "MemoryMonitor", "compare", "devices", "estimate",
-    "fit", "get_device", "moment_bytes", "optimizer_state_parts", "predict_optimizer_state_bytes",
+    "CPU_OVERHEAD", "CUDA_CONTEXT", "PARTS", "Device", "Fit", "MemoryMonitor", "Plan", "compare", "devices", "estimate",
+    "fit", "get_device", "moment_bytes", "optimizer_state_parts", "plan", "predict_optimizer_state_bytes",
     "return_freed_memory", "this_machine",
 ]

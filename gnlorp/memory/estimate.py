@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 
 from torch import nn
 
@@ -187,21 +188,48 @@ def _identical_layers(base, cfg: RunConfig) -> int | None:
     return count if all(t == per_layer[0] for t in per_layer) else None
 
 
-def _budget(cfg: RunConfig, device: Device) -> _Budget:
+# What the model's shapes and the optimizer's groups do not depend on: the planner varies these freely.
+_NOT_COUNTED = ("batch_size", "seq_len", "grad_accum", "grad_checkpointing", "chunked_loss", "layerwise",
+                "max_grad_norm", "output", "data", "max_steps", "lr", "seed", "warmup_steps", "eval_every",
+                "checkpoint_every", "eval_fraction")
+
+
+def _shapes(cfg: RunConfig) -> tuple[object, _Counts]:
+    """The model's config and its counts, remembered: the planner asks about hundreds of runs of one model."""
+    counted = dataclasses.replace(cfg, **{name: getattr(_DEFAULTS, name) for name in _NOT_COUNTED})
+    folder_config = Path(cfg.model) / "config.json"
+    key = (dataclasses.astuple(counted), folder_config.stat().st_mtime_ns if folder_config.is_file() else None)
+    if key not in _SHAPES:
+        if len(_SHAPES) >= 128:
+            _SHAPES.pop(next(iter(_SHAPES)))
+        _SHAPES[key] = _count_shapes(counted)
+    return _SHAPES[key]
+
+
+_DEFAULTS = RunConfig()
+_SHAPES: dict[tuple, tuple[object, _Counts]] = {}
+
+
+def _count_shapes(cfg: RunConfig) -> tuple[object, _Counts]:
     from ..methods import get_method
     from ..models import meta_model
 
     method = get_method(cfg.method)
     num_labels = 2 if cfg.task == "seq-cls" else None  # the head's size barely matters; the data is not read
     base = meta_model(cfg.model, cfg.task, num_labels)
-    config = base.config
     layers = _identical_layers(base, cfg)
     if layers is not None and layers > 2:
         # Wrapping every layer of a 7B model in peft takes seconds; one and two layers tell the same, exactly.
         one, two = (_count(cfg, method, meta_model(cfg.model, cfg.task, num_labels, layers=k)) for k in (1, 2))
-        counts = one.extrapolate(two, layers)
-    else:
-        counts = _count(cfg, method, base)
+        return base.config, one.extrapolate(two, layers)
+    return base.config, _count(cfg, method, base)
+
+
+def _budget(cfg: RunConfig, device: Device) -> _Budget:
+    from ..methods import get_method
+
+    method = get_method(cfg.method)
+    config, counts = _shapes(cfg)
     weight_bytes = 2 if cfg.dtype == "bfloat16" else 4
     outputs = config.vocab_size if cfg.task == "causal-lm" else config.num_labels
     autocast = device.kind == "cuda"

@@ -1,0 +1,138 @@
+"""Plan a run that fits a device: search the memory-saving settings with the estimator, the fastest first.
+
+Some settings save memory at no cost in time: 8- or 4-bit moments, bfloat16 or int8 projectors, bfloat16
+weights, layer-wise steps. They may cost a little quality, so each carries a penalty (QUALITY_COST). Others cost
+time, by a rough model of one step (time_factor): activation checkpointing runs the decoder's forward twice
+(+1/3), the chunked loss runs the head a third time, and splitting the asked sequences into smaller
+micro-batches (more accumulation, the same tokens per step) runs each matmul on fewer tokens. The plan is the
+fitting candidate that is fastest, then loses the least, then needs the least memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from dataclasses import dataclass
+
+from ..config import ConfigError, RunConfig
+from ..loss import SUPPORTED as CHUNKED_LOSS_MODELS
+from .devices import Device
+from .estimate import CUDA_CONTEXT, PARTS, _device, _shapes, estimate
+
+PROJECTED = ("galore", "gradnormlorp")
+LAYERWISE = ("full", "galore", "gradnormlorp")
+# Quality cost of each setting that saves memory without costing time: a preference order, not a measurement
+# (docs/BENCHMARKS.md has the measured losses: 8-bit states track 32-bit closely, 4-bit a little less).
+QUALITY_COST = {
+    "optim_bits": {32: 0.0, 8: 1.0, 4: 2.0},
+    "proj_dtype": {"float32": 0.0, "bfloat16": 0.25, "int8": 0.5},
+    "dtype": {"float32": 0.0, "bfloat16": 1.5},  # updates smaller than a bf16 weight's spacing are lost
+    "layerwise": {False: 0.0, True: 0.5},  # no global gradient clipping
+}
+# A matmul on fewer tokens than this runs well below the GPU's peak: time per token ~ 1 + SATURATION / tokens.
+SATURATION_TOKENS = 256
+RECOMPUTE = 1 / 3  # activation checkpointing: one more forward of the decoder, forward being 1/3 of a step
+
+
+@dataclass(frozen=True)
+class Plan:
+    fits: bool
+    config: RunConfig  # the run to train (when nothing fits: the one that comes closest)
+    device: Device
+    parts: dict[str, int]  # the estimate's PARTS plus the CUDA context; they sum to predicted_peak_bytes
+    predicted_peak_bytes: int
+    time_factor: float  # rough step time against the same tokens with no memory-saving setting
+    changes: tuple[str, ...]  # what the plan changed from the asked run, in words
+
+    @property
+    def over_bytes(self) -> int:
+        return max(0, self.predicted_peak_bytes - self.device.capacity_bytes)
+
+    def to_json(self) -> dict:
+        return {"fits": self.fits, "config": dataclasses.asdict(self.config),
+                "predicted_peak_bytes": self.predicted_peak_bytes, "device": self.device.name,
+                "device_bytes": self.device.capacity_bytes, "parts": self.parts,
+                "time_factor": round(self.time_factor, 4), "changes": list(self.changes)}
+
+
+def plan(cfg: RunConfig, device: str | Device, *, search_rank: bool = False) -> Plan:
+    """The fastest settings of `cfg`'s run that fit `device`, keeping its tokens per step (sequences × length).
+
+    `search_rank` also tries smaller projection ranks (hidden/4, the paper's 7B choice, down to hidden/32) with
+    a quality cost of one per halving; otherwise `cfg.rank` is kept.
+    """
+    target = _device(device)
+    context = CUDA_CONTEXT if target.kind == "cuda" else 0
+    best: tuple | None = None
+    leanest: tuple | None = None
+    for candidate, quality in _candidates(cfg, search_rank):
+        parts = estimate(candidate, target)
+        needed = parts["total"] + context
+        entry = (candidate, parts, needed)
+        if leanest is None or needed < leanest[2]:
+            leanest = entry
+        if needed <= target.capacity_bytes:
+            key = (round(time_factor(candidate), 6), quality, needed)
+            if best is None or key < best[0]:
+                best = (key, entry)
+    chosen, fits = (best[1], True) if best is not None else (leanest, False)
+    if chosen is None:
+        raise ConfigError(f"no valid setting to plan for {cfg.method} on {cfg.model}; check --method and --task")
+    candidate, parts, needed = chosen
+    shown = {name: parts[name] for name in PARTS} | {"cuda_context": context}
+    return Plan(fits, candidate, target, shown, needed, time_factor(candidate), tuple(_changes(cfg, candidate)))
+
+
+def time_factor(cfg: RunConfig) -> float:
+    """A step's rough time against the same tokens in one micro-batch, without checkpointing or chunked loss."""
+    config, counts = _shapes(cfg)
+    sequences = cfg.batch_size * cfg.grad_accum
+
+    def per_token(micro_batch: int) -> float:
+        return 1 + SATURATION_TOKENS / (micro_batch * cfg.seq_len)
+
+    factor = per_token(cfg.batch_size) / per_token(sequences)
+    if cfg.grad_checkpointing:
+        factor *= 1 + RECOMPUTE
+    if cfg.chunked_loss:  # the head's forward again in backward: 2 of the step's 6 flops per head weight
+        head = config.vocab_size * config.hidden_size
+        factor *= 1 + head / (3 * max(counts.params, 1))
+    return factor
+
+
+def _candidates(cfg: RunConfig, search_rank: bool):
+    """Every valid combination of the settings the planner may change, with its quality cost."""
+    config, _ = _shapes(cfg)
+    sequences = cfg.batch_size * cfg.grad_accum
+    micro_batches = [b for b in range(sequences, 0, -1) if sequences % b == 0]
+    projected = cfg.method in PROJECTED
+    ranks = [cfg.rank]
+    if search_rank and projected:
+        top = max(1, config.hidden_size // 4)
+        ranks = [max(1, top >> k) for k in range(4)]
+    chunked = (False, True) if cfg.task == "causal-lm" and config.model_type in CHUNKED_LOSS_MODELS else (False,)
+    options = itertools.product(
+        ranks, QUALITY_COST["optim_bits"], QUALITY_COST["proj_dtype"] if projected else [cfg.proj_dtype],
+        QUALITY_COST["dtype"], (False, True) if cfg.method in LAYERWISE else (False,), (False, True), chunked,
+        micro_batches)
+    for rank, bits, proj_dtype, dtype, layerwise, checkpointing, chunked_loss, micro in options:
+        changed = dict(rank=rank, optim_bits=bits, proj_dtype=proj_dtype, dtype=dtype, layerwise=layerwise,
+                       grad_checkpointing=checkpointing, chunked_loss=chunked_loss, batch_size=micro,
+                       grad_accum=sequences // micro)
+        if layerwise:
+            changed["max_grad_norm"] = 0.0
+        try:
+            candidate = dataclasses.replace(cfg, **changed).validate()
+        except ConfigError:
+            continue  # e.g. layer-wise steps with accumulation
+        quality = (QUALITY_COST["optim_bits"][bits] + QUALITY_COST["dtype"][dtype]
+                   + QUALITY_COST["layerwise"][layerwise] + math.log2(ranks[0] / rank)
+                   + (QUALITY_COST["proj_dtype"][proj_dtype] if projected else 0.0))
+        yield candidate, quality
+
+
+def _changes(asked: RunConfig, planned: RunConfig) -> list[str]:
+    """The settings the plan changed, as `name: old → new`."""
+    return [f"{f.name}: {getattr(asked, f.name)} → {getattr(planned, f.name)}" for f in dataclasses.fields(RunConfig)
+            if getattr(asked, f.name) != getattr(planned, f.name)]
