@@ -14,12 +14,15 @@ numbers read back from the run's metrics.jsonl and summary.json:
 Learning rates are one per method, from each method's usual range (the shipped presets for pre-training), set
 before the runs and not swept (one 15-step probe chose the fine-tuning scale, see FINETUNE); the table shows
 them. Figures: train and held-out loss against step, one line per method (first seed).
+`--rows` keeps only the named rows (the pre-training table's baseline, full 32-bit, always runs).
 Run:  python benchmarks/quality.py [--quick] [--out DIR] [--seeds 0 1] [--runs DIR [--train-only pretrain]]
+          [--rows "full 4-bit" "galore 4-bit" ...]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -56,11 +59,14 @@ PRETRAIN_HEAD = ("--targets", "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,dow
 PRETRAIN = (
     Method("full 32-bit", "full", 32, 3e-3),
     Method("full 8-bit", "full", 8, 3e-3),
+    Method("full 4-bit", "full", 4, 3e-3),
     Method("lora", "lora", 8, 1e-2, (*PRETRAIN_HEAD, "--lora-alpha", "32")),
     Method("dora", "dora", 8, 1e-2, (*PRETRAIN_HEAD, "--lora-alpha", "32")),
     Method("vera", "vera", 8, 1e-2, PRETRAIN_HEAD),
     Method("galore", "galore", 8, 1e-2, ("--scale", "0.25")),
+    Method("galore 4-bit", "galore", 4, 1e-2, ("--scale", "0.25")),
     Method("gradnormlorp", "gradnormlorp", 8, 1e-2, ("--scale", "0.25")),
+    Method("gradnormlorp 4-bit", "gradnormlorp", 4, 1e-2, ("--scale", "0.25")),
 )
 # Fine-tuning (rank 8): full fine-tuning at a usual encoder rate (1e-4) and at the adapters' rate; LoRA/DoRA at
 # 1e-3 (alpha 16, so alpha/r = 2); VeRA's vectors at ten times LoRA's rate (as in the VeRA paper); GaLore and
@@ -252,18 +258,28 @@ def main() -> None:
     parser.add_argument("--train-only", choices=("pretrain", "finetune"), default=None,
                         help="only train this experiment's runs into --runs, print nothing (to run the two side by "
                              "side; a later call with the same --runs reads them back)")
+    parser.add_argument("--rows", nargs="+", default=None, help="only these rows (by label), e.g. 'galore 4-bit'")
     args = parser.parse_args()
     if args.train_only and args.runs is None:
         parser.error("--train-only needs --runs, where a later call finds the runs")
     seeds = args.seeds or ([0] if args.quick else [0, 1])
     cls_model = "minilm" if minilm_folder() is not None else "tiny"
     pretrain, finetune = experiments(args.quick, cls_model)
+    if args.rows:
+        keep = set(args.rows) | {"full 32-bit"}
+        pretrain = dataclasses.replace(pretrain, methods=tuple(m for m in pretrain.methods if m.label in keep))
+        finetune = dataclasses.replace(finetune, methods=tuple(m for m in finetune.methods if m.label in args.rows))
     with tempfile.TemporaryDirectory(prefix="gnlorp-quality-") as tmp:
         root = args.runs or Path(tmp)
-        chosen = tuple(e for e in (pretrain, finetune) if args.train_only in (None, e.key))
+        chosen = tuple(e for e in (pretrain, finetune) if args.train_only in (None, e.key) and e.methods)
         runs = run_all(chosen, seeds, root)
         if args.train_only:
             return
+    if not finetune.methods:  # --rows named pre-training rows only
+        command = "OMP_NUM_THREADS=1 python benchmarks/quality.py " + " ".join(sys.argv[1:])
+        write_section(args.out, NAME, f"```bash\n{command}\n```\n\nMachine: {machine()}; "
+                      f"{datetime.date.today().isoformat()}.\n\n{pretrain_table(pretrain, runs['pretrain'], seeds)}\n")
+        return
     pre_runs, fine_runs = runs[pretrain.key], runs[finetune.key]
     wall_min = sum(r.wall_s for rs in (*pre_runs.values(), *fine_runs.values()) for r in rs) / 60
     section = render(args, seeds, pretrain, finetune, pre_runs, fine_runs, wall_min)
@@ -298,8 +314,8 @@ held-out 10%, the same for every method.
 
 Pre-training `{pretrain.model}` from random init on `presets/data/fortunes.jsonl`: {pretrain.steps} steps of
 {pretrain.batch} x {pretrain.seq_len} tokens, warm-up {pretrain.warmup} then cosine, clipping 1.0, rank {pretrain.rank}
-for every low-rank method (projector refresh every {pretrain.gap} steps, scale 0.25), 8-bit Adam states except
-`full 32-bit`. LoRA, DoRA (alpha 32) and VeRA also adapt the output head (their embeddings stay frozen at random
+for every low-rank method (projector refresh every {pretrain.gap} steps, scale 0.25), Adam states in the bits the
+table shows. LoRA, DoRA (alpha 32) and VeRA also adapt the output head (their embeddings stay frozen at random
 init). A uniform guess over the 4096-token vocabulary scores 8.32.
 
 {pretrain_table(pretrain, pre_runs, seeds)}
