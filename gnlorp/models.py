@@ -203,11 +203,18 @@ def meta_model(name_or_path: str | os.PathLike, task: str, num_labels: int | Non
     """
     config = load_model_config(name_or_path, task, num_labels, trust_remote_code=trust_remote_code)
     if layers is not None:
-        config.num_hidden_layers = layers
-        if isinstance(getattr(config, "layer_types", None), list):
-            config.layer_types = config.layer_types[:layers]
+        keep_layers(config, layers)
     with torch.device("meta"):
         return _auto_class(task).from_config(config, trust_remote_code=trust_remote_code, dtype=torch.float32)
+
+
+def keep_layers(config: PretrainedConfig, layers: int) -> PretrainedConfig:
+    """The same architecture with its first `layers` decoder layers (per-layer lists such as Qwen2's layer_types cut
+    to match)."""
+    config.num_hidden_layers = layers
+    if isinstance(getattr(config, "layer_types", None), list):
+        config.layer_types = config.layer_types[:layers]
+    return config
 
 
 def _torch_dtype(dtype: torch.dtype | str) -> torch.dtype:

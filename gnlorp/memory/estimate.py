@@ -1,12 +1,15 @@
 """Predict the peak memory of a run from the model's config alone (meta device, nothing loaded).
 
 Weights, gradients, optimizer states and projectors are exact counts. What backward needs comes from measured
-per-token coefficients (activations.py). A training step has three high points, and the peak is the highest:
+per-token coefficients (activations.py). A training step has four high points, and the peak is the highest:
   the loss's backward: activations + the two fp32 logit-sized gradients it makes (of the log-probabilities and
       of the logits) - earlier gradients are gone, `zero_grad(set_to_none=True)`, unless micro-batches
       accumulate them;
   the head's backward: activations (the log-probabilities freed, the logits' gradient made) + the head's
       gradient;
+  with activation checkpointing, a decoder layer's recomputation: the saved activations + that layer's rebuilt
+      ones + the gradients made so far (every one but the input embedding's; layer-wise, only one layer
+      weight's and its update: the head's was stepped and freed before any layer is rebuilt);
   the optimizer step: every gradient + what one weight's update holds at once (a few chunks of the streaming
       step, or a projector refresh's SVD).
 Weights, optimizer state, projectors and the framework's own overhead are there throughout.
@@ -59,7 +62,10 @@ class _Budget:
     accumulating: bool  # micro-batches add into gradients that persist through backward
     layerwise: bool  # each weight steps (and drops its gradient) inside backward
     update: int  # the most one weight's update holds at once
+    before_embedding: int  # the gradients of everything but the input embedding
+    layer_step: int  # layer-wise: the most one decoder-layer weight's gradient and update hold together
     per_sequence: int  # what autograd saved for one sequence, at the end of the forward pass
+    recomputed_per_sequence: int  # what a checkpointed layer rebuilds in backward, one sequence's (0 without)
     logits_per_sequence: int  # one fp32 logit-sized tensor of one sequence (0 with the chunked loss)
     loss_fixed: int  # the chunked loss's backward: one chunk of fp32 logits
     loss_per_sequence: int  # the chunked loss's backward: the final hidden states' gradient, one sequence's
@@ -77,6 +83,9 @@ class _Budget:
              "activations": saved + self.loss_fixed + batch * self.loss_per_sequence},
             {"gradients": self.gradients + (0 if self.layerwise else self.update), "activations": 0},
         ]
+        if self.recomputed_per_sequence:
+            made = self.layer_step if self.layerwise else max(persisting, self.before_embedding)
+            moments.append({"gradients": made, "activations": saved + batch * self.recomputed_per_sequence})
         peak = max(moments, key=lambda moment: sum(moment.values()))
         parts = {**self.fixed, **peak}
         return {name: parts[name] for name in PARTS}
@@ -124,7 +133,7 @@ def _report(budget: _Budget, batch: int) -> dict[str, int]:
 
 @dataclass(frozen=True)
 class _Counts:
-    """What the estimate counts on a prepared model; every field but the last four adds up layer by layer."""
+    """What the estimate counts on a prepared model; the first five fields add up layer by layer."""
 
     params: int
     trainable: int
@@ -135,6 +144,8 @@ class _Counts:
     head: int  # the trained output head's numel (0 when it does not train)
     update: int  # the most one weight's update holds at once
     layerwise_step: int  # the most one weight's gradient and update hold together
+    embedding: int  # the trained input embedding's numel, when it is not also the head (else 0)
+    layer_step: int  # the most one weight's gradient and update hold together, embeddings and head aside
 
     def extrapolate(self, two: _Counts, layers: int) -> _Counts:
         """From the counts of a 1-layer (self) and a 2-layer model to `layers` identical layers."""
@@ -143,7 +154,8 @@ class _Counts:
 
         additive = ("params", "trainable", "states", "projectors", "target_features")
         return _Counts(**{name: grow(name) for name in additive}, largest=two.largest, head=two.head,
-                       update=two.update, layerwise_step=two.layerwise_step)
+                       update=two.update, layerwise_step=two.layerwise_step, embedding=two.embedding,
+                       layer_step=two.layer_step)
 
 
 def _count(cfg: RunConfig, method, base) -> _Counts:
@@ -155,16 +167,23 @@ def _count(cfg: RunConfig, method, base) -> _Counts:
     params = list(model.parameters())
     trainable = [p for p in params if p.requires_grad]
     head = model.get_output_embeddings() if cfg.task == "causal-lm" else None
+    head_weight = head.weight if head is not None and head.weight.requires_grad else None
+    embedding = model.get_input_embeddings().weight
+    embedding = embedding if embedding.requires_grad and embedding is not head_weight else None
     groups = method.param_groups(model, cfg)
     states, projectors = optimizer_state_parts(groups, cfg.optim_bits)
     updates = update_temporaries(groups)
+    trained = [p for group in groups for p in group["params"] if p.requires_grad]
+    in_layers = [step for p, step in zip(trained, updates, strict=True) if p is not embedding and p is not head_weight]
     return _Counts(
         params=sum(p.numel() for p in params), trainable=sum(p.numel() for p in trainable), states=states,
         projectors=projectors, target_features=sum(m + n for m, n in targets),
         largest=max(p.numel() for p in trainable),
-        head=head.weight.numel() if head is not None and head.weight.requires_grad else 0,
+        head=head_weight.numel() if head_weight is not None else 0,
         update=max(held for _, held in updates),
         layerwise_step=max(numel * weight_bytes + held for numel, held in updates),
+        embedding=embedding.numel() if embedding is not None else 0,
+        layer_step=max((numel * weight_bytes + held for numel, held in in_layers), default=0),
     )
 
 
@@ -258,7 +277,10 @@ def _budget(cfg: RunConfig, device: Device) -> _Budget:
         # Layer-wise, one weight's gradient and update are what the step adds: reported as that gradient (the
         # largest, under "gradients") and the rest of the worst weight's gradient and update.
         update=counts.layerwise_step - counts.largest * weight_bytes if cfg.layerwise else counts.update,
-        per_sequence=int(saved + recomputed + method_saved),
+        before_embedding=(counts.trainable - counts.embedding) * weight_bytes,
+        layer_step=counts.layer_step,
+        per_sequence=int(saved + (0 if cfg.grad_checkpointing else method_saved)),
+        recomputed_per_sequence=int(recomputed + method_saved) if cfg.grad_checkpointing else 0,
         logits_per_sequence=0 if chunked else 4 * cfg.seq_len * outputs,
         loss_fixed=4 * chunk_tokens(outputs) * outputs if chunked else 0,
         loss_per_sequence=cfg.seq_len * config.hidden_size * weight_bytes if chunked else 0,
