@@ -210,16 +210,18 @@ def _run_plan(args: argparse.Namespace) -> int:
     else:
         chosen = result.config
         print(f"{'fits' if result.fits else 'nothing fits'} on {result.device.label}: {chosen.method} rank "
-              f"{chosen.rank} needs {result.predicted_peak_bytes / gib:.2f} of {result.device.capacity_bytes / gib:.2f}"
-              f" GiB; {chosen.batch_size} x {chosen.grad_accum} sequences of {chosen.seq_len} tokens per step; "
-              f"rough step time {result.time_factor:.2f}x the unconstrained run's")
+              f"{chosen.rank} needs {result.predicted_peak_bytes / gib:.2f} of {result.budget_bytes / gib:.2f} GiB "
+              f"(the card's {result.device.capacity_bytes / gib:.2f} less 5% kept free); {chosen.batch_size} x "
+              f"{chosen.grad_accum} sequences of {chosen.seq_len} tokens per step; rough step time "
+              f"{result.time_factor:.2f}x the unconstrained run's")
         for change in result.changes:
             print(f"  {change}")
         for name, value in result.parts.items():
             print(f"  {name:<18} {value / gib:8.3f} GiB")
     if not result.fits:
         print(f"gnlorp plan: error: nothing fits on {result.device.label}; the closest, {_settings(result.config)}, "
-              f"needs {result.predicted_peak_bytes / gib:.2f} GiB, {result.over_bytes / gib:.2f} GiB over; try a "
+              f"needs {result.predicted_peak_bytes / gib:.2f} GiB, {result.over_bytes / gib:.2f} GiB over the "
+              f"{result.budget_bytes / gib:.2f} GiB it may use; try a "
               "shorter --seq-len, fewer sequences per step, another method or a larger device", file=sys.stderr)
         return 2
     if args.write_config:

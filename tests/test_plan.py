@@ -1,6 +1,6 @@
-"""The planner against the estimator: its run fits by `estimate`, keeps the asked tokens per step, and uses no
-memory-saving setting it could do without (undo any one and `estimate` says it no longer fits); nothing fits →
-one line and exit 2; --write-config writes a config that `train --config` runs."""
+"""The planner against the estimator: its run fits by `estimate` (with the headroom it keeps), keeps the asked
+tokens per step, and uses no memory-saving setting it could do without (undo any one and `estimate` says it no
+longer fits); nothing fits → one line and exit 2; --write-config writes a config that `train --config` runs."""
 
 from __future__ import annotations
 
@@ -74,13 +74,14 @@ def test_the_plan_fits_by_estimate_and_needs_every_saving_it_makes(model, method
     result = plan(asked, target)
     assert result.fits
     chosen = result.config
-    assert needed(chosen, target) == result.predicted_peak_bytes <= target.capacity_bytes
+    assert result.budget_bytes == int(0.95 * target.capacity_bytes)
+    assert needed(chosen, target) == result.predicted_peak_bytes <= result.budget_bytes
     assert sum(result.parts.values()) == result.predicted_peak_bytes
     assert {name: result.parts[name] for name in PARTS} == {name: estimate(chosen, target)[name] for name in PARTS}
     assert chosen.batch_size * chosen.grad_accum == sequences and chosen.seq_len == tokens
     assert (chosen.model, chosen.method, chosen.rank) == (model, method, asked.rank)
     for variant in undone(chosen, asked):
-        assert needed(variant, target) > target.capacity_bytes, f"the plan need not have used {variant}"
+        assert needed(variant, target) > result.budget_bytes, f"the plan need not have used {variant}"
 
 
 def test_a_run_that_fits_as_it_is_gets_no_memory_saving_setting():
@@ -98,7 +99,7 @@ def test_without_a_rank_the_largest_that_fits_is_chosen_from_hidden_over_four():
     tight = plan(asked, "rtx-4090", search_rank=True)
     assert tight.fits and tight.config.rank in (1024, 512, 256, 128)
     for variant in undone(tight.config, dataclasses.replace(asked, rank=1024)):
-        assert needed(variant, tight.device) > tight.device.capacity_bytes
+        assert needed(variant, tight.device) > tight.budget_bytes
 
 
 def test_nothing_fits_gives_the_closest_and_by_how_much():
@@ -106,7 +107,7 @@ def test_nothing_fits_gives_the_closest_and_by_how_much():
     result = plan(RunConfig(model="llama3-8b", method="gradnormlorp", rank=1024, batch_size=2, seq_len=2048),
                   tiny_card)
     assert not result.fits
-    assert result.over_bytes == needed(result.config, tiny_card) - GIB > 0
+    assert result.over_bytes == needed(result.config, tiny_card) - int(0.95 * GIB) > 0
     lean = dict(optim_bits=4, proj_dtype="int8", dtype="bfloat16", grad_checkpointing=True, chunked_loss=True)
     leanest = [dataclasses.replace(result.config, **lean, layerwise=True, max_grad_norm=0.0, batch_size=2,
                                    grad_accum=1),
@@ -140,3 +141,14 @@ def test_cli_json_and_the_written_config_train(tmp_path):
     trained = gnlorp("train", "--config", written, "--max-steps", "2", "--output", run)
     assert trained.returncode == 0, trained.stderr
     assert json.loads((run / "summary.json").read_text())["steps"] == 2
+
+
+def test_the_planner_finds_the_hand_written_24gb_recipe():
+    """From the model, the device and the tokens alone, the plan is the Llama-3-8B preset written by hand before
+    the planner. (For Qwen2.5-7B it takes hidden/4 = 896 as its rank, and at the preset's 1024 float32 projectors,
+    which fit with 0.1 GiB to spare where the preset keeps int8's 1.5 GiB.)"""
+    preset = RunConfig.from_yaml(ROOT / "presets" / "llama3-8b-gradnormlorp-24gb.yaml")
+    chosen = plan(RunConfig(model="llama3-8b", batch_size=2, seq_len=2048), "rtx-4090", search_rank=True).config
+    knobs = ("rank", "optim_bits", "proj_dtype", "dtype", "layerwise", "grad_checkpointing", "chunked_loss",
+             "batch_size", "grad_accum", "max_grad_norm")
+    assert {k: getattr(chosen, k) for k in knobs} == {k: getattr(preset, k) for k in knobs}

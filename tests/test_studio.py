@@ -118,7 +118,7 @@ def test_fit_to_device_fills_the_form_with_the_planners_run(client: Client, api:
     assert "Planned for RTX 4090" in message
     assert (filled["Optimizer bits"], filled["Layer-wise updates"], filled["Activation checkpointing"]) == (
         planned.optim_bits, planned.layerwise, planned.grad_checkpointing)
-    assert fit(planned, "rtx-4090").fits
+    assert fit(planned, "rtx-4090").total_bytes <= 0.95 * fit(planned, "rtx-4090").device.capacity_bytes
     message, *_ = call(client, api, "/fit_to_device", Model="llama3-8b", Method="full", **{"Sequence length": 8192,
                        "Batch size": 8, "Device": "t4"})
     assert "Nothing fits on T4 16 GB" in message and "over" in message

@@ -1,11 +1,13 @@
 """Plan a run that fits a device: search the memory-saving settings with the estimator, the fastest first.
 
 Some settings save memory at no cost in time: 8- or 4-bit moments, bfloat16 or int8 projectors, bfloat16
-weights, layer-wise steps. They may cost a little quality, so each carries a penalty (QUALITY_COST). Others cost
-time, by a rough model of one step (time_factor): activation checkpointing runs the decoder's forward twice
-(+1/3), the chunked loss runs the head a third time, and splitting the asked sequences into smaller
-micro-batches (more accumulation, the same tokens per step) runs each matmul on fewer tokens. The plan is the
-fitting candidate that is fastest, then loses the least, then needs the least memory.
+weights, layer-wise steps, a smaller rank. They may cost a little quality, so each carries a penalty
+(QUALITY_COST), worth QUALITY_WEIGHT of a step's time per unit. Others cost time, by a rough model of one step
+(time_factor): activation checkpointing runs the decoder's forward twice (+1/3), the chunked loss runs the head
+a third time, and splitting the asked sequences into smaller micro-batches (more accumulation, the same tokens
+per step) runs each matmul on fewer tokens. The plan is the candidate with the lowest time × (1 + weight ×
+quality) whose estimate fits the device with HEADROOM to spare (the estimate's own error, measured within 5%, and
+the allocator's fragmentation on a GPU).
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ QUALITY_COST = {
     "dtype": {"float32": 0.0, "bfloat16": 1.5},  # updates smaller than a bf16 weight's spacing are lost
     "layerwise": {False: 0.0, True: 0.5},  # no global gradient clipping
 }
+QUALITY_WEIGHT = 0.05  # one unit of quality cost is worth 5% of step time: 4-bit moments 10%, checkpointing 33%
+HEADROOM = 0.05  # of the device's memory, left free
 # A matmul on fewer tokens than this runs well below the GPU's peak: time per token ~ 1 + SATURATION / tokens.
 SATURATION_TOKENS = 256
 RECOMPUTE = 1 / 3  # activation checkpointing: one more forward of the decoder, forward being 1/3 of a step
@@ -40,6 +44,7 @@ class Plan:
     fits: bool
     config: RunConfig  # the run to train (when nothing fits: the one that comes closest)
     device: Device
+    budget_bytes: int  # the device's memory less HEADROOM: what the plan must fit in
     parts: dict[str, int]  # the estimate's PARTS plus the CUDA context; they sum to predicted_peak_bytes
     predicted_peak_bytes: int
     time_factor: float  # rough step time against the same tokens with no memory-saving setting
@@ -47,16 +52,16 @@ class Plan:
 
     @property
     def over_bytes(self) -> int:
-        return max(0, self.predicted_peak_bytes - self.device.capacity_bytes)
+        return max(0, self.predicted_peak_bytes - self.budget_bytes)
 
     def to_json(self) -> dict:
         return {"fits": self.fits, "config": dataclasses.asdict(self.config),
                 "predicted_peak_bytes": self.predicted_peak_bytes, "device": self.device.name,
-                "device_bytes": self.device.capacity_bytes, "parts": self.parts,
+                "device_bytes": self.device.capacity_bytes, "budget_bytes": self.budget_bytes, "parts": self.parts,
                 "time_factor": round(self.time_factor, 4), "changes": list(self.changes)}
 
 
-def plan(cfg: RunConfig, device: str | Device, *, search_rank: bool = False) -> Plan:
+def plan(cfg: RunConfig, device: str | Device, *, search_rank: bool = False, headroom: float = HEADROOM) -> Plan:
     """The fastest settings of `cfg`'s run that fit `device`, keeping its tokens per step (sequences × length).
 
     `search_rank` also tries smaller projection ranks (hidden/4, the paper's 7B choice, down to hidden/32) with
@@ -64,6 +69,7 @@ def plan(cfg: RunConfig, device: str | Device, *, search_rank: bool = False) -> 
     """
     target = _device(device)
     context = CUDA_CONTEXT if target.kind == "cuda" else 0
+    budget = int(target.capacity_bytes * (1 - headroom))
     best: tuple | None = None
     leanest: tuple | None = None
     for candidate, quality in _candidates(cfg, search_rank):
@@ -72,8 +78,8 @@ def plan(cfg: RunConfig, device: str | Device, *, search_rank: bool = False) -> 
         entry = (candidate, parts, needed)
         if leanest is None or needed < leanest[2]:
             leanest = entry
-        if needed <= target.capacity_bytes:
-            key = (round(time_factor(candidate), 6), quality, needed)
+        if needed <= budget:
+            key = (round(time_factor(candidate) * (1 + QUALITY_WEIGHT * quality), 6), needed)
             if best is None or key < best[0]:
                 best = (key, entry)
     chosen, fits = (best[1], True) if best is not None else (leanest, False)
@@ -81,7 +87,7 @@ def plan(cfg: RunConfig, device: str | Device, *, search_rank: bool = False) -> 
         raise ConfigError(f"no valid setting to plan for {cfg.method} on {cfg.model}; check --method and --task")
     candidate, parts, needed = chosen
     shown = {name: parts[name] for name in PARTS} | {"cuda_context": context}
-    return Plan(fits, candidate, target, shown, needed, time_factor(candidate), tuple(_changes(cfg, candidate)))
+    return Plan(fits, candidate, target, budget, shown, needed, time_factor(candidate), tuple(_changes(cfg, candidate)))
 
 
 def time_factor(cfg: RunConfig) -> float:
