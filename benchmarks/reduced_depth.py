@@ -57,14 +57,23 @@ def run(model: str, layers: int, steps: int, extra: list[str]) -> dict:
         if done.returncode != 0:
             raise SystemExit(f"{' '.join(argv)} failed: {done.stderr.strip()}")
         summary = json.loads((out / "summary.json").read_text())
+        weights = _tensor_bytes(folder / "model.safetensors")
         cfg = RunConfig.from_yaml(out / "config.yaml")
         predicted = estimate(cfg)
         full = estimate(RunConfig.from_yaml(preset, **_overrides(extra)), "rtx-4090")
     import torch
 
     return {"model": model, "layers": layers, "wall_s": time.time() - started, "summary": summary,
-            "cuda": torch.cuda.is_available(),
-            "predicted": predicted, "full_depth_rtx_4090": full, "seq_len": cfg.seq_len, "batch_size": cfg.batch_size}
+            "cuda": torch.cuda.is_available(), "weight_bytes": weights, "predicted": predicted,
+            "full_depth_rtx_4090": full, "seq_len": cfg.seq_len, "batch_size": cfg.batch_size}
+
+
+def _tensor_bytes(path: Path) -> int:
+    """The bytes of every tensor in a safetensors file, read from its header."""
+    with open(path, "rb") as handle:
+        header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
+    return sum(end - start for name, entry in header.items() if name != "__metadata__"
+               for start, end in [entry["data_offsets"]])
 
 
 def _overrides(extra: list[str]) -> dict:
@@ -72,21 +81,27 @@ def _overrides(extra: list[str]) -> dict:
 
 
 def table(row: dict) -> str:
-    parts = ("weights", "gradients", "optimizer_states", "projectors", "activations", "overhead")
+    """Each part predicted beside what was measured: weights from the folder's tensors, optimizer state and
+    projectors from the run's own count, what is left of the peak (RSS above the baseline, or the CUDA
+    allocator's) for the transient parts together, and the total."""
     summary, predicted, full = row["summary"], row["predicted"], row["full_depth_rtx_4090"]
     here = "this GPU" if row["cuda"] else "this CPU"
     layers = f"{row['layers']} layer{'s' if row['layers'] > 1 else ''}"
-    lines = [f"| part | predicted, {layers}, {here}, MiB | full depth, RTX 4090, GiB |",
-             "| --- | ---: | ---: |"]
-    lines += [f"| {part} | {predicted[part] / MIB:,.1f} | {full[part] / GIB:.2f} |" for part in parts]
-    lines.append(f"| **total** | **{predicted['total'] / MIB:,.1f}** | **{full['total'] / GIB:.2f}** |")
-    error = predicted["total"] / summary["peak_mem_bytes"] - 1
-    state_exact = summary["optimizer_state_bytes"] == summary["predicted_optimizer_state_bytes"]
-    lines += ["", f"Measured peak {summary['peak_mem_bytes'] / MIB:,.1f} MiB against {predicted['total'] / MIB:,.1f} "
-              f"predicted ({error:+.1%}); optimizer state and projectors {summary['optimizer_state_bytes']:,} bytes "
-              f"measured, {'equal to' if state_exact else 'against'} {summary['predicted_optimizer_state_bytes']:,} "
-              f"predicted; {summary['steps']} steps of {row['batch_size']} × {row['seq_len']} tokens in "
-              f"{row['wall_s']:.0f} s, final loss {summary['final_loss']:.3f}."]
+    state = summary["optimizer_state_bytes"]
+    transient = summary["peak_mem_bytes"] - row["weight_bytes"] - state
+    rows = [("weights", predicted["weights"], row["weight_bytes"], full["weights"]),
+            ("optimizer states + projectors", predicted["optimizer_states"] + predicted["projectors"], state,
+             full["optimizer_states"] + full["projectors"]),
+            ("gradients + activations + overhead", predicted["gradients"] + predicted["activations"]
+             + predicted["overhead"], transient, full["gradients"] + full["activations"] + full["overhead"]),
+            ("**total (peak)**", predicted["total"], summary["peak_mem_bytes"], full["total"])]
+    lines = [f"| part | predicted, {layers}, {here}, MiB | measured, MiB | predicted / measured | "
+             "full depth, RTX 4090, GiB |", "| --- | ---: | ---: | ---: | ---: |"]
+    lines += [f"| {name} | {p / MIB:,.1f} | {m / MIB:,.1f} | {p / m - 1:+.1%} | {f / GIB:.2f} |"
+              for name, p, m, f in rows]
+    split = ", ".join(f"{part} {predicted[part] / MIB:,.1f}" for part in ("gradients", "activations", "overhead"))
+    lines += ["", f"Predicted transient parts: {split} MiB. {summary['steps']} steps of {row['batch_size']} × "
+              f"{row['seq_len']} tokens in {row['wall_s']:.0f} s, final loss {summary['final_loss']:.3f}."]
     return "\n".join(lines)
 
 
