@@ -22,8 +22,6 @@ from ..loss import SUPPORTED as CHUNKED_LOSS_MODELS
 from .devices import Device
 from .estimate import CUDA_CONTEXT, PARTS, _device, _shapes, estimate
 
-PROJECTED = ("galore", "gradnormlorp")
-LAYERWISE = ("full", "galore", "gradnormlorp")
 # Quality cost of each setting that saves memory without costing time: a preference order, not a measurement
 # (docs/BENCHMARKS.md has the measured losses: 8-bit states track 32-bit closely, 4-bit a little less).
 QUALITY_COST = {
@@ -62,7 +60,7 @@ class Plan:
 
 
 def plan(cfg: RunConfig, device: str | Device, *, search_rank: bool = False, headroom: float = HEADROOM) -> Plan:
-    """The fastest settings of `cfg`'s run that fit `device`, keeping its tokens per step (sequences × length).
+    """The best-scoring settings of `cfg`'s run that fit `device`, keeping its tokens per step (sequences × length).
 
     `search_rank` also tries smaller projection ranks (hidden/4, the paper's 7B choice, down to hidden/32) with
     a quality cost of one per halving; otherwise `cfg.rank` is kept.
@@ -109,10 +107,12 @@ def time_factor(cfg: RunConfig) -> float:
 
 def _candidates(cfg: RunConfig, search_rank: bool):
     """Every valid combination of the settings the planner may change, with its quality cost."""
+    from ..methods import ProjectedMethod, get_method
+
     config, _ = _shapes(cfg)
     sequences = cfg.batch_size * cfg.grad_accum
     micro_batches = [b for b in range(sequences, 0, -1) if sequences % b == 0]
-    projected = cfg.method in PROJECTED
+    projected = isinstance(get_method(cfg.method), ProjectedMethod)  # only these have projectors to store
     ranks = [cfg.rank]
     if search_rank and projected:
         top = max(1, config.hidden_size // 4)
@@ -120,8 +120,7 @@ def _candidates(cfg: RunConfig, search_rank: bool):
     chunked = (False, True) if cfg.task == "causal-lm" and config.model_type in CHUNKED_LOSS_MODELS else (False,)
     options = itertools.product(
         ranks, QUALITY_COST["optim_bits"], QUALITY_COST["proj_dtype"] if projected else [cfg.proj_dtype],
-        QUALITY_COST["dtype"], (False, True) if cfg.method in LAYERWISE else (False,), (False, True), chunked,
-        micro_batches)
+        QUALITY_COST["dtype"], (False, True), (False, True), chunked, micro_batches)
     for rank, bits, proj_dtype, dtype, layerwise, checkpointing, chunked_loss, micro in options:
         changed = dict(rank=rank, optim_bits=bits, proj_dtype=proj_dtype, dtype=dtype, layerwise=layerwise,
                        grad_checkpointing=checkpointing, chunked_loss=chunked_loss, batch_size=micro,
@@ -131,7 +130,7 @@ def _candidates(cfg: RunConfig, search_rank: bool):
         try:
             candidate = dataclasses.replace(cfg, **changed).validate()
         except ConfigError:
-            continue  # e.g. layer-wise steps with accumulation
+            continue  # e.g. layer-wise steps with accumulation, or for an adapter
         quality = (QUALITY_COST["optim_bits"][bits] + QUALITY_COST["dtype"][dtype]
                    + QUALITY_COST["layerwise"][layerwise] + math.log2(ranks[0] / rank)
                    + (QUALITY_COST["proj_dtype"][proj_dtype] if projected else 0.0))
