@@ -14,7 +14,7 @@ numbers read back from the run's metrics.jsonl and summary.json:
 Learning rates are one per method, from each method's usual range (the shipped presets for pre-training), set
 before the runs and not swept (one 15-step probe chose the fine-tuning scale, see FINETUNE); the table shows
 them. Figures: train and held-out loss against step, one line per method (first seed).
-`--rows` keeps only the named rows (the pre-training table's baseline, full 32-bit, always runs).
+`--rows` runs only the named pre-training rows (and full 32-bit, the baseline) and no fine-tuning.
 Run:  python benchmarks/quality.py [--quick] [--out DIR] [--seeds 0 1] [--runs DIR [--train-only pretrain]]
           [--rows "full 4-bit" "galore 4-bit" ...]
 """
@@ -26,6 +26,7 @@ import dataclasses
 import datetime
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -258,7 +259,8 @@ def main() -> None:
     parser.add_argument("--train-only", choices=("pretrain", "finetune"), default=None,
                         help="only train this experiment's runs into --runs, print nothing (to run the two side by "
                              "side; a later call with the same --runs reads them back)")
-    parser.add_argument("--rows", nargs="+", default=None, help="only these rows (by label), e.g. 'galore 4-bit'")
+    parser.add_argument("--rows", nargs="+", default=None,
+                        help="only these pre-training rows (by label), e.g. 'galore 4-bit', and no fine-tuning")
     args = parser.parse_args()
     if args.train_only and args.runs is None:
         parser.error("--train-only needs --runs, where a later call finds the runs")
@@ -268,15 +270,15 @@ def main() -> None:
     if args.rows:
         keep = set(args.rows) | {"full 32-bit"}
         pretrain = dataclasses.replace(pretrain, methods=tuple(m for m in pretrain.methods if m.label in keep))
-        finetune = dataclasses.replace(finetune, methods=tuple(m for m in finetune.methods if m.label in args.rows))
+        finetune = dataclasses.replace(finetune, methods=())
     with tempfile.TemporaryDirectory(prefix="gnlorp-quality-") as tmp:
         root = args.runs or Path(tmp)
         chosen = tuple(e for e in (pretrain, finetune) if args.train_only in (None, e.key) and e.methods)
         runs = run_all(chosen, seeds, root)
         if args.train_only:
             return
-    if not finetune.methods:  # --rows named pre-training rows only
-        command = "OMP_NUM_THREADS=1 python benchmarks/quality.py " + " ".join(sys.argv[1:])
+    if not finetune.methods:  # --rows
+        command = "OMP_NUM_THREADS=1 python benchmarks/quality.py " + shlex.join(sys.argv[1:])
         write_section(args.out, NAME, f"```bash\n{command}\n```\n\nMachine: {machine()}; "
                       f"{datetime.date.today().isoformat()}.\n\n{pretrain_table(pretrain, runs['pretrain'], seeds)}\n")
         return
