@@ -211,9 +211,9 @@ def _run_plan(args: argparse.Namespace) -> int:
         chosen = result.config
         print(f"{'fits' if result.fits else 'nothing fits'} on {result.device.label}: {chosen.method} rank "
               f"{chosen.rank} needs {result.predicted_peak_bytes / gib:.2f} of {result.budget_bytes / gib:.2f} GiB "
-              f"(the card's {result.device.capacity_bytes / gib:.2f} less 5% kept free); {chosen.batch_size} x "
-              f"{chosen.grad_accum} sequences of {chosen.seq_len} tokens per step; rough step time "
-              f"{result.time_factor:.2f}x the unconstrained run's")
+              f"(the card's {result.device.capacity_bytes / gib:.2f} less {result.headroom:.0%} kept free); "
+              f"{chosen.batch_size} x {chosen.grad_accum} sequences of {chosen.seq_len} tokens per step; rough step "
+              f"time {result.time_factor:.2f}x the unconstrained run's")
         for change in result.changes:
             print(f"  {change}")
         for name, value in result.parts.items():

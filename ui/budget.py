@@ -46,13 +46,14 @@ def verdict(cfg: RunConfig, device_name: str) -> str:
 def plan_message(result: Plan) -> str:
     """What the planner changed and what it costs, or what comes closest when nothing fits."""
     need, have = human_bytes(result.predicted_peak_bytes), human_bytes(result.budget_bytes)
+    free = f"{result.headroom:.0%} of the card kept free"
     if not result.fits:
-        return problem(f"Nothing fits on {result.device.label}: the leanest settings need {need} of {have} (5% of "
-                       f"the card kept free), {human_bytes(result.over_bytes)} over. Try a shorter sequence, fewer "
-                       "sequences per step or a larger device.")
+        return problem(f"Nothing fits on {result.device.label}: the leanest settings need {need} of {have} ({free}), "
+                       f"{human_bytes(result.over_bytes)} over. Try a shorter sequence, fewer sequences per step or a "
+                       "larger device.")
     changed = "; ".join(result.changes) or "nothing: the run fits as it is"
-    return ok(f"Planned for {result.device.label}: needs {need} of {have} (5% of the card kept free), rough step "
-              f"time {result.time_factor:.2f}x the unconstrained run's. Changed: {changed}.")
+    return ok(f"Planned for {result.device.label}: needs {need} of {have} ({free}), rough step time "
+              f"{result.time_factor:.2f}x the unconstrained run's. Changed: {changed}.")
 
 
 def device_rows(cfg: RunConfig) -> list[list[Any]]:

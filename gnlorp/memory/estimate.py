@@ -18,6 +18,7 @@ Weights, optimizer state, projectors and the framework's own overhead are there 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -217,19 +218,17 @@ def _shapes(cfg: RunConfig) -> tuple[object, _Counts]:
     """The model's config and its counts, remembered: the planner asks about hundreds of runs of one model."""
     counted = dataclasses.replace(cfg, **{name: getattr(_DEFAULTS, name) for name in _NOT_COUNTED})
     folder_config = Path(cfg.model) / "config.json"
-    key = (dataclasses.astuple(counted), folder_config.stat().st_mtime_ns if folder_config.is_file() else None)
-    if key not in _SHAPES:
-        if len(_SHAPES) >= 128:
-            _SHAPES.pop(next(iter(_SHAPES)))
-        _SHAPES[key] = _count_shapes(counted)
-    return _SHAPES[key]
+    changed = folder_config.stat().st_mtime_ns if folder_config.is_file() else None
+    return _count_shapes(dataclasses.astuple(counted), changed)
 
 
 _DEFAULTS = RunConfig()
-_SHAPES: dict[tuple, tuple[object, _Counts]] = {}
 
 
-def _count_shapes(cfg: RunConfig) -> tuple[object, _Counts]:
+@functools.lru_cache(maxsize=128)
+def _count_shapes(values: tuple, _changed: int | None) -> tuple[object, _Counts]:
+    """`values`: a RunConfig's fields in order (a hashable key); `_changed`: its folder config's mtime."""
+    cfg = RunConfig(*values)
     from ..methods import get_method
     from ..models import meta_model
 

@@ -49,6 +49,11 @@ class Plan:
     changes: tuple[str, ...]  # what the plan changed from the asked run, in words
 
     @property
+    def headroom(self) -> float:
+        """The share of the device the plan leaves free."""
+        return 1 - self.budget_bytes / self.device.capacity_bytes
+
+    @property
     def over_bytes(self) -> int:
         return max(0, self.predicted_peak_bytes - self.budget_bytes)
 
