@@ -28,6 +28,7 @@ from torch.optim import Optimizer
 
 from .moments import Moments, init_moments
 from .projector import PROJ_DTYPES, PROJ_TYPES, load_projector, projection_side, store_projector, svd_basis
+from .sharded import RowShard, any_rank, broadcast_basis, gather_rows, gather_slices, keep_slice, row_shard
 from .streaming import CHUNK_NUMEL, Hyper, Projection, plain_update_, projected_update_, projection_target
 from .weight_norm import row_norms
 
@@ -136,11 +137,15 @@ class ProjectedAdamW(Optimizer):
 
     def _update(self, p: torch.Tensor, group: dict[str, Any]) -> None:
         state = self.state[p]
+        shard = row_shard(p)  # an FSDP2 parameter steps its own rows: `weight` and `grad` are this rank's
+        weight, grad = (p, p.grad) if shard is None else (p.to_local(), p.grad.to_local())
         if not state:
-            _init_state(p, group, state)
-        grad, projected = p.grad, "rank" in group
+            _init_state(weight, shard, group, state)
+        projected = "rank" in group
         magnitude = state.get("magnitude")
         problem = unusable_gradient(grad, projected, magnitude, group["chunk_numel"])
+        if shard is not None and any_rank(problem is not None, shard) and problem is None:
+            problem = "is unusable on another rank"
         if problem is not None:
             self._skip_count += 1
             self._incident(p, group, state, "nonfinite_skips", f"its gradient {problem}; update skipped")
@@ -151,31 +156,47 @@ class ProjectedAdamW(Optimizer):
                       fused=group["fused"] is not False)
         if not projected:
             state["step"] += 1
-            plain_update_(p, grad, Moments(state, p.numel()), hyper, group["chunk_numel"])
+            plain_update_(weight, grad, Moments(state, weight.numel()), hyper, group["chunk_numel"])
             return
         side = projection_side(p.shape, group["proj_type"])
-        magnitude_moments = Moments(state, p.shape[0], "magnitude_") if magnitude is not None else None
+        magnitude_moments = Moments(state, weight.shape[0], "magnitude_") if magnitude is not None else None
         projection = Projection(None, side, group["scale"], magnitude, magnitude_moments)
         # A projector on the first step, then a refresh every update_proj_gap steps (at the parameter's offset
         # when staggered), from the SVD of the whole gradient to project.
         t = int(state["step"])
         if t == 0 or t % group["update_proj_gap"] == self.refresh_offset(p, group):
-            target = projection_target(p, grad, projection, group["chunk_numel"])
-            basis, note = svd_basis(target, min(group["rank"], *p.shape), projection.side)
+            target = projection_target(weight, grad, projection, group["chunk_numel"])
+            basis, note = self._basis(target, p, group, shard, side)
             del target
             if basis is not None:
-                store_projector(state, basis, group["proj_dtype"])
+                store_projector(state, basis if shard is None else keep_slice(basis, shard), group["proj_dtype"])
             if note is not None:
                 kept = ("retried in float64" if basis is not None else
                         "kept the previous projector" if "projector" in state else "update skipped")
                 self._incident(p, group, state, "projector_fallbacks", f"{note}; {kept}")
             if "projector" not in state:
                 return
-        projection.basis = load_projector(state)
-        state["step"] += 1
         rank = min(group["rank"], *p.shape)
-        moments = Moments(state, rank * (p.shape[0] if side == "right" else p.shape[1]))
-        projected_update_(p, grad, moments, projection, hyper, group["chunk_numel"])
+        projection.basis = load_projector(state)
+        if shard is not None:
+            whole = gather_slices(projection.basis, basis_shape(p.shape, rank, side), shard)
+            projection.basis = whole if side == "right" else whole[shard.rows[0]:shard.rows[1]]
+        state["step"] += 1
+        moments = Moments(state, moment_numel(weight.shape, p.shape, rank, side, shard))
+        projected_update_(weight, grad, moments, projection, hyper, group["chunk_numel"], shard)
+
+    def _basis(self, target: torch.Tensor, p: torch.Tensor, group: dict[str, Any], shard: RowShard | None,
+               side: str) -> tuple[torch.Tensor | None, str | None]:
+        """The new projector from the SVD of `target`; sharded, one rank (the matrix's owner) gathers the rows
+        and decomposes them, and every rank gets its result."""
+        rank = min(group["rank"], *p.shape)
+        if shard is None:
+            return svd_basis(target, rank, side)
+        owner = self._position[id(p)] % shard.world
+        whole = gather_rows(target, shard, owner)
+        basis, note = svd_basis(whole, rank, side) if whole is not None else (None, None)
+        del whole
+        return broadcast_basis(basis, basis_shape(p.shape, rank, side), shard, owner), note
 
     def _incident(self, p: torch.Tensor, group: dict[str, Any], state: dict, counter: str, what: str) -> None:
         """Count an incident in the parameter's state and describe it for `pop_incidents`."""
@@ -210,18 +231,37 @@ class ProjectedAdamW(Optimizer):
                 }
 
 
-def _init_state(p: torch.Tensor, group: dict[str, Any], state: dict) -> None:
+def _init_state(weight: torch.Tensor, shard: RowShard | None, group: dict[str, Any], state: dict) -> None:
+    """Zero moments for `weight` (this rank's rows when sharded) and, for GradNormLoRP, its row norms."""
     state["step"] = torch.zeros((), dtype=torch.int64)
-    shape = p.shape
+    shape, global_shape = weight.shape, weight.shape if shard is None else shard.shape
+    whole_numel = global_shape.numel()
     if "rank" in group:
-        m, n = p.shape
-        rank = min(group["rank"], m, n)
-        shape = torch.Size((m, rank) if projection_side(p.shape, group["proj_type"]) == "right" else (rank, n))
-    init_moments(state, shape, p.device, group["bits"])
+        side = projection_side(global_shape, group["proj_type"])
+        rank = min(group["rank"], *global_shape)
+        whole_numel = rank * (global_shape[0] if side == "right" else global_shape[1])
+        if side == "left" and shard is not None:  # this rank's slice of the r×n moments
+            shape = torch.Size((moment_numel(weight.shape, global_shape, rank, side, shard),))
+        else:
+            shape = torch.Size((weight.shape[0], rank) if side == "right" else (rank, weight.shape[1]))
+    init_moments(state, shape, weight.device, group["bits"], whole_numel)
     if group.get("weight_norm"):
-        state["magnitude"] = row_norms(p)
+        state["magnitude"] = row_norms(weight)
         state["magnitude_exp_avg"] = torch.zeros_like(state["magnitude"])
         state["magnitude_exp_avg_sq"] = torch.zeros_like(state["magnitude"])
+
+
+def basis_shape(shape: torch.Size, rank: int, side: str) -> tuple[int, int]:
+    """Q (r×n) on the right side, P (m×r) on the left, of an m×n weight."""
+    return (rank, shape[1]) if side == "right" else (shape[0], rank)
+
+
+def moment_numel(local_shape: torch.Size, shape: torch.Size, rank: int, side: str, shard: RowShard | None) -> int:
+    """Values in each projected moment a rank keeps: its rows × r on the right side; on the left r×n, or its
+    slice of r×n when sharded."""
+    if side == "right":
+        return local_shape[0] * rank
+    return rank * shape[1] if shard is None else shard.slice_numel(rank * shape[1])
 
 
 def _complete_and_validate(group: dict[str, Any]) -> None:

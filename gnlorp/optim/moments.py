@@ -18,14 +18,16 @@ MIN_QUANTIZED_NUMEL = 4096
 SIGNED = {"exp_avg": True, "exp_avg_sq": False}
 
 
-def init_moments(state: dict, shape: torch.Size, device: torch.device, bits: int) -> None:
+def init_moments(state: dict, shape: torch.Size, device: torch.device, bits: int, whole_numel: int | None = None
+                 ) -> None:
     """Zero first and second moments of `shape`, quantized at 8 or 4 bits when the tensor is large enough.
 
+    A rank's shard of a moment is quantized when the whole moment (`whole_numel`) would be, as in one process.
     A quantized zero is any code with a zero scale.
     """
     numel = shape.numel()
     for key in SIGNED:
-        if bits in BLOCKSIZE and numel >= MIN_QUANTIZED_NUMEL:
+        if bits in BLOCKSIZE and (whole_numel or numel) >= MIN_QUANTIZED_NUMEL:
             codes = shape if bits == 8 else (-(-numel // 2),)
             state[key] = torch.zeros(codes, dtype=torch.uint8, device=device)
             state[key + "_absmax"] = torch.zeros(-(-numel // BLOCKSIZE[bits]), dtype=torch.float32, device=device)

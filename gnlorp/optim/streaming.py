@@ -22,6 +22,7 @@ import torch
 from . import kernels
 from .moments import Moments
 from .projector import add_projected_back_
+from .sharded import RowShard, all_reduce_, gather_slices, keep_slice
 from .weight_norm import renormalize_, split_gradient_
 
 CHUNK_NUMEL = 1 << 20
@@ -197,8 +198,8 @@ def projection_target(p: torch.Tensor, grad: torch.Tensor, projection: Projectio
 
 
 def projected_update_(p: torch.Tensor, grad: torch.Tensor, moments: Moments, projection: Projection,
-                      hyper: Hyper, chunk: int) -> None:
-    """One GaLore or GradNormLoRP step on `p`, by row chunks."""
+                      hyper: Hyper, chunk: int, shard: RowShard | None = None) -> None:
+    """One GaLore or GradNormLoRP step on `p`, by row chunks (`p` being this rank's rows when `shard` is given)."""
     m, n = p.shape
     rank = projection.basis.shape[0 if projection.side == "right" else 1]
     aligned = moments.block // math.gcd(rank, moments.block) if projection.side == "right" else 1
@@ -220,7 +221,11 @@ def projected_update_(p: torch.Tensor, grad: torch.Tensor, moments: Moments, pro
         low_rank.addmm_(projection.basis[a:b].T, target)
         if grad_magnitude is not None:
             grad_magnitude[a:b] = rows_grad_magnitude
-    adam_direction(low_rank, moments, 0, hyper, chunk, out=low_rank)
+    if shard is None:
+        adam_direction(low_rank, moments, 0, hyper, chunk, out=low_rank)
+    else:  # R sums over every rank's rows; each rank runs Adam on its slice of R, then all gather the directions
+        piece = keep_slice(all_reduce_(low_rank, shard), shard)
+        low_rank = gather_slices(adam_direction(piece, moments, 0, hyper, chunk, out=piece), low_rank.shape, shard)
     for a, b in chunks:
         rows_grad_magnitude = None if grad_magnitude is None else grad_magnitude[a:b]
         _step_rows(p, buffers.weight_rows(p, a, b), low_rank, projection.basis[a:b], projection, rows_grad_magnitude,
