@@ -77,6 +77,8 @@ class RunConfig:
     grad_checkpointing: bool = knob(False, "Recompute activations in backward to save memory.", group="advanced")
     layerwise: bool = knob(False, "Step each weight in its gradient hook so full gradients never coexist.",
                            group="advanced")
+    fsdp: bool = knob(False, "Shard weights, gradients and optimizer states over the processes (FSDP2): start "
+                      "with torchrun --nproc_per_node N -m gnlorp train ... or accelerate launch.", group="advanced")
     chunked_loss: bool = knob(False, "Compute the head and the loss over chunks of tokens, again in backward, so "
                               "whole-batch logits never exist (causal-lm; a third head matmul).", group="advanced")
     dtype: str = knob("float32", "Weight dtype (bfloat16 autocast is used on CUDA either way).",
@@ -108,6 +110,9 @@ class RunConfig:
             raise ConfigError("layerwise cannot be combined with grad_accum > 1: set one of them off")
         if self.layerwise and self.max_grad_norm > 0:
             raise ConfigError("layerwise cannot clip the global gradient norm: set max_grad_norm to 0")
+        if self.layerwise and self.fsdp:
+            raise ConfigError("layerwise cannot run with fsdp (a sharded gradient arrives after its hook has fired): "
+                              "set one of them off")
         if self.chunked_loss and self.task != "causal-lm":
             raise ConfigError("chunked_loss applies to causal-lm only (a classifier's logits are small): set it off")
         if self.layerwise and self.method not in ("full", "galore", "gradnormlorp"):

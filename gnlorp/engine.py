@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model, save_file, save_model
 
 from .atomic import atomic_dir, write_text_atomic
 from .checkpoint import DamagedCheckpoint, checkpoints, newest_good, write_manifest
@@ -36,6 +36,15 @@ from .methods import get_method
 from .models import enable_checkpointing, load_tokenizer
 from .models import load_model as load_base_model
 from .optim import ProjectedAdamW, register_layerwise_step, state_bytes
+from .sharding import (
+    STATE_DIR,
+    full_state_dict,
+    load_sharded,
+    on_every_rank,
+    save_sharded,
+    shard_model,
+    shared_atomic_dir,
+)
 
 CHECKPOINTS_KEPT = 2
 DISK_FULL_FREE_BYTES = 1 << 20  # a failed write with less than this left free is a full disk (torch.save hides ENOSPC)
@@ -164,14 +173,20 @@ class TrainingRun:
         model = method.prepare(model, cfg)
         if cfg.grad_checkpointing:
             enable_checkpointing(model)
+        if cfg.fsdp:  # before the optimizer is built: its parameters are the shards
+            shard_model(model, bf16=cuda)
         groups = method.param_groups(model, cfg)
         optimizer = ProjectedAdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, bits=cfg.optim_bits)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        predicted_state = predict_optimizer_state_bytes(groups, cfg.optim_bits)
+        shards = accelerator.num_processes if cfg.fsdp else 1
+        predicted_state = predict_optimizer_state_bytes(groups, cfg.optim_bits, shards=shards)  # rank 0's
         predicted_peak = estimate(cfg, this_machine())["total"]
 
-        model, optimizer = accelerator.prepare(model, optimizer)
+        if cfg.fsdp:  # already sharded; accelerate would wrap it in DistributedDataParallel
+            optimizer = accelerator.prepare(optimizer)
+        else:
+            model, optimizer = accelerator.prepare(model, optimizer)
         loss_of = self._loss_of = loss_function(model, accelerator.unwrap_model(model), cfg.chunked_loss)
         position = Position()
         if self.resume:
@@ -213,7 +228,8 @@ class TrainingRun:
                 raise self._diverged(position.step + 1, f"the loss became {loss_value}")
             grad_norm = None
             if cfg.max_grad_norm > 0 and not cfg.layerwise:
-                grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                grad_norm = float(grad_norm.full_tensor() if cfg.fsdp else grad_norm)
             if not cfg.layerwise:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -236,11 +252,14 @@ class TrainingRun:
             if position.step % cfg.eval_every == 0 or position.step == cfg.max_steps:
                 self._evaluate(model, data.eval, tokenizer.pad_token_id, accelerator, position.step, main)
             stopping = self._stop.is_set()
-            if main and (position.step % cfg.checkpoint_every == 0 or position.step == cfg.max_steps or stopping):
+            if (main or cfg.fsdp) and (position.step % cfg.checkpoint_every == 0 or position.step == cfg.max_steps
+                                       or stopping):
                 unwrapped = accelerator.unwrap_model(model)
-                if not all_finite(p for p in unwrapped.parameters() if p.requires_grad):
+                trained = [p.to_local() if cfg.fsdp else p for p in unwrapped.parameters() if p.requires_grad]
+                finite = all_finite(trained)
+                if not (on_every_rank(finite) if cfg.fsdp else finite):
                     raise self._diverged(position.step, "the weights became non-finite")
-                self._save_checkpoint(unwrapped, optimizer, scheduler, position)
+                self._save_checkpoint(unwrapped, optimizer, scheduler, position, main)
             if stopping:
                 status = "stopped"
                 break
@@ -250,7 +269,8 @@ class TrainingRun:
         summary = {
             "status": status,
             "trainable_params": trainable,
-            "optimizer_state_bytes": state_bytes(optimizer.optimizer),
+            "optimizer_state_bytes": state_bytes(optimizer.optimizer),  # this rank's: 1/N of it with --fsdp
+            "world_size": world,
             "predicted_optimizer_state_bytes": predicted_state,
             "peak_mem_bytes": memory.peak(),
             "predicted_peak_bytes": predicted_peak,
@@ -260,8 +280,9 @@ class TrainingRun:
             "final_loss": last_loss,
             "wall_s": time.time() - started,
         }
-        if main:  # every process has the same weights; one writes them
-            self._save_final(self.model, tokenizer, method.uses_adapter, position.step)
+        weights = full_state_dict(self.model) if cfg.fsdp else None  # every rank sends its shards to rank 0
+        if main:  # every process has the same weights (or rank 0 has them gathered); one writes them
+            self._save_final(self.model, tokenizer, method.uses_adapter, position.step, weights)
             with self._writing():
                 write_text_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=1))
         self._emit(DoneEvent(status, summary))
@@ -327,6 +348,8 @@ class TrainingRun:
             else:
                 loss_total += self._loss_of(batch).item() * weight
             weight_total += weight
+        if self.cfg.fsdp:
+            model.reshard()  # a forward with no backward after it leaves the root's weights gathered
         model.train()
         accuracy = correct / len(examples) if self.cfg.task == "seq-cls" else None
         event = EvalEvent(step, loss_total / max(weight_total, 1), accuracy)
@@ -337,58 +360,82 @@ class TrainingRun:
             self._append_metrics(record)
             self._emit(event)
 
-    def _save_checkpoint(self, model, optimizer, scheduler, position: Position) -> None:
-        """Write into a temp folder and rename, so a crash mid-write leaves the previous checkpoint whole."""
+    def _save_checkpoint(self, model, optimizer, scheduler, position: Position, main: bool) -> None:
+        """Write into a temp folder and rename, so a crash mid-write leaves the previous checkpoint whole.
+
+        Sharded, every rank writes its shards into rank 0's temp folder (a fixed name all can find) in between.
+        """
         root = self.run_dir / "checkpoints"
         final = root / f"step-{position.step:06d}"
-        with atomic_dir(final) as tmp, self._writing():
-            save_model(model, str(tmp / "model.safetensors"))
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save({"cpu": torch.get_rng_state(),
-                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}, tmp / "rng.pt")
-            state = {"position": asdict(position), "scheduler": scheduler.state_dict()}
-            (tmp / "trainer_state.json").write_text(json.dumps(state), encoding="utf-8")
-            write_manifest(tmp, step=position.step, cfg=self.cfg)  # last: a folder without it is incomplete
-        for old in sorted(root.glob("step-*"))[:-CHECKPOINTS_KEPT] + list(root.glob(".step-*.tmp-*")):
-            shutil.rmtree(old)  # old checkpoints, and the temp folders of saves a killed process left behind
-        self._emit(CheckpointEvent(position.step, str(final)))
+        with (shared_atomic_dir(final, main) if self.cfg.fsdp else atomic_dir(final)) as tmp, self._writing():
+            state: dict[str, Any] = {"position": asdict(position), "scheduler": scheduler.state_dict()}
+            if self.cfg.fsdp:
+                state |= save_sharded(tmp, model, optimizer.optimizer)
+            else:
+                save_model(model, str(tmp / "model.safetensors"))
+                torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+                torch.save({"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all()
+                            if torch.cuda.is_available() else []}, tmp / "rng.pt")
+            if main:
+                (tmp / "trainer_state.json").write_text(json.dumps(state), encoding="utf-8")
+                write_manifest(tmp, step=position.step, cfg=self.cfg)  # last: a folder without it is incomplete
+        if main:
+            for old in sorted(root.glob("step-*"))[:-CHECKPOINTS_KEPT] + list(root.glob(".step-*.tmp-*")):
+                shutil.rmtree(old)  # old checkpoints, and the temp folders of saves a killed process left behind
+            self._emit(CheckpointEvent(position.step, str(final)))
 
     def _load_checkpoint(self, model, optimizer, scheduler) -> tuple[Position, list[str]]:
         """Restore the newest checkpoint that verifies against its manifest; also the damaged ones skipped."""
         skipped: list[str] = []
         folder, (optimizer_state, rng, state) = newest_good(
             self.run_dir, lambda exc: skipped.append(f"skipped a damaged checkpoint: {exc}"), self._read_checkpoint)
-        load_model(model, str(folder / "model.safetensors"))
-        optimizer.load_state_dict(optimizer_state)
-        torch.set_rng_state(rng["cpu"])
-        if rng["cuda"]:
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        if self.cfg.fsdp:
+            load_sharded(folder, model, optimizer, state["param_groups"])
+        else:
+            load_model(model, str(folder / "model.safetensors"))
+            optimizer.load_state_dict(optimizer_state)
+            torch.set_rng_state(rng["cpu"])
+            if rng["cuda"]:
+                torch.cuda.set_rng_state_all(rng["cuda"])
         scheduler.load_state_dict(state["scheduler"])
         return Position(**state["position"]), skipped
 
-    def _read_checkpoint(self, folder: Path, manifest: dict) -> tuple[dict, dict, dict]:
-        """A verified checkpoint's optimizer, RNG and trainer state; pickles load as tensors only (weights_only)."""
+    def _read_checkpoint(self, folder: Path, manifest: dict) -> tuple[dict | None, dict | None, dict]:
+        """A verified checkpoint's optimizer, RNG and trainer state; pickles load as tensors only (weights_only).
+        A sharded one holds no pickle: its tensors are read by load_sharded."""
         if manifest["method"] != self.cfg.method:
             raise ConfigError(f"{folder} was written by a {manifest['method']} run, not {self.cfg.method}; "
                               f"resume with --method {manifest['method']}")
+        sharded = (folder / STATE_DIR).is_dir()
+        if sharded != self.cfg.fsdp:
+            raise ConfigError(f"{folder} was written by a run {'with' if sharded else 'without'} --fsdp; resume it "
+                              f"{'with' if sharded else 'without'} --fsdp")
         try:
+            state = json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
+            if sharded:
+                return None, None, state
             optimizer_state = torch.load(folder / "optimizer.pt", weights_only=True)
             rng = torch.load(folder / "rng.pt", weights_only=True)
-            state = json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
         except (pickle.UnpicklingError, RuntimeError, ValueError) as exc:
             reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
             raise DamagedCheckpoint(f"{folder}: refused to load it ({reason})") from None
         return optimizer_state, rng, state
 
-    def _save_final(self, model, tokenizer, uses_adapter: bool, step: int) -> None:
-        """final/ holds the trained model's full state (export merges it); adapter/ the peft adapter alone."""
+    def _save_final(self, model, tokenizer, uses_adapter: bool, step: int, weights: dict | None) -> None:
+        """final/ holds the trained model's full state (export merges it); adapter/ the peft adapter alone.
+
+        `weights` is the gathered state of a sharded model, else None (the model's own tensors are whole).
+        """
         with atomic_dir(self.run_dir / "final") as tmp, self._writing():
-            save_model(model, str(tmp / "model.safetensors"))
+            if weights is None:
+                save_model(model, str(tmp / "model.safetensors"))
+            else:
+                save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
             tokenizer.save_pretrained(tmp)
             write_manifest(tmp, step=step, cfg=self.cfg)
         if uses_adapter:
             with atomic_dir(self.run_dir / "adapter") as tmp, self._writing():
-                model.save_pretrained(tmp)
+                model.save_pretrained(tmp, **({} if weights is None else {"state_dict": weights}))
 
 
 def all_finite(tensors: Iterable[torch.Tensor], piece_numel: int = 2**24) -> bool:

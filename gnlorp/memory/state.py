@@ -6,42 +6,61 @@ from ..optim.adamw import resolve_proj_dtype
 from ..optim.codec import BLOCKSIZE
 from ..optim.moments import MIN_QUANTIZED_NUMEL
 from ..optim.projector import projection_side, projector_state_bytes
+from ..optim.sharded import ALIGN
 from ..optim.streaming import refresh_temporary_bytes, step_temporary_bytes
 
 
-def moment_bytes(numel: int, bits: int) -> int:
-    """Bytes of one Adam moment of `numel` elements: fp32, or 8- or 4-bit codes plus one fp32 scale per block."""
-    if bits in BLOCKSIZE and numel >= MIN_QUANTIZED_NUMEL:
+def moment_bytes(numel: int, bits: int, whole_numel: int | None = None) -> int:
+    """Bytes of one Adam moment of `numel` elements: fp32, or 8- or 4-bit codes plus one fp32 scale per block.
+
+    A shard of a moment (`numel` of its `whole_numel`) is quantized when the whole moment would be.
+    """
+    if bits in BLOCKSIZE and (whole_numel or numel) >= MIN_QUANTIZED_NUMEL:
         return -(-numel * bits // 8) + 4 * -(-numel // BLOCKSIZE[bits])
     return 4 * numel
 
 
-def predict_optimizer_state_bytes(param_groups: list[dict], bits: int, proj_dtype: str | None = None) -> int:
-    """Closed-form size of ProjectedAdamW's state for these groups (DESIGN §3), one 8-byte step counter each."""
-    return sum(optimizer_state_parts(param_groups, bits, proj_dtype))
+def predict_optimizer_state_bytes(param_groups: list[dict], bits: int, proj_dtype: str | None = None,
+                                  shards: int = 1) -> int:
+    """Closed-form size of ProjectedAdamW's state for these groups (DESIGN §3), one 8-byte step counter each;
+    with `shards` > 1, what rank 0 of an FSDP run over that many processes holds."""
+    return sum(optimizer_state_parts(param_groups, bits, proj_dtype, shards))
 
 
-def optimizer_state_parts(param_groups: list[dict], bits: int, proj_dtype: str | None = None) -> tuple[int, int]:
-    """(moments, step counters and magnitudes; projectors): the two optimizer terms the estimate reports apart."""
+def optimizer_state_parts(param_groups: list[dict], bits: int, proj_dtype: str | None = None,
+                          shards: int = 1) -> tuple[int, int]:
+    """(moments, step counters and magnitudes; projectors): the two optimizer terms the estimate reports apart.
+
+    Sharded (optim/sharded.py), rank 0 keeps the first ⌈m/N⌉ rows of each weight's moments and magnitudes, and a
+    slice of ⌈v/(N·256)⌉·256 values of each projector and each left-side moment of v values.
+    """
     total, projectors = 0, 0
     for group in param_groups:
         for p in group["params"]:
             if not p.requires_grad:
                 continue
             total += 8
+            rows = -(-p.shape[0] // shards) if p.dim() else 1  # rank 0's rows
             if "rank" not in group:
-                total += 2 * moment_bytes(p.numel(), bits)
+                total += 2 * moment_bytes(p.numel() // max(p.shape[0], 1) * rows if shards > 1 else p.numel(), bits,
+                                          p.numel())
                 continue
             m, n = p.shape
             rank = min(group["rank"], m, n)
             right = projection_side(p.shape, group.get("proj_type", "std")) == "right"
             kept, projected = (m, n) if right else (n, m)
-            total += 2 * moment_bytes(rank * kept, bits)
+            held = rank * kept if shards == 1 else rank * rows if right else _slice(rank * n, shards)
+            total += 2 * moment_bytes(held, bits, rank * kept)
             stored_as = resolve_proj_dtype(group.get("proj_dtype", proj_dtype), bits)  # a group's own wins
-            projectors += projector_state_bytes(rank * projected, stored_as)
+            projected_numel = rank * projected if shards == 1 else _slice(rank * projected, shards)
+            projectors += projector_state_bytes(projected_numel, stored_as)
             if group.get("weight_norm"):
-                total += 3 * 4 * m
+                total += 3 * 4 * (m if shards == 1 else rows)
     return total, projectors
+
+
+def _slice(numel: int, shards: int) -> int:
+    return -(-numel // (shards * ALIGN)) * ALIGN
 
 
 def update_temporaries(param_groups: list[dict]) -> list[tuple[int, int]]:
