@@ -26,6 +26,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
 )
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 
 from .config import ConfigError
 
@@ -98,11 +99,22 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
+def _model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The sharded model's state, each storage once (VeRA's shared A and B appear under every layer's name)."""
+    state, seen = {}, set()
+    for name, tensor in get_model_state_dict(model).items():
+        pointer = (tensor.to_local() if isinstance(tensor, DTensor) else tensor).data_ptr()
+        if pointer not in seen:
+            state[name] = tensor
+            seen.add(pointer)
+    return state
+
+
 def save_sharded(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Every rank writes its shards of the weights and its optimizer state into folder/state; returns what
     resume needs besides the tensors (the optimizer's param_groups, plain JSON), for rank 0 to store."""
     saved = optimizer.state_dict()
-    tensors: dict[str, torch.Tensor] = dict(get_model_state_dict(model))
+    tensors: dict[str, torch.Tensor] = _model_state(model)
     prefix = f"rank{dist.get_rank()}"
     for index, state in saved["state"].items():
         for key, value in state.items():
@@ -124,7 +136,7 @@ def load_sharded(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Op
     if saved_world != dist.get_world_size():
         raise ConfigError(f"{folder} was saved by {saved_world} processes, this run has {dist.get_world_size()}; "
                           f"resume with --nproc_per_node {saved_world}")
-    model_state = get_model_state_dict(model)
+    model_state = _model_state(model)
     mine = {name: torch.empty(meta.size, dtype=meta.properties.dtype)
             for name, meta in stored.items() if name.startswith(prefix)}
     dcp.load({**model_state, **mine}, storage_reader=HuggingFaceStorageReader(str(folder / STATE_DIR)))
