@@ -1,8 +1,9 @@
 """One training run, read top to bottom: set up, loop over steps, evaluate, checkpoint, finish.
 
-The run can go in a background thread and reports typed events on a queue, which the CLI and the studio
-both consume; it also appends every step to metrics.jsonl. It is built on `accelerate`, so
-`accelerate launch -m gnlorp train ...` runs it data-parallel with nothing else to change.
+The run can go in a background thread and reports typed events (events.py) on a queue, which the CLI and the
+studio both consume; it also appends every step to metrics.jsonl. It is built on `accelerate`, so
+`accelerate launch -m gnlorp train ...` (or torchrun) runs it data-parallel with nothing else to change, and
+sharded with --fsdp (sharding.py). Checkpoints are train_state.py's.
 """
 
 from __future__ import annotations
@@ -10,99 +11,37 @@ from __future__ import annotations
 import errno
 import json
 import math
-import pickle
 import queue
 import shutil
 import threading
 import time
 import traceback
-from collections.abc import Iterable
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
-from safetensors.torch import load_model, save_file, save_model
 
-from .atomic import atomic_dir, write_text_atomic
-from .checkpoint import DamagedCheckpoint, checkpoints, newest_good, write_manifest
+from .atomic import write_text_atomic
+from .checkpoint import checkpoints
 from .config import ConfigError, RunConfig
 from .data import batches, collate, prepare_data
+from .events import CheckpointEvent, DoneEvent, ErrorEvent, EvalEvent, Event, StepEvent, WarningEvent
 from .loss import loss_function
 from .memory import MemoryMonitor, estimate, predict_optimizer_state_bytes, return_freed_memory, this_machine
 from .methods import get_method
 from .models import enable_checkpointing, load_tokenizer
 from .models import load_model as load_base_model
 from .optim import ProjectedAdamW, register_layerwise_step, state_bytes
-from .sharding import (
-    STATE_DIR,
-    full_state_dict,
-    load_sharded,
-    on_every_rank,
-    save_sharded,
-    shard_model,
-    shared_atomic_dir,
-)
+from .sharding import full_state_dict, on_every_rank, shard_model
+from .train_state import Position, all_finite, load_checkpoint, save_checkpoint, save_final
 
-CHECKPOINTS_KEPT = 2
+__all__ = ["CheckpointEvent", "DoneEvent", "ErrorEvent", "EvalEvent", "Event", "StepEvent", "TrainingRun",
+           "WarningEvent", "lr_factor", "micro_batches"]
+
 DISK_FULL_FREE_BYTES = 1 << 20  # a failed write with less than this left free is a full disk (torch.save hides ENOSPC)
-
-
-@dataclass
-class StepEvent:
-    step: int
-    loss: float
-    lr: float
-    grad_norm: float | None
-    tokens_per_s: float
-    mem_bytes: int
-    peak_mem_bytes: int
-    time: float
-
-
-@dataclass
-class EvalEvent:
-    step: int
-    eval_loss: float
-    eval_accuracy: float | None = None
-
-
-@dataclass
-class CheckpointEvent:
-    step: int
-    path: str
-
-
-@dataclass
-class DoneEvent:
-    status: str  # "finished" or "stopped"
-    summary: dict = field(default_factory=dict)
-
-
-@dataclass
-class ErrorEvent:
-    message: str
-    internal: bool = False  # a bug rather than bad input; its traceback is in the run folder's error.log
-
-
-@dataclass
-class WarningEvent:
-    """Something the run survived but should be seen: a skipped non-finite update, an SVD fallback."""
-    step: int
-    message: str
-
-
-Event = StepEvent | EvalEvent | CheckpointEvent | DoneEvent | ErrorEvent | WarningEvent
-
-
-@dataclass
-class Position:
-    """Where the run is: enough, with the checkpointed tensors, to continue it exactly."""
-    step: int = 0
-    epoch: int = 0
-    batch_index: int = 0
 
 
 class TrainingRun:
@@ -190,7 +129,7 @@ class TrainingRun:
         loss_of = self._loss_of = loss_function(model, accelerator.unwrap_model(model), cfg.chunked_loss)
         position = Position()
         if self.resume:
-            position, skipped = self._load_checkpoint(accelerator.unwrap_model(model), optimizer, scheduler)
+            position, skipped = load_checkpoint(cfg, accelerator.unwrap_model(model), optimizer, scheduler)
             if main:
                 self._truncate_metrics(position.step)
                 for message in skipped:
@@ -259,7 +198,10 @@ class TrainingRun:
                 finite = all_finite(trained)
                 if not (on_every_rank(finite) if cfg.fsdp else finite):
                     raise self._diverged(position.step, "the weights became non-finite")
-                self._save_checkpoint(unwrapped, optimizer, scheduler, position, main)
+                with self._writing():
+                    saved = save_checkpoint(cfg, unwrapped, optimizer, scheduler, position, main)
+                if main:
+                    self._emit(CheckpointEvent(position.step, str(saved)))
             if stopping:
                 status = "stopped"
                 break
@@ -282,7 +224,8 @@ class TrainingRun:
         }
         weights = full_state_dict(self.model) if cfg.fsdp else None  # every rank sends its shards to rank 0
         if main:  # every process has the same weights (or rank 0 has them gathered); one writes them
-            self._save_final(self.model, tokenizer, method.uses_adapter, position.step, weights)
+            with self._writing():
+                save_final(cfg, self.model, tokenizer, method.uses_adapter, position.step, weights)
             with self._writing():
                 write_text_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=1))
         self._emit(DoneEvent(status, summary))
@@ -359,90 +302,6 @@ class TrainingRun:
                 record["eval_accuracy"] = accuracy
             self._append_metrics(record)
             self._emit(event)
-
-    def _save_checkpoint(self, model, optimizer, scheduler, position: Position, main: bool) -> None:
-        """Write into a temp folder and rename, so a crash mid-write leaves the previous checkpoint whole.
-
-        Sharded, every rank writes its shards into rank 0's temp folder (a fixed name all can find) in between.
-        """
-        root = self.run_dir / "checkpoints"
-        final = root / f"step-{position.step:06d}"
-        with (shared_atomic_dir(final, main) if self.cfg.fsdp else atomic_dir(final)) as tmp, self._writing():
-            state: dict[str, Any] = {"position": asdict(position), "scheduler": scheduler.state_dict()}
-            if self.cfg.fsdp:
-                state |= save_sharded(tmp, model, optimizer.optimizer)
-            else:
-                save_model(model, str(tmp / "model.safetensors"))
-                torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-                torch.save({"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all()
-                            if torch.cuda.is_available() else []}, tmp / "rng.pt")
-            if main:
-                (tmp / "trainer_state.json").write_text(json.dumps(state), encoding="utf-8")
-                write_manifest(tmp, step=position.step, cfg=self.cfg)  # last: a folder without it is incomplete
-        if main:
-            for old in sorted(root.glob("step-*"))[:-CHECKPOINTS_KEPT] + list(root.glob(".step-*.tmp-*")):
-                shutil.rmtree(old)  # old checkpoints, and the temp folders of saves a killed process left behind
-            self._emit(CheckpointEvent(position.step, str(final)))
-
-    def _load_checkpoint(self, model, optimizer, scheduler) -> tuple[Position, list[str]]:
-        """Restore the newest checkpoint that verifies against its manifest; also the damaged ones skipped."""
-        skipped: list[str] = []
-        folder, (optimizer_state, rng, state) = newest_good(
-            self.run_dir, lambda exc: skipped.append(f"skipped a damaged checkpoint: {exc}"), self._read_checkpoint)
-        if self.cfg.fsdp:
-            load_sharded(folder, model, optimizer, state["param_groups"])
-        else:
-            load_model(model, str(folder / "model.safetensors"))
-            optimizer.load_state_dict(optimizer_state)
-            torch.set_rng_state(rng["cpu"])
-            if rng["cuda"]:
-                torch.cuda.set_rng_state_all(rng["cuda"])
-        scheduler.load_state_dict(state["scheduler"])
-        return Position(**state["position"]), skipped
-
-    def _read_checkpoint(self, folder: Path, manifest: dict) -> tuple[dict | None, dict | None, dict]:
-        """A verified checkpoint's optimizer, RNG and trainer state; pickles load as tensors only (weights_only).
-        A sharded one holds no pickle: its tensors are read by load_sharded."""
-        if manifest["method"] != self.cfg.method:
-            raise ConfigError(f"{folder} was written by a {manifest['method']} run, not {self.cfg.method}; "
-                              f"resume with --method {manifest['method']}")
-        sharded = (folder / STATE_DIR).is_dir()
-        if sharded != self.cfg.fsdp:
-            raise ConfigError(f"{folder} was written by a run {'with' if sharded else 'without'} --fsdp; resume it "
-                              f"{'with' if sharded else 'without'} --fsdp")
-        try:
-            state = json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
-            if sharded:
-                return None, None, state
-            optimizer_state = torch.load(folder / "optimizer.pt", weights_only=True)
-            rng = torch.load(folder / "rng.pt", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, ValueError) as exc:
-            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-            raise DamagedCheckpoint(f"{folder}: refused to load it ({reason})") from None
-        return optimizer_state, rng, state
-
-    def _save_final(self, model, tokenizer, uses_adapter: bool, step: int, weights: dict | None) -> None:
-        """final/ holds the trained model's full state (export merges it); adapter/ the peft adapter alone.
-
-        `weights` is the gathered state of a sharded model, else None (the model's own tensors are whole).
-        """
-        with atomic_dir(self.run_dir / "final") as tmp, self._writing():
-            if weights is None:
-                save_model(model, str(tmp / "model.safetensors"))
-            else:
-                save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-            tokenizer.save_pretrained(tmp)
-            write_manifest(tmp, step=step, cfg=self.cfg)
-        if uses_adapter:
-            with atomic_dir(self.run_dir / "adapter") as tmp, self._writing():
-                model.save_pretrained(tmp, **({} if weights is None else {"state_dict": weights}))
-
-
-def all_finite(tensors: Iterable[torch.Tensor], piece_numel: int = 2**24) -> bool:
-    """Piece by piece: `isfinite` on a whole 128K-row embedding holds gigabytes of temporaries."""
-    pieces = (piece for tensor in tensors for piece in tensor.detach().reshape(-1).split(piece_numel))
-    return all(bool(torch.isfinite(piece).all()) for piece in pieces)
-
 
 def _disk_full(exc: BaseException, folder: Path) -> bool:
     """ENOSPC/EDQUOT anywhere in the chain, or any failed write with (almost) nothing left free on that disk."""
