@@ -129,6 +129,9 @@ def _add_estimate(commands: argparse._SubParsersAction) -> None:
                         help="rtx-4090, rtx-3090, l4, t4, a100-40gb, a100-80gb, h100-80gb or this-machine (its GPU, "
                         "else its free RAM)")
     parser.add_argument("--compare", action="store_true", help="every method side by side")
+    parser.add_argument("--gpus", type=_int_in_range(1, 1 << 16), default=1,
+                        help="memory per GPU on N of --device: one process, data-parallel (DDP) and sharded (FSDP) "
+                        "side by side")
     add_config_arguments(parser, ["model", "task", "method", "rank", "optim_bits", "batch_size", "seq_len",
                                   "grad_accum", "targets", "proj_type", "proj_dtype", "layerwise",
                                   "grad_checkpointing", "chunked_loss", "dtype"])
@@ -143,6 +146,10 @@ def _run_estimate(args: argparse.Namespace) -> int:
     from gnlorp.memory import PARTS, fit, get_device
 
     device = get_device(args.device)
+    if args.compare and args.gpus > 1:
+        raise ConfigError("--compare and --gpus each print a table: choose one")
+    if args.gpus > 1:
+        return _print_per_gpu(cfg, device, args.gpus, args.json)
     if args.compare:
         fits = {name: fit(dataclasses.replace(cfg, method=name), device) for name in METHOD_NAMES}
         table = {name: verdict.estimate for name, verdict in fits.items()}
@@ -173,6 +180,33 @@ def _run_estimate(args: argparse.Namespace) -> int:
     print(f"{answer} on {device.label} (needs {verdict.total_bytes / 2**30:.2f} GiB of "
           f"{device.capacity_bytes / 2**30:.2f}); largest batch that fits at seq {cfg.seq_len}: "
           f"{verdict.max_batch_size}")
+    return 0
+
+
+def _print_per_gpu(cfg, device, gpus: int, as_json: bool) -> int:
+    """One GPU, then each of `gpus` data-parallel and sharded: every one holds cfg.batch_size sequences."""
+    import dataclasses
+    import json
+
+    from gnlorp.memory import PARTS, fit
+
+    fits = {"one": fit(cfg, device), "ddp": fit(dataclasses.replace(cfg, fsdp=False), device, gpus),
+            "fsdp": fit(dataclasses.replace(cfg, fsdp=True), device, gpus)}
+    if as_json:
+        print(json.dumps({"gpus": gpus, "device": device.name, **{
+            name: {**f.estimate, "fits": f.fits, "max_batch_size": f.max_batch_size}
+            for name, f in fits.items() if name != "one"}}))
+        return 0
+    headers = {"one": "1 GPU", "ddp": f"DDP x{gpus}", "fsdp": f"FSDP x{gpus}"}
+    columns = [*PARTS, "total"]
+    label = max(map(len, columns)) + 1
+    print(f"{'GiB per GPU':<{label}}" + "".join(f"{headers[name]:>13}" for name in fits))
+    for key in columns:
+        print(f"{key:<{label}}" + "".join(f"{f.estimate[key] / 2**30:13.3f}" for f in fits.values()))
+    print(f"{'fits':<{label}}" + "".join(f"{'yes' if f.fits else 'no':>13}" for f in fits.values()))
+    print(f"{'max batch':<{label}}" + "".join(f"{f.max_batch_size:13}" for f in fits.values()))
+    print(f"on {device.label}, batch {cfg.batch_size} x {cfg.seq_len} tokens per GPU (a global batch of "
+          f"{cfg.batch_size * gpus} on {gpus}); the CUDA context is in 'fits', not in the table")
     return 0
 
 

@@ -120,7 +120,7 @@ class TrainingRun:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         shards = accelerator.num_processes if cfg.fsdp else 1
         predicted_state = predict_optimizer_state_bytes(groups, cfg.optim_bits, shards=shards)  # rank 0's
-        predicted_peak = estimate(cfg, this_machine())["total"]
+        predicted_peak = estimate(cfg, this_machine(), gpus=accelerator.num_processes)["total"]
 
         if cfg.fsdp:  # already sharded; accelerate would wrap it in DistributedDataParallel
             optimizer = accelerator.prepare(optimizer)

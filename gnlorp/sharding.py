@@ -41,8 +41,7 @@ def shard_model(model: torch.nn.Module, bf16: bool) -> None:
                           "torchrun --nproc_per_node N -m gnlorp train ... (or accelerate launch), or leave --fsdp off")
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
         MixedPrecisionPolicy()
-    block_names = set(getattr(_transformer(model), "_no_split_modules", None) or ())
-    blocks = [m for m in model.modules() if type(m).__name__ in block_names]
+    blocks = decoder_blocks(model)
     if not blocks:
         raise ConfigError(f"--fsdp cannot find the repeated blocks of {type(model).__name__} (its _no_split_modules "
                           "is empty); train it without --fsdp")
@@ -51,10 +50,11 @@ def shard_model(model: torch.nn.Module, bf16: bool) -> None:
     fully_shard(model, mp_policy=policy)
 
 
-def _transformer(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers model inside a peft wrapper (or the model itself)."""
+def decoder_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's repeated blocks, by the class names transformers gives in `_no_split_modules` (through peft)."""
     get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
+    names = set(getattr(get_base() if callable(get_base) else model, "_no_split_modules", None) or ())
+    return [m for m in model.modules() if type(m).__name__ in names]
 
 
 def on_every_rank(flag: bool) -> bool:

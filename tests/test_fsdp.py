@@ -116,6 +116,23 @@ def test_each_rank_holds_half_of_the_optimizer_state(sharded, single, name):
     assert ours["predicted_optimizer_state_bytes"] == ours["optimizer_state_bytes"]
 
 
+def test_estimate_per_gpu_counts_the_optimizer_state_each_rank_held(sharded, single, capsys):
+    args = ["estimate", "--config", str(sharded / "gnl32" / "config.yaml"), "--gpus", "2", "--json"]
+    assert main(args) == 0
+    per_gpu = json.loads(capsys.readouterr().out)
+    fsdp, ddp = per_gpu["fsdp"], per_gpu["ddp"]
+    held = _summary(sharded / "gnl32")["optimizer_state_bytes"]
+    assert fsdp["optimizer_states"] + fsdp["projectors"] == held  # counted from the tensors rank 0 held
+    whole = _summary(single / "gnl32")["optimizer_state_bytes"]
+    assert ddp["optimizer_states"] + ddp["projectors"] == whole  # data-parallel: every rank holds it all
+    # Data-parallel keeps a second copy of every gradient in its all-reduce buckets; sharded, 1/N of them plus the
+    # whole gradients of the unit being reduced. On a 4-layer model the gathered root and blocks outweigh the
+    # halved weights: FSDP pays off on large models, which is what the per-GPU table is for.
+    assert fsdp["gradients"] < ddp["gradients"]
+    assert fsdp["weights"] > ddp["weights"] // 2
+    assert main(args + ["--compare"]) != 0 and "choose one" in capsys.readouterr().err
+
+
 def test_resume_from_a_sharded_checkpoint_is_exact(sharded):
     assert _losses(sharded / "resumed") == _losses(sharded / "gnl32")
     resumed, straight = (load_file(sharded / r / "final" / "model.safetensors") for r in ("resumed", "gnl32"))

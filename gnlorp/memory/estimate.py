@@ -26,6 +26,7 @@ from torch import nn
 
 from ..config import METHOD_NAMES, RunConfig
 from ..loss import chunk_tokens
+from ..sharding import decoder_blocks
 from .activations import layer_bytes, saved_bytes
 from .devices import Device, get_device, this_machine
 from .state import optimizer_state_parts, update_temporaries
@@ -92,13 +93,14 @@ class _Budget:
         return {name: parts[name] for name in PARTS}
 
 
-def estimate(cfg: RunConfig, device: str | Device | None = None) -> dict[str, int]:
+def estimate(cfg: RunConfig, device: str | Device | None = None, gpus: int = 1) -> dict[str, int]:
     """Bytes of each part live at the run's peak (PARTS), their sum `total`, and `trainable_params`.
 
     `device` (a name from `devices()`, default this machine) decides whether bf16 autocast is on (CUDA) and
-    what the framework itself costs.
+    what the framework itself costs. With `gpus` > 1, what each one holds: data-parallel, or sharded when
+    `cfg.fsdp` (rank 0, whose shards are the largest), each with `cfg.batch_size` sequences per micro-batch.
     """
-    return _report(_budget(cfg, _device(device)), cfg.batch_size)
+    return _report(_budget(cfg, _device(device), gpus), cfg.batch_size)
 
 
 def compare(cfg: RunConfig, device: str | Device | None = None) -> dict[str, dict[str, int]]:
@@ -107,10 +109,10 @@ def compare(cfg: RunConfig, device: str | Device | None = None) -> dict[str, dic
     return {name: estimate(dataclasses.replace(cfg, method=name), target) for name in METHOD_NAMES}
 
 
-def fit(cfg: RunConfig, device: str | Device) -> Fit:
-    """Whether the run fits on `device`, and the largest batch size that would (bisection on the peak)."""
+def fit(cfg: RunConfig, device: str | Device, gpus: int = 1) -> Fit:
+    """Whether the run fits on `device` (each of `gpus`), and the largest batch size that would (bisection)."""
     target = _device(device)
-    budget = _budget(cfg, target)
+    budget = _budget(cfg, target, gpus)
     context = CUDA_CONTEXT if target.kind == "cuda" else 0
 
     def needed(batch: int) -> int:
@@ -134,13 +136,17 @@ def _report(budget: _Budget, batch: int) -> dict[str, int]:
 
 @dataclass(frozen=True)
 class _Counts:
-    """What the estimate counts on a prepared model; the first five fields add up layer by layer."""
+    """What the estimate counts on a prepared model; the first seven fields add up layer by layer."""
 
     params: int
     trainable: int
-    states: int
-    projectors: int
+    states: int  # sharded over `shards` processes: rank 0's
+    projectors: int  # likewise
     target_features: int  # Σ (in + out) over the targeted layers
+    outside_blocks: int  # parameters outside the decoder blocks (embeddings, final norm, head): FSDP's root unit
+    outside_trainable: int
+    block: int  # the largest decoder block's parameters: FSDP's unit
+    block_trainable: int
     largest: int  # the largest trainable tensor
     head: int  # the trained output head's numel (0 when it does not train)
     update: int  # the most one weight's update holds at once
@@ -153,13 +159,15 @@ class _Counts:
         def grow(name: str) -> int:
             return getattr(self, name) + (layers - 1) * (getattr(two, name) - getattr(self, name))
 
-        additive = ("params", "trainable", "states", "projectors", "target_features")
-        return _Counts(**{name: grow(name) for name in additive}, largest=two.largest, head=two.head,
+        additive = ("params", "trainable", "states", "projectors", "target_features", "outside_blocks",
+                    "outside_trainable")
+        return _Counts(**{name: grow(name) for name in additive}, block=two.block,
+                       block_trainable=two.block_trainable, largest=two.largest, head=two.head,
                        update=two.update, layerwise_step=two.layerwise_step, embedding=two.embedding,
                        layer_step=two.layer_step)
 
 
-def _count(cfg: RunConfig, method, base) -> _Counts:
+def _count(cfg: RunConfig, method, base, shards: int) -> _Counts:
     weight_bytes = 2 if cfg.dtype == "bfloat16" else 4
     from ..methods.base import resolve_targets
 
@@ -172,13 +180,18 @@ def _count(cfg: RunConfig, method, base) -> _Counts:
     embedding = model.get_input_embeddings().weight
     embedding = embedding if embedding.requires_grad and embedding is not head_weight else None
     groups = method.param_groups(model, cfg)
-    states, projectors = optimizer_state_parts(groups, cfg.optim_bits)
+    states, projectors = optimizer_state_parts(groups, cfg.optim_bits, shards=shards)
     updates = update_temporaries(groups)
+    blocks = [(sum(p.numel() for p in b.parameters()), sum(p.numel() for p in b.parameters() if p.requires_grad))
+              for b in decoder_blocks(model)] or [(0, 0)]
     trained = [p for group in groups for p in group["params"] if p.requires_grad]
     in_layers = [step for p, step in zip(trained, updates, strict=True) if p is not embedding and p is not head_weight]
     return _Counts(
         params=sum(p.numel() for p in params), trainable=sum(p.numel() for p in trainable), states=states,
         projectors=projectors, target_features=sum(m + n for m, n in targets),
+        outside_blocks=sum(p.numel() for p in params) - sum(b for b, _ in blocks),
+        outside_trainable=sum(p.numel() for p in trainable) - sum(t for _, t in blocks),
+        block=max(b for b, _ in blocks), block_trainable=max(t for _, t in blocks),
         largest=max(p.numel() for p in trainable),
         head=head_weight.numel() if head_weight is not None else 0,
         update=max(held for _, held in updates),
@@ -209,24 +222,25 @@ def _identical_layers(base, cfg: RunConfig) -> int | None:
 
 
 # What the model's shapes and the optimizer's groups do not depend on: the planner varies these freely.
-_NOT_COUNTED = ("batch_size", "seq_len", "grad_accum", "grad_checkpointing", "chunked_loss", "layerwise",
+_NOT_COUNTED = ("batch_size", "seq_len", "grad_accum", "grad_checkpointing", "chunked_loss", "layerwise", "fsdp",
                 "max_grad_norm", "output", "data", "max_steps", "lr", "seed", "warmup_steps", "eval_every",
                 "checkpoint_every", "eval_fraction")
 
 
-def _shapes(cfg: RunConfig) -> tuple[object, _Counts]:
-    """The model's config and its counts, remembered: the planner asks about hundreds of runs of one model."""
+def _shapes(cfg: RunConfig, shards: int = 1) -> tuple[object, _Counts]:
+    """The model's config and its counts (optimizer state sharded over `shards` processes), remembered: the planner
+    asks about hundreds of runs of one model."""
     counted = dataclasses.replace(cfg, **{name: getattr(_DEFAULTS, name) for name in _NOT_COUNTED})
     folder_config = Path(cfg.model) / "config.json"
     changed = folder_config.stat().st_mtime_ns if folder_config.is_file() else None
-    return _count_shapes(dataclasses.astuple(counted), changed)
+    return _count_shapes(dataclasses.astuple(counted), changed, shards)
 
 
 _DEFAULTS = RunConfig()
 
 
 @functools.lru_cache(maxsize=128)
-def _count_shapes(values: tuple, _changed: int | None) -> tuple[object, _Counts]:
+def _count_shapes(values: tuple, _changed: int | None, shards: int) -> tuple[object, _Counts]:
     """`values`: a RunConfig's fields in order (a hashable key); `_changed`: its folder config's mtime."""
     cfg = RunConfig(*values)
     from ..methods import get_method
@@ -238,16 +252,18 @@ def _count_shapes(values: tuple, _changed: int | None) -> tuple[object, _Counts]
     layers = _identical_layers(base, cfg)
     if layers is not None and layers > 2:
         # Wrapping every layer of a 7B model in peft takes seconds; one and two layers tell the same, exactly.
-        one, two = (_count(cfg, method, meta_model(cfg.model, cfg.task, num_labels, layers=k)) for k in (1, 2))
+        one, two = (_count(cfg, method, meta_model(cfg.model, cfg.task, num_labels, layers=k), shards)
+                    for k in (1, 2))
         return base.config, one.extrapolate(two, layers)
-    return base.config, _count(cfg, method, base)
+    return base.config, _count(cfg, method, base, shards)
 
 
-def _budget(cfg: RunConfig, device: Device) -> _Budget:
+def _budget(cfg: RunConfig, device: Device, gpus: int = 1) -> _Budget:
     from ..methods import get_method
 
     method = get_method(cfg.method)
-    config, counts = _shapes(cfg)
+    sharded = cfg.fsdp and gpus > 1
+    config, counts = _shapes(cfg, gpus if sharded else 1)
     weight_bytes = 2 if cfg.dtype == "bfloat16" else 4
     outputs = config.vocab_size if cfg.task == "causal-lm" else config.num_labels
     autocast = device.kind == "cuda"
@@ -262,21 +278,33 @@ def _budget(cfg: RunConfig, device: Device) -> _Budget:
     method_saved = method.saved_per_token_feature * cfg.seq_len * counts.target_features
     if cfg.grad_checkpointing:  # the adapters' extra lives only in the one layer being recomputed
         method_saved /= config.num_hidden_layers
+    weights = counts.params * weight_bytes
+    gradients = (counts.largest if cfg.layerwise else counts.trainable) * weight_bytes
+    if sharded:
+        # 1/N of every weight and gradient, plus what FSDP gathers: the root unit (embeddings, head) for the whole
+        # forward and backward, and two decoder blocks (the one computing, the next prefetched), in the compute
+        # dtype; in backward, the root's and one block's whole gradients before they are reduce-scattered (fp32).
+        gathered = 2 if autocast else weight_bytes
+        weights = -(-counts.params // gpus) * weight_bytes + (counts.outside_blocks + 2 * counts.block) * gathered
+        gradients = -(-counts.trainable // gpus) * weight_bytes + \
+            4 * (counts.outside_trainable + counts.block_trainable)
+    elif gpus > 1:
+        gradients *= 2  # DistributedDataParallel's buckets: a second copy of every gradient to all-reduce
     return _Budget(
         fixed={
-            "weights": counts.params * weight_bytes,
+            "weights": weights,
             "optimizer_states": counts.states,
             "projectors": counts.projectors,
             "overhead": CUDA_OVERHEAD if device.kind == "cuda" else CPU_OVERHEAD,
         },
-        gradients=(counts.largest if cfg.layerwise else counts.trainable) * weight_bytes,
-        head_gradient=counts.head * weight_bytes if not cfg.layerwise else 0,
+        gradients=gradients,
+        head_gradient=min(gradients, counts.head * weight_bytes) if not cfg.layerwise else 0,
         accumulating=cfg.grad_accum > 1,
         layerwise=cfg.layerwise,
         # Layer-wise, one weight's gradient and update are what the step adds: reported as that gradient (the
         # largest, under "gradients") and the rest of the worst weight's gradient and update.
         update=counts.layerwise_step - counts.largest * weight_bytes if cfg.layerwise else counts.update,
-        before_embedding=(counts.trainable - counts.embedding) * weight_bytes,
+        before_embedding=gradients if sharded else (counts.trainable - counts.embedding) * weight_bytes,
         layer_step=counts.layer_step,
         per_sequence=int(saved + (0 if cfg.grad_checkpointing else method_saved)),
         recomputed_per_sequence=int(recomputed + method_saved) if cfg.grad_checkpointing else 0,
