@@ -34,8 +34,10 @@ STATE_DIR = "state"
 
 
 def shard_model(model: torch.nn.Module, bf16: bool) -> None:
-    """fully_shard each repeated block, then the whole model (embeddings, final norm, head). bf16: compute in
-    bfloat16 and reduce gradients in float32 (on CUDA, as the unsharded run's autocast does)."""
+    """fully_shard each repeated block and the input embedding (unless tied to the head), then the whole model
+    (final norm, head). bf16: compute in bfloat16 and reduce gradients in float32 (on CUDA, as the unsharded
+    run's autocast does). The head stays in the root unit, whose weights stay gathered from forward to the end of
+    backward: the chunked loss uses the head's weight outside the head's own forward."""
     if not dist.is_initialized() or dist.get_world_size() < 2:
         raise ConfigError("--fsdp shards over several processes and this run has one: start it with "
                           "torchrun --nproc_per_node N -m gnlorp train ... (or accelerate launch), or leave --fsdp off")
@@ -45,9 +47,17 @@ def shard_model(model: torch.nn.Module, bf16: bool) -> None:
     if not blocks:
         raise ConfigError(f"--fsdp cannot find the repeated blocks of {type(model).__name__} (its _no_split_modules "
                           "is empty); train it without --fsdp")
-    for block in blocks:
-        fully_shard(block, mp_policy=policy)
+    embedding = separate_embedding(model)
+    for unit in blocks + ([embedding] if embedding is not None else []):
+        fully_shard(unit, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
+
+
+def separate_embedding(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The input embedding, when it is not tied to the head: a unit of its own (a 128K vocabulary's is as large
+    as several decoder blocks)."""
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    return embedding if head is None or head.weight is not embedding.weight else None
 
 
 def decoder_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:

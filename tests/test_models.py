@@ -59,7 +59,7 @@ def test_meta_parameter_count_matches_closed_form(name: str) -> None:
 
 # Published totals (model cards): what a config-only preset must reproduce from its config.json alone.
 PUBLISHED = {"llama3-8b": 8.03e9, "llama3.2-1b": 1.24e9, "llama3.2-3b": 3.21e9, "qwen2.5-7b": 7.61e9,
-             "mistral-7b": 7.25e9, "smollm2-1.7b": 1.71e9}
+             "mistral-7b": 7.25e9, "smollm2-1.7b": 1.71e9, "llama3-70b": 70.6e9}
 
 
 def grouped_query_params(config) -> int:

@@ -26,7 +26,7 @@ from torch import nn
 
 from ..config import METHOD_NAMES, RunConfig
 from ..loss import chunk_tokens
-from ..sharding import decoder_blocks
+from ..sharding import decoder_blocks, separate_embedding
 from .activations import layer_bytes, saved_bytes
 from .devices import Device, get_device, this_machine
 from .state import optimizer_state_parts, update_temporaries
@@ -143,9 +143,9 @@ class _Counts:
     states: int  # sharded over `shards` processes: rank 0's
     projectors: int  # likewise
     target_features: int  # Σ (in + out) over the targeted layers
-    outside_blocks: int  # parameters outside the decoder blocks (embeddings, final norm, head): FSDP's root unit
+    outside_blocks: int  # parameters outside the decoder blocks and input embedding (final norm, head): FSDP's root
     outside_trainable: int
-    block: int  # the largest decoder block's parameters: FSDP's unit
+    block: int  # the largest FSDP unit's parameters: a decoder block, or the input embedding when it is one
     block_trainable: int
     largest: int  # the largest trainable tensor
     head: int  # the trained output head's numel (0 when it does not train)
@@ -182,8 +182,9 @@ def _count(cfg: RunConfig, method, base, shards: int) -> _Counts:
     groups = method.param_groups(model, cfg)
     states, projectors = optimizer_state_parts(groups, cfg.optim_bits, shards=shards)
     updates = update_temporaries(groups)
-    blocks = [(sum(p.numel() for p in b.parameters()), sum(p.numel() for p in b.parameters() if p.requires_grad))
-              for b in decoder_blocks(model)] or [(0, 0)]
+    units = decoder_blocks(model) + [m for m in [separate_embedding(model)] if m is not None]
+    blocks = [(sum(p.numel() for p in u.parameters()), sum(p.numel() for p in u.parameters() if p.requires_grad))
+              for u in units] or [(0, 0)]
     trained = [p for group in groups for p in group["params"] if p.requires_grad]
     in_layers = [step for p, step in zip(trained, updates, strict=True) if p is not embedding and p is not head_weight]
     return _Counts(
@@ -281,9 +282,10 @@ def _budget(cfg: RunConfig, device: Device, gpus: int = 1) -> _Budget:
     weights = counts.params * weight_bytes
     gradients = (counts.largest if cfg.layerwise else counts.trainable) * weight_bytes
     if sharded:
-        # 1/N of every weight and gradient, plus what FSDP gathers: the root unit (embeddings, head) for the whole
-        # forward and backward, and two decoder blocks (the one computing, the next prefetched), in the compute
-        # dtype; in backward, the root's and one block's whole gradients before they are reduce-scattered (fp32).
+        # 1/N of every weight and gradient, plus what FSDP gathers: the root unit (final norm, head) for the whole
+        # forward and backward, and two other units (the one computing, the next prefetched: decoder blocks or the
+        # input embedding), in the compute dtype; in backward, the root's and one unit's whole gradients before
+        # they are reduce-scattered (fp32).
         gathered = 2 if autocast else weight_bytes
         weights = -(-counts.params // gpus) * weight_bytes + (counts.outside_blocks + 2 * counts.block) * gathered
         gradients = -(-counts.trainable // gpus) * weight_bytes + \
