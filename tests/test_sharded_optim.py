@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 
 from gnlorp.optim import ProjectedAdamW, state_bytes
 
-SHAPES = {"tall": (1024, 64), "wide": (64, 1024), "uneven": (129, 40), "plain": (2048, 32), "vector": (96,)}
+SHAPES = {"tall": (1024, 64), "wide": (64, 1024), "uneven": (129, 72), "plain": (2048, 32), "vector": (96,)}
 STEPS = 5
 
 

@@ -18,6 +18,7 @@ With `stagger_refresh`, the matrices of a group take their SVDs at different ste
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Iterable
 from itertools import chain
@@ -27,8 +28,16 @@ import torch
 from torch.optim import Optimizer
 
 from .moments import Moments, init_moments
-from .projector import PROJ_DTYPES, PROJ_TYPES, load_projector, projection_side, store_projector, svd_basis
-from .sharded import RowShard, any_rank, broadcast_basis, gather_rows, gather_slices, keep_slice, row_shard
+from .projector import (
+    INT8_BLOCKSIZE,
+    PROJ_DTYPES,
+    PROJ_TYPES,
+    load_projector,
+    projection_side,
+    store_projector,
+    svd_basis,
+)
+from .sharded import RowShard, any_rank, gather_rows, gather_slices, row_shard, scatter_basis
 from .streaming import CHUNK_NUMEL, Hyper, Projection, plain_update_, projected_update_, projection_target
 from .weight_norm import row_norms
 
@@ -169,7 +178,7 @@ class ProjectedAdamW(Optimizer):
             basis, note = self._basis(target, p, group, shard, side)
             del target
             if basis is not None:
-                store_projector(state, basis if shard is None else keep_slice(basis, shard), group["proj_dtype"])
+                store_projector(state, basis, group["proj_dtype"])
             if note is not None:
                 kept = ("retried in float64" if basis is not None else
                         "kept the previous projector" if "projector" in state else "update skipped")
@@ -177,9 +186,16 @@ class ProjectedAdamW(Optimizer):
             if "projector" not in state:
                 return
         rank = min(group["rank"], *p.shape)
-        projection.basis = load_projector(state)
-        if shard is not None:
-            whole = gather_slices(projection.basis, basis_shape(p.shape, rank, side), shard)
+        if shard is None:
+            projection.basis = load_projector(state)
+        else:  # every rank's slice of the stored projector, then the whole one as float32
+            shape = basis_shape(p.shape, rank, side)
+            stored = {key: gather_slices(state[key], (-1,), shard) for key in ("projector", "projector_absmax")
+                      if key in state}
+            stored["projector"] = stored["projector"][: math.prod(shape)].view(shape)
+            if "projector_absmax" in stored:  # the slices' padding ends in blocks of its own
+                stored["projector_absmax"] = stored["projector_absmax"][: -(-math.prod(shape) // INT8_BLOCKSIZE)]
+            whole = load_projector(stored)
             projection.basis = whole if side == "right" else whole[shard.rows[0]:shard.rows[1]]
         state["step"] += 1
         moments = Moments(state, moment_numel(weight.shape, p.shape, rank, side, shard))
@@ -187,8 +203,8 @@ class ProjectedAdamW(Optimizer):
 
     def _basis(self, target: torch.Tensor, p: torch.Tensor, group: dict[str, Any], shard: RowShard | None,
                side: str) -> tuple[torch.Tensor | None, str | None]:
-        """The new projector from the SVD of `target`; sharded, one rank (the matrix's owner) gathers the rows
-        and decomposes them, and every rank gets its result."""
+        """The new projector from the SVD of `target` to store; sharded, one rank (the matrix's owner) gathers the
+        rows and decomposes them, and every rank gets its slice of the result."""
         rank = min(group["rank"], *p.shape)
         if shard is None:
             return svd_basis(target, rank, side)
@@ -196,7 +212,7 @@ class ProjectedAdamW(Optimizer):
         whole = gather_rows(target, shard, owner)
         basis, note = svd_basis(whole, rank, side) if whole is not None else (None, None)
         del whole
-        return broadcast_basis(basis, basis_shape(p.shape, rank, side), shard, owner), note
+        return scatter_basis(basis, math.prod(basis_shape(p.shape, rank, side)), shard, owner), note
 
     def _incident(self, p: torch.Tensor, group: dict[str, Any], state: dict, counter: str, what: str) -> None:
         """Count an incident in the parameter's state and describe it for `pop_incidents`."""

@@ -8,7 +8,8 @@ gathered when used, as FSDP does with the weights:
 - a left-side projection's moments (r×n): R = Σ_ranks P_rowsᵀ·G_rows is all-reduced, each rank runs Adam on its
   slice, and the directions are gathered back (one all-reduce and one all-gather of r×n per step).
 A refresh gathers the matrix to project on one rank (the matrix's owner, round-robin), which takes the same exact
-SVD a single process would and broadcasts the basis, so the trajectory equals one process's. Slices are whole
+SVD a single process would and scatters the basis, so the trajectory equals one process's. Projectors travel in
+their stored form (bfloat16, or int8 codes and scales), a half or a quarter of float32. Slices are whole
 multiples of ALIGN values, so 8- and 4-bit blocks and int8 projector blocks fall where one process puts them.
 """
 
@@ -83,17 +84,20 @@ def gather_rows(rows: torch.Tensor, shard: RowShard, owner: int) -> torch.Tensor
     return None if whole is None else whole[: shard.shape[0]]
 
 
-def broadcast_basis(basis: torch.Tensor | None, shape: tuple[int, int], shard: RowShard,
-                    owner: int) -> torch.Tensor | None:
-    """The owner's basis (or its None, when its SVD failed) on every rank."""
+def scatter_basis(basis: torch.Tensor | None, numel: int, shard: RowShard, owner: int) -> torch.Tensor | None:
+    """Each rank's slice (keep_slice's) of the owner's basis of `numel` values, or None everywhere when the owner's
+    SVD failed."""
     found = torch.tensor([int(basis is not None)], dtype=torch.int32, device=shard.device)
     dist.broadcast(found, src=shard.global_rank(owner), group=shard.group)
     if not found.item():
         return None
-    if basis is None:
-        basis = torch.empty(shape, dtype=torch.float32, device=shard.device)
-    dist.broadcast(basis, src=shard.global_rank(owner), group=shard.group)
-    return basis
+    per = shard.slice_numel(numel)
+    piece = torch.empty(per, dtype=torch.float32, device=shard.device)
+    pieces = None
+    if basis is not None:
+        pieces = list(torch.nn.functional.pad(basis.reshape(-1), (0, per * shard.world - numel)).split(per))
+    dist.scatter(piece, pieces, src=shard.global_rank(owner), group=shard.group)
+    return piece
 
 
 def keep_slice(whole: torch.Tensor, shard: RowShard) -> torch.Tensor:
@@ -104,10 +108,10 @@ def keep_slice(whole: torch.Tensor, shard: RowShard) -> torch.Tensor:
 
 
 def gather_slices(piece: torch.Tensor, shape: tuple[int, ...], shard: RowShard) -> torch.Tensor:
-    """The replicated tensor of `shape` back from every rank's slice (keep_slice's inverse)."""
+    """The replicated tensor of `shape` back from every rank's slice (keep_slice's inverse); (-1,): all of it."""
     whole = torch.empty(piece.numel() * shard.world, dtype=piece.dtype, device=piece.device)
     dist.all_gather(list(whole.split(piece.numel())), piece.contiguous(), group=shard.group)
-    return whole[: math.prod(shape)].view(shape)
+    return whole if shape == (-1,) else whole[: math.prod(shape)].view(shape)
 
 
 def all_reduce_(tensor: torch.Tensor, shard: RowShard) -> torch.Tensor:
