@@ -8,6 +8,7 @@ sharded with --fsdp (sharding.py). Checkpoints are train_state.py's.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import math
@@ -23,6 +24,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import parse_flag_from_env
 
 from .atomic import write_text_atomic
 from .checkpoint import checkpoints
@@ -94,6 +96,8 @@ class TrainingRun:
         cuda = torch.cuda.is_available()
         # cpu=True on a machine without CUDA is what lets torchrun start gloo data-parallel processes.
         accelerator = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda else "no")
+        if parse_flag_from_env("ACCELERATE_USE_FSDP") and not cfg.fsdp:  # accelerate launch --use_fsdp
+            cfg = self.cfg = dataclasses.replace(cfg, fsdp=True)
         main = accelerator.is_main_process
         self._check_run_dir()
         warm_imports(cfg)  # library code is not the run's memory: load it before the baseline is taken

@@ -155,3 +155,11 @@ def test_fsdp_in_one_process_says_how_to_start_it(tmp_path, capsys):
                  "--output", str(tmp_path / "run")])
     assert code != 0
     assert "torchrun --nproc_per_node" in capsys.readouterr().err
+
+
+def test_accelerate_launch_with_its_fsdp_plugin_turns_sharding_on(tmp_path, capsys, monkeypatch):
+    # `accelerate launch --use_fsdp --fsdp_version 2` marks the processes so; alone, the run says how to start it.
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    code = main(["train", "--model", "tiny", "--method", "galore", "--max-steps", "1", "--output", str(tmp_path / "r")])
+    assert code != 0
+    assert "--fsdp shards over several processes" in capsys.readouterr().err
