@@ -190,8 +190,10 @@ def _print_per_gpu(cfg, device, gpus: int, as_json: bool) -> int:
 
     from gnlorp.memory import PARTS, fit
 
-    fits = {"one": fit(cfg, device), "ddp": fit(dataclasses.replace(cfg, fsdp=False), device, gpus),
-            "fsdp": fit(dataclasses.replace(cfg, fsdp=True), device, gpus)}
+    several = dataclasses.replace(cfg, layerwise=False)  # layer-wise steps are one process's (their hooks fire
+    # before gradients are all-reduced or reduce-scattered)
+    fits = {"one": fit(cfg, device), "ddp": fit(dataclasses.replace(several, fsdp=False), device, gpus),
+            "fsdp": fit(dataclasses.replace(several, fsdp=True), device, gpus)}
     if as_json:
         print(json.dumps({"gpus": gpus, "device": device.name, **{
             name: {**f.estimate, "fits": f.fits, "max_batch_size": f.max_batch_size}
@@ -207,6 +209,8 @@ def _print_per_gpu(cfg, device, gpus: int, as_json: bool) -> int:
     print(f"{'max batch':<{label}}" + "".join(f"{f.max_batch_size:13}" for f in fits.values()))
     print(f"on {device.label}, batch {cfg.batch_size} x {cfg.seq_len} tokens per GPU (a global batch of "
           f"{cfg.batch_size * gpus} on {gpus}); the CUDA context is in 'fits', not in the table")
+    if cfg.layerwise:
+        print("layer-wise steps run in one process only: the DDP and FSDP columns are without them")
     return 0
 
 
