@@ -11,261 +11,30 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
-
-import psutil
-import yaml
 
 from .atomic import write_text_atomic
 from .checkpoint import config_hash
+from .child import ERROR_LINE, POLL_S, Child, child_env, gpu_processes, redact
 from .config import ConfigError, RunConfig
+from .run_store import ACTIVE, JobState, MetricsReader, Snapshot
+from .try_jobs import TryChild
 
-ACTIVE = ("starting", "running", "stopping")
-ERROR_LINE = re.compile(r"^gnlorp(?: \w+)?: error: (.+)$")
 LOG_LINES = 400
 LOG_TAIL_BYTES = 1 << 18  # how much of a log a restarted studio reads back to show
-POLL_S = 0.2
 STORE_EVERY_S = 2.0  # the run store gets the step at most this often (and every change of status at once)
-SECRET_NAME = re.compile(r"TOKEN|KEY|SECRET|PASSW|AUTH|CREDENTIAL|COOKIE", re.IGNORECASE)
-REDACTED = "[redacted]"
-_extra_secrets: set[str] = set()
-
-
-def add_secret(value: str) -> None:
-    """Register a secret that is not in the environment (the studio's --auth password) for `redact`."""
-    if len(value) >= 4:
-        _extra_secrets.add(value)
-
-
-def secret_values() -> list[str]:
-    """Values of environment variables named like tokens, keys or passwords, and registered secrets, longest first."""
-    found = {v for k, v in os.environ.items() if SECRET_NAME.search(k) and len(v) >= 4} | _extra_secrets
-    return sorted(found, key=len, reverse=True)
-
-
-def redact(text: str) -> str:
-    """`text` with every secret value replaced, for anything the studio shows or writes."""
-    for value in secret_values():
-        text = text.replace(value, REDACTED)
-    return text
-
-
-def child_env(**extra: str) -> dict[str, str]:
-    """The environment for a training or try child: the studio's, minus every secret-named variable (nothing
-    it runs downloads, so it needs none, and a process without a secret cannot leak it into a log)."""
-    return {**{k: v for k, v in os.environ.items() if not SECRET_NAME.search(k)}, **extra}
 
 
 class JobError(RuntimeError):
     """A job request that cannot be met now (one already running, nothing to stop); one readable line."""
-
-
-@dataclass
-class JobState:
-    """What the studio knows about a job: small and plain, so a run store can write it to disk as JSON."""
-
-    run_dir: str
-    command: list[str]
-    max_steps: int
-    log_path: str
-    status: str = "starting"  # starting, running, stopping, then finished, stopped or failed
-    pid: int | None = None
-    started_at: float = field(default_factory=time.time)
-    ended_at: float | None = None
-    returncode: int | None = None
-    error: str | None = None
-    predicted_peak_bytes: int | None = None
-    create_time: float | None = None  # with pid, tells the trainer from a later process given the same pid
-    step: int = 0  # the last logged step (the run store's copy; the snapshot reads metrics.jsonl)
-    config_sha256: str | None = None  # checkpoint.config_hash of the run's settings
-    stop_stage: str | None = None  # how far the stop ladder went: save, cancel, terminate or kill
-    memory_freed: bool | None = None  # after a stop: no process of its group (nor its GPU memory) is left
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> JobState:
-        names = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in data.items() if k in names})
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass
-class Snapshot:
-    """A consistent copy of a job for drawing: its state, every metrics record so far and the log's tail."""
-
-    state: JobState
-    steps: list[dict[str, Any]]
-    evals: list[dict[str, Any]]
-    log: list[str]
-    version: int  # grows whenever anything above changes, so a poller can skip redrawing
-
-    @property
-    def active(self) -> bool:
-        return self.state.status in ACTIVE
-
-    @property
-    def step(self) -> int:
-        return self.steps[-1]["step"] if self.steps else 0
-
-    def eta_s(self, window: int = 20) -> float | None:
-        """Seconds left at the pace of the last `window` logged steps; None before two steps are logged."""
-        recent = self.steps[-window:]
-        if len(recent) < 2 or recent[-1]["step"] <= recent[0]["step"]:
-            return None
-        per_step = (recent[-1]["time"] - recent[0]["time"]) / (recent[-1]["step"] - recent[0]["step"])
-        return max(0.0, per_step * (self.state.max_steps - recent[-1]["step"]))
-
-
-class MetricsReader:
-    """Reads a metrics.jsonl as it grows, one complete line at a time; starts over when the file is replaced
-    (a resumed run rewrites it without the steps after its checkpoint)."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.records: list[dict[str, Any]] = []
-        self._offset = 0
-        self._inode: int | None = None
-        self._partial = b""
-
-    def read(self) -> bool:
-        """Take in new complete lines; True when the records changed."""
-        try:
-            stat = self.path.stat()
-        except FileNotFoundError:
-            return False
-        changed = False
-        if stat.st_ino != self._inode or stat.st_size < self._offset:
-            self.records, self._offset, self._partial, self._inode = [], 0, b"", stat.st_ino
-            changed = True
-        if stat.st_size == self._offset:
-            return changed
-        with open(self.path, "rb") as handle:
-            handle.seek(self._offset)
-            chunk = handle.read()
-        self._offset += len(chunk)
-        *lines, self._partial = (self._partial + chunk).split(b"\n")
-        for line in lines:
-            try:
-                self.records.append(json.loads(line))
-            except ValueError:
-                continue  # a line cut by a crash; the run's own reader would fail on it too
-        return changed or bool(lines)
-
-
-def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """Every record of a run folder's metrics.jsonl (none when it has none yet)."""
-    reader = MetricsReader(Path(run_dir) / "metrics.jsonl")
-    reader.read()
-    return reader.records
-
-
-class Child:
-    """A training process leading its own process group: one this studio started, or one found again after a restart.
-
-    Signals go to the whole group (as Ctrl-C in a terminal does), so workers it started stop with it. A process
-    found again is recognised by its pid and start time, so a recycled pid is never mistaken for it.
-    """
-
-    def __init__(self, pid: int, popen: subprocess.Popen | None = None, create_time: float | None = None):
-        self.pid = pid
-        self._popen = popen
-        self.create_time = create_time if create_time is not None else _create_time(pid)
-        self._gone = False
-
-    @classmethod
-    def gone(cls, pid: int | None) -> Child:
-        """A recorded process that no longer runs (its Job only settles the outcome from the run folder)."""
-        child = cls(pid or 0, create_time=0.0)
-        child._gone = True
-        return child
-
-    @classmethod
-    def find(cls, pid: int | None, create_time: float | None) -> Child | None:
-        """The recorded process if it still runs (same pid, same start time, not a zombie), else None."""
-        if pid is None or create_time is None or _create_time(pid) != create_time:
-            return None
-        child = cls(pid, create_time=create_time)
-        return child if child.running() else None
-
-    def running(self) -> bool:
-        if self._gone:
-            return False
-        if self._popen is not None:
-            return self._popen.poll() is None
-        try:
-            process = psutil.Process(self.pid)
-            return _rounded(process.create_time()) == self.create_time and process.status() != psutil.STATUS_ZOMBIE
-        except psutil.Error:
-            return False
-
-    @property
-    def returncode(self) -> int | None:
-        """The exit code; None while it runs, and for a process found again (its exit code went to its parent)."""
-        return self._popen.poll() if self._popen is not None else None
-
-    def signal(self, sig: int) -> None:
-        if self._gone or self.pid <= 0:  # never killpg(0): that is the caller's own group
-            return
-        try:
-            os.killpg(self.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass  # the group has gone already
-
-    def group(self) -> list[int]:
-        """The live (non-zombie) processes of its group."""
-        members = []
-        for process in psutil.process_iter(["status"]):
-            try:
-                if os.getpgid(process.pid) == self.pid and process.info["status"] != psutil.STATUS_ZOMBIE:
-                    members.append(process.pid)
-            except (ProcessLookupError, psutil.Error):
-                continue
-        return members
-
-    def wait(self, timeout: float) -> bool:
-        """Wait until the process has ended; False on timeout."""
-        deadline = time.monotonic() + timeout
-        while self.running():
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(POLL_S / 2)
-        return True
-
-
-def _rounded(seconds: float) -> float:
-    return round(seconds, 2)
-
-
-def _create_time(pid: int) -> float | None:
-    try:
-        return _rounded(psutil.Process(pid).create_time())
-    except psutil.Error:
-        return None
-
-
-def gpu_processes() -> set[int] | None:
-    """Pids holding memory on an NVIDIA GPU (nvidia-smi, argv list); None when there is no such GPU to ask."""
-    smi = shutil.which("nvidia-smi")
-    if smi is None:
-        return None
-    try:
-        out = subprocess.run([smi, "--query-compute-apps=pid", "--format=csv,noheader"], capture_output=True,
-                             text=True, timeout=10, check=True).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return {int(word) for word in out.split() if word.strip().isdigit()}
 
 
 class Job:
@@ -458,77 +227,6 @@ def _size(path: Path) -> int:
         return 0
 
 
-@dataclass
-class TryResult:
-    """How a `gnlorp try` child ended: what it said it loaded, and its error in one line (None when it answered)."""
-
-    description: str | None
-    error: str | None
-    stopped: bool
-
-
-class TryChild:
-    """A short `gnlorp try` child: its stdout is streamed by one caller, its stderr kept in a file to report from.
-
-    It holds nothing worth saving, so stopping it terminates at once (then kills). It counts as a job: while it
-    lives no training starts, and while a training runs none starts (see JobManager.start_try).
-    """
-
-    PREFIX = "gnlorp try: "
-
-    def __init__(self, process: subprocess.Popen, stderr_path: Path, owner: str | None, term_grace_s: float):
-        self.owner = owner  # who may stop it (a page's session), None for anyone
-        self.stderr_path = stderr_path
-        self._process = process
-        self._grace = term_grace_s
-        self._stopped = False
-
-    @property
-    def active(self) -> bool:
-        return self._process.poll() is None
-
-    def chunks(self) -> Iterator[bytes]:
-        """The child's stdout as it is written, until it exits or is stopped."""
-        assert self._process.stdout is not None
-        yield from iter(lambda: self._process.stdout.read1(65536), b"")
-
-    def stop(self) -> None:
-        """End the child now if it still runs: terminate, then kill after the grace period."""
-        if self._process.poll() is not None:
-            return
-        self._stopped = True
-        self._process.terminate()
-        try:
-            self._process.wait(timeout=self._grace)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
-            self._process.wait()
-
-    def finish(self) -> TryResult:
-        """Wait for the child to exit; what it loaded and, unless it answered, why not, in one line."""
-        returncode = self._process.wait()
-        if self._process.stdout is not None:
-            self._process.stdout.close()
-        lines = self.stderr_path.read_text(encoding="utf-8", errors="replace").splitlines()
-        said = [line.removeprefix(self.PREFIX) for line in lines
-                if line.startswith(self.PREFIX) and not ERROR_LINE.match(line)]
-        description = said[-1] if said else None
-        if returncode == 0:
-            return TryResult(description, None, False)
-        reported = [m.group(1) for m in map(ERROR_LINE.match, lines) if m]
-        if reported:
-            return TryResult(description, reported[-1], False)
-        if self._stopped:
-            return TryResult(description, "stopped before it finished", True)
-        if returncode < 0:
-            name = signal.Signals(-returncode).name
-            hint = " (the system may have run out of memory)" if name == "SIGKILL" else ""
-            return TryResult(description, f"the model process was killed by {name}{hint}", False)
-        last = next((line for line in reversed(lines) if line.strip()), "no output")
-        return TryResult(description, f"the model process exited with code {returncode} ({last.strip()[:200]}); "
-                                      f"its output is in {self.stderr_path}", False)
-
-
 class JobManager:
     """Starts, follows and stops training jobs under one runs folder, one at a time.
 
@@ -683,41 +381,3 @@ class JobManager:
                              config_sha256=config_sha256)
             self._job = Job(state, child, *self._grace, save=self._save)
             return self._job
-
-
-@dataclass
-class RunRecord:
-    """A run folder as the runs table shows it: its config, its summary (once it ended) and its metrics."""
-
-    path: Path
-    config: dict[str, Any]
-    summary: dict[str, Any] | None
-    metrics: list[dict[str, Any]]
-
-    @property
-    def name(self) -> str:
-        return self.path.name
-
-    @property
-    def exportable(self) -> bool:
-        return (self.path / "final" / "model.safetensors").is_file()
-
-
-def list_runs(runs_dir: str | os.PathLike) -> list[RunRecord]:
-    """Every run folder (one holding config.yaml) directly under `runs_dir`, newest first."""
-    root = Path(runs_dir)
-    if not root.is_dir():
-        return []
-    found = []
-    for path in root.iterdir():
-        config = path / "config.yaml"
-        if path.name.startswith(".") or not config.is_file():
-            continue
-        try:
-            loaded = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
-            summary_path = path / "summary.json"
-            summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else None
-        except (OSError, ValueError, yaml.YAMLError):
-            continue  # a folder being written or damaged is left out rather than breaking the table
-        found.append(RunRecord(path, loaded if isinstance(loaded, dict) else {}, summary, read_metrics(path)))
-    return sorted(found, key=lambda r: r.path.stat().st_mtime, reverse=True)

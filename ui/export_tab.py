@@ -13,7 +13,7 @@ import gradio as gr
 
 from gnlorp.config import ConfigError
 from gnlorp.export import TOLERANCE, export_run
-from gnlorp.jobs import list_runs
+from gnlorp.run_store import list_runs
 
 from .charts import human_bytes
 from .context import Studio

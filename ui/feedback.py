@@ -12,8 +12,9 @@ from typing import Any
 
 import gradio as gr
 
+from gnlorp.child import redact
 from gnlorp.config import ConfigError
-from gnlorp.jobs import JobError, redact
+from gnlorp.jobs import JobError
 
 
 def ok(text: str) -> str:

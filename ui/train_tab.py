@@ -14,8 +14,8 @@ from typing import Any
 import gradio as gr
 
 from gnlorp.config import ConfigError
-from gnlorp.jobs import ACTIVE, Snapshot, list_runs
 from gnlorp.memory import estimate
+from gnlorp.run_store import ACTIVE, Snapshot, list_runs
 
 from .charts import human_bytes, loss_figure, memory_figure
 from .context import Studio

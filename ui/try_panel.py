@@ -20,7 +20,8 @@ from gradio.context import Context
 
 from gnlorp import infer
 from gnlorp.config import ConfigError
-from gnlorp.jobs import JobError, list_runs
+from gnlorp.jobs import JobError
+from gnlorp.run_store import list_runs
 
 from .context import Studio
 from .feedback import guarded, ok, problem

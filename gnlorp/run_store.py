@@ -1,0 +1,157 @@
+"""What the studio knows about runs, stored and read back: each job's state record (the run store's JSON), its
+snapshots, the metrics a run folder's metrics.jsonl holds, and the list of run folders for the runs table.
+
+Kept apart from jobs.py (which starts and follows the child processes) so the tabs that only read runs need
+none of that machinery. Nothing here imports torch or gradio.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ACTIVE = ("starting", "running", "stopping")
+
+
+@dataclass
+class JobState:
+    """What the studio knows about a job: small and plain, so a run store can write it to disk as JSON."""
+
+    run_dir: str
+    command: list[str]
+    max_steps: int
+    log_path: str
+    status: str = "starting"  # starting, running, stopping, then finished, stopped or failed
+    pid: int | None = None
+    started_at: float = field(default_factory=time.time)
+    ended_at: float | None = None
+    returncode: int | None = None
+    error: str | None = None
+    predicted_peak_bytes: int | None = None
+    create_time: float | None = None  # with pid, tells the trainer from a later process given the same pid
+    step: int = 0  # the last logged step (the run store's copy; the snapshot reads metrics.jsonl)
+    config_sha256: str | None = None  # checkpoint.config_hash of the run's settings
+    stop_stage: str | None = None  # how far the stop ladder went: save, cancel, terminate or kill
+    memory_freed: bool | None = None  # after a stop: no process of its group (nor its GPU memory) is left
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> JobState:
+        names = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Snapshot:
+    """A consistent copy of a job for drawing: its state, every metrics record so far and the log's tail."""
+
+    state: JobState
+    steps: list[dict[str, Any]]
+    evals: list[dict[str, Any]]
+    log: list[str]
+    version: int  # grows whenever anything above changes, so a poller can skip redrawing
+
+    @property
+    def active(self) -> bool:
+        return self.state.status in ACTIVE
+
+    @property
+    def step(self) -> int:
+        return self.steps[-1]["step"] if self.steps else 0
+
+    def eta_s(self, window: int = 20) -> float | None:
+        """Seconds left at the pace of the last `window` logged steps; None before two steps are logged."""
+        recent = self.steps[-window:]
+        if len(recent) < 2 or recent[-1]["step"] <= recent[0]["step"]:
+            return None
+        per_step = (recent[-1]["time"] - recent[0]["time"]) / (recent[-1]["step"] - recent[0]["step"])
+        return max(0.0, per_step * (self.state.max_steps - recent[-1]["step"]))
+
+
+class MetricsReader:
+    """Reads a metrics.jsonl as it grows, one complete line at a time; starts over when the file is replaced
+    (a resumed run rewrites it without the steps after its checkpoint)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.records: list[dict[str, Any]] = []
+        self._offset = 0
+        self._inode: int | None = None
+        self._partial = b""
+
+    def read(self) -> bool:
+        """Take in new complete lines; True when the records changed."""
+        try:
+            stat = self.path.stat()
+        except FileNotFoundError:
+            return False
+        changed = False
+        if stat.st_ino != self._inode or stat.st_size < self._offset:
+            self.records, self._offset, self._partial, self._inode = [], 0, b"", stat.st_ino
+            changed = True
+        if stat.st_size == self._offset:
+            return changed
+        with open(self.path, "rb") as handle:
+            handle.seek(self._offset)
+            chunk = handle.read()
+        self._offset += len(chunk)
+        *lines, self._partial = (self._partial + chunk).split(b"\n")
+        for line in lines:
+            try:
+                self.records.append(json.loads(line))
+            except ValueError:
+                continue  # a line cut by a crash; the run's own reader would fail on it too
+        return changed or bool(lines)
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every record of a run folder's metrics.jsonl (none when it has none yet)."""
+    reader = MetricsReader(Path(run_dir) / "metrics.jsonl")
+    reader.read()
+    return reader.records
+
+
+@dataclass
+class RunRecord:
+    """A run folder as the runs table shows it: its config, its summary (once it ended) and its metrics."""
+
+    path: Path
+    config: dict[str, Any]
+    summary: dict[str, Any] | None
+    metrics: list[dict[str, Any]]
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def exportable(self) -> bool:
+        return (self.path / "final" / "model.safetensors").is_file()
+
+
+def list_runs(runs_dir: str | os.PathLike) -> list[RunRecord]:
+    """Every run folder (one holding config.yaml) directly under `runs_dir`, newest first."""
+    root = Path(runs_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.iterdir():
+        config = path / "config.yaml"
+        if path.name.startswith(".") or not config.is_file():
+            continue
+        try:
+            loaded = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
+            summary_path = path / "summary.json"
+            summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else None
+        except (OSError, ValueError, yaml.YAMLError):
+            continue  # a folder being written or damaged is left out rather than breaking the table
+        found.append(RunRecord(path, loaded if isinstance(loaded, dict) else {}, summary, read_metrics(path)))
+    return sorted(found, key=lambda r: r.path.stat().st_mtime, reverse=True)
