@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import time
 
@@ -51,8 +52,10 @@ def child_env(**extra: str) -> dict[str, str]:
 class Child:
     """A training process leading its own process group: one this studio started, or one found again after a restart.
 
-    Signals go to the whole group (as Ctrl-C in a terminal does), so workers it started stop with it. A process
-    found again is recognised by its pid and start time, so a recycled pid is never mistaken for it.
+    Signals go to the whole group (as Ctrl-C in a terminal does), so workers it started stop with it. torchrun
+    starts its workers in sessions of their own and answers SIGINT by terminating them, so a SIGINT (stop and
+    save) goes to those workers' groups alone, and harder signals to every group. A process found again is
+    recognised by its pid and start time, so a recycled pid is never mistaken for it.
     """
 
     def __init__(self, pid: int, popen: subprocess.Popen | None = None, create_time: float | None = None):
@@ -60,6 +63,7 @@ class Child:
         self._popen = popen
         self.create_time = create_time if create_time is not None else _create_time(pid)
         self._gone = False
+        self._worker_groups: set[int] = set()  # groups led by descendants in sessions of their own (torchrun's)
 
     @classmethod
     def gone(cls, pid: int | None) -> Child:
@@ -95,17 +99,31 @@ class Child:
     def signal(self, sig: int) -> None:
         if self._gone or self.pid <= 0:  # never killpg(0): that is the caller's own group
             return
+        workers = self._workers()
+        for group in workers if sig == signal.SIGINT and workers else {self.pid, *workers}:
+            try:
+                os.killpg(group, sig)
+            except (ProcessLookupError, PermissionError):
+                pass  # the group has gone already
+
+    def _workers(self) -> set[int]:
+        """The groups of descendants that lead sessions of their own, remembered once seen (they outlive torchrun
+        when it is killed)."""
         try:
-            os.killpg(self.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass  # the group has gone already
+            for process in psutil.Process(self.pid).children(recursive=True):
+                if os.getpgid(process.pid) == process.pid:
+                    self._worker_groups.add(process.pid)
+        except (ProcessLookupError, psutil.Error):
+            pass
+        return self._worker_groups
 
     def group(self) -> list[int]:
-        """The live (non-zombie) processes of its group."""
+        """The live (non-zombie) processes of its group and of its workers' groups."""
+        groups = {self.pid, *self._workers()}
         members = []
         for process in psutil.process_iter(["status"]):
             try:
-                if os.getpgid(process.pid) == self.pid and process.info["status"] != psutil.STATUS_ZOMBIE:
+                if os.getpgid(process.pid) in groups and process.info["status"] != psutil.STATUS_ZOMBIE:
                     members.append(process.pid)
             except (ProcessLookupError, psutil.Error):
                 continue

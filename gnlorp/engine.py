@@ -195,6 +195,8 @@ class TrainingRun:
             if position.step % cfg.eval_every == 0 or position.step == cfg.max_steps:
                 self._evaluate(model, data.eval, tokenizer.pad_token_id, accelerator, position.step, main)
             stopping = self._stop.is_set()
+            if world > 1:  # a stop reaches each process at its own moment: they agree on the step to stop after
+                stopping = accelerator.reduce(torch.tensor(int(stopping), device=accelerator.device), "sum").item() > 0
             if (main or cfg.fsdp) and (position.step % cfg.checkpoint_every == 0 or position.step == cfg.max_steps
                                        or stopping):
                 unwrapped = accelerator.unwrap_model(model)

@@ -284,15 +284,16 @@ class JobManager:
             elif child is None:  # follow it to its end once, from its summary and log, and store the outcome
                 Job(state, Child.gone(state.pid), *self._grace, save=self._save, attached=True)
 
-    def start(self, cfg: RunConfig, predicted_peak_bytes: int | None = None) -> Job:
-        """Train `cfg` into the new run folder `cfg.output` (which must not hold anything yet)."""
+    def start(self, cfg: RunConfig, predicted_peak_bytes: int | None = None, gpus: int = 1) -> Job:
+        """Train `cfg` into the new run folder `cfg.output` (which must not hold anything yet), in one process or,
+        with `gpus` > 1, in that many started by torchrun (data-parallel, or sharded with cfg.fsdp)."""
         cfg = cfg.validate()
         run_dir = Path(cfg.output).resolve()
         if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
             raise ConfigError(f"run folder {run_dir} already exists; choose another run name")
         config_path = self.studio_dir / "configs" / f"{run_dir.name}.yaml"
         cfg.to_yaml(config_path)
-        command = [self.python, "-m", "gnlorp", "train", "--config", str(config_path), "--output", str(run_dir)]
+        command = [*self._runner(gpus), "train", "--config", str(config_path), "--output", str(run_dir)]
         return self._launch(command, run_dir, cfg.max_steps, predicted_peak_bytes, config_hash(cfg))
 
     def resume(self, run_dir: str | os.PathLike, max_steps: int | None = None,
@@ -306,11 +307,18 @@ class JobManager:
             raise ConfigError(f"{run_dir.name} has no checkpoint to resume from; start a new run instead")
         cfg = RunConfig.from_yaml(config)
         steps = cfg.max_steps
-        command = [self.python, "-m", "gnlorp", "train", "--resume", "--output", str(run_dir)]
+        command = [*self._runner(saved_world_size(run_dir)), "train", "--resume", "--output", str(run_dir)]
         if max_steps is not None and max_steps != steps:
             command += ["--max-steps", str(max_steps)]
             steps = max_steps
         return self._launch(command, run_dir, steps, predicted_peak_bytes, config_hash(cfg))
+
+    def _runner(self, processes: int) -> list[str]:
+        """`python -m gnlorp`, or torchrun starting `processes` of it on this machine (--standalone: a free port)."""
+        if processes <= 1:
+            return [self.python, "-m", "gnlorp"]
+        return [self.python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+                "-m", "gnlorp"]
 
     def stop(self) -> Job:
         """Stop the running job (save at the next step boundary, escalating if needed); returns at once."""
@@ -381,3 +389,12 @@ class JobManager:
                              config_sha256=config_sha256)
             self._job = Job(state, child, *self._grace, save=self._save)
             return self._job
+
+
+def saved_world_size(run_dir: Path) -> int:
+    """How many processes wrote the run's newest checkpoint (1 for one written before this was recorded)."""
+    newest = max((run_dir / "checkpoints").glob("step-*"), default=None)
+    try:
+        return int(json.loads((newest / "trainer_state.json").read_text(encoding="utf-8")).get("world_size", 1))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 1

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_model, save_file, save_model
 
 from .atomic import atomic_dir
@@ -42,7 +43,8 @@ def save_checkpoint(cfg: RunConfig, model, optimizer, scheduler, position: Posit
     root = Path(cfg.output) / "checkpoints"
     final = root / f"step-{position.step:06d}"
     with (shared_atomic_dir(final, main) if cfg.fsdp else atomic_dir(final)) as tmp:
-        state: dict[str, Any] = {"position": asdict(position), "scheduler": scheduler.state_dict()}
+        state: dict[str, Any] = {"position": asdict(position), "scheduler": scheduler.state_dict(),
+                                 "world_size": dist.get_world_size() if dist.is_initialized() else 1}
         if cfg.fsdp:
             state |= save_sharded(tmp, model, optimizer.optimizer)
         else:

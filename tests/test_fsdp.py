@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -163,3 +164,36 @@ def test_accelerate_launch_with_its_fsdp_plugin_turns_sharding_on(tmp_path, caps
     code = main(["train", "--model", "tiny", "--method", "galore", "--max-steps", "1", "--output", str(tmp_path / "r")])
     assert code != 0
     assert "--fsdp shards over several processes" in capsys.readouterr().err
+
+
+def test_the_studio_runs_a_sharded_job_on_two_processes_stops_it_and_resumes_it(tmp_path):
+    """What the studio's GPUs choice does: JobManager starts torchrun; Stop reaches each worker (torchrun itself
+    would terminate them), they agree on a step, save one sharded checkpoint and end; Resume starts two again."""
+    from gnlorp.jobs import JobManager
+
+    manager = JobManager(tmp_path / "runs")
+    cfg = RunConfig.from_dict({"output": str(tmp_path / "runs" / "sharded"), **RUNS["gnl32"], "batch_size": 2,
+                               "max_steps": 100_000, "checkpoint_every": 100_000, "eval_every": 100_000,
+                               "fsdp": True})
+    job = manager.start(cfg, gpus=2)
+    deadline = time.monotonic() + 240
+    while job.snapshot().step < 2:
+        assert time.monotonic() < deadline and job.snapshot().active, job.snapshot().log[-20:]
+        time.sleep(0.2)
+    manager.stop()
+    assert job.wait(240)
+    state = job.snapshot().state
+    assert state.status == "stopped" and state.stop_stage == "save", (state, job.snapshot().log[-20:])
+    run = Path(state.run_dir)
+    [checkpoint] = run.glob("checkpoints/step-*")
+    assert (checkpoint / "state").is_dir()
+    stopped_at = int(checkpoint.name.split("-")[1])
+    assert _summary(run)["world_size"] == 2 and _summary(run)["steps"] == stopped_at
+    resumed = manager.resume(run, max_steps=stopped_at + 2)
+    assert resumed.wait(240) and resumed.snapshot().state.status == "finished", resumed.snapshot().log[-20:]
+    assert _summary(run)["world_size"] == 2 and len(_losses_of(run)) == stopped_at + 2
+
+
+def _losses_of(run: Path) -> list[float]:
+    lines = (json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines())
+    return [line["loss"] for line in lines if "loss" in line]

@@ -70,6 +70,14 @@ def figure(plot: dict) -> dict:
     return json.loads(plot["plot"])
 
 
+def test_the_gpus_choice_shows_only_with_several_cuda_devices(client: Client, api: dict) -> None:
+    assert "GPUs" in {p["label"] for p in api["/start"]["parameters"]}  # the handler takes it either way
+    [gpus] = [c for c in client.config["components"] if c.get("props", {}).get("label") == "GPUs"]
+    assert gpus["props"]["visible"] is (torch.cuda.device_count() > 1)
+    message = call(client, api, "/start", **{"Sharded over the GPUs (FSDP)": True, "Run name": "sharded-alone"})[0]
+    assert "needs 2 GPUs or more" in message
+
+
 def test_page_has_the_labelled_controls(api: dict) -> None:
     labels = {p["label"] for p in api["/start"]["parameters"]}
     assert {"Model", "Dataset", "Method", "Rank", "Optimizer bits", "Steps", "Learning rate", "Warm-up steps",

@@ -14,7 +14,7 @@ from typing import Any
 import gradio as gr
 
 from gnlorp.config import ConfigError
-from gnlorp.memory import estimate
+from gnlorp.memory import estimate, gpu_count
 from gnlorp.run_store import ACTIVE, Snapshot, list_runs
 
 from .charts import human_bytes, loss_figure, memory_figure
@@ -83,8 +83,12 @@ def status_dict(snap: Snapshot | None) -> dict[str, Any]:
 
 def build_train(studio: Studio, setup: SetupTab) -> TrainTab:
     """Render the Train tab's content (call inside its gr.Tab)."""
+    visible_gpus = gpu_count()
     with gr.Row():
         run_name = gr.Textbox(label="Run name", placeholder="empty: model-method-rank-bits-time", scale=2)
+        gpus = gr.Slider(1, max(visible_gpus, 2), value=1, step=1, label="GPUs", visible=visible_gpus > 1, scale=1,
+                         elem_id="train-gpus", info="Processes torchrun starts, one a GPU: data-parallel, or "
+                         "sharded with 'Sharded over the GPUs' (Advanced).")
         start = gr.Button("Start", variant="primary", elem_id="train-start", scale=1)
         stop = gr.Button("Stop", variant="stop", elem_id="train-stop", scale=1)
     with gr.Row():
@@ -102,17 +106,20 @@ def build_train(studio: Studio, setup: SetupTab) -> TrainTab:
     errors = studio.error_log
 
     @guarded(2, 0, errors)
-    def start_run(name: str, *values: Any) -> tuple[str, Any]:
+    def start_run(name: str, processes: float, *values: Any) -> tuple[str, Any]:
         cfg = values_to_config(values)
+        processes = min(int(processes or 1), max(visible_gpus, 1))
+        if cfg.fsdp and processes < 2:
+            raise ConfigError("'Sharded over the GPUs' needs 2 GPUs or more: choose them under GPUs, or turn it off")
         cfg = studio.check_inputs(replace(cfg, output=str(studio.new_run_dir(cfg, name or ""))))
         try:
-            predicted = estimate(cfg)["total"]
+            predicted = estimate(cfg, gpus=processes)["total"]
         except ConfigError:
             predicted = None  # the run reports the same problem itself, in the page
-        job = studio.jobs.start(cfg, predicted)
+        job = studio.jobs.start(cfg, predicted, gpus=processes)
         return ok(f"started {Path(job.state.run_dir).name}"), gr.update(value=None)
 
-    start.click(start_run, inputs=[run_name, *setup.inputs], outputs=[message, run_name], api_name="start")
+    start.click(start_run, inputs=[run_name, gpus, *setup.inputs], outputs=[message, run_name], api_name="start")
 
     @guarded(1, 0, errors)
     def stop_run() -> str:

@@ -44,6 +44,13 @@ def this_machine() -> Device:
     return Device(THIS_MACHINE, f"this machine: CPU, {available / 2**30:.1f} GiB RAM free", available, "cpu")
 
 
+def gpu_count() -> int:
+    """How many CUDA devices this machine shows (0 without CUDA): the studio offers more than one run process."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def devices() -> dict[str, Device]:
     """Every device by name, this machine last (it is looked up afresh: free RAM changes)."""
     listed = {name: Device(name, label, mib * MIB, "cuda") for name, label, mib in _GPUS}
