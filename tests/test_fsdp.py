@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from gnlorp.__main__ import main
-from gnlorp.config import RunConfig
+from gnlorp.config import ConfigError, RunConfig
 from gnlorp.engine import TrainingRun
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,7 +35,7 @@ RANK_SCRIPT = """
 import json, shutil, sys
 from pathlib import Path
 import torch.distributed as dist
-from gnlorp.config import RunConfig
+from gnlorp.config import ConfigError, RunConfig
 from gnlorp.engine import TrainingRun
 
 root, runs = Path(sys.argv[1]), json.loads(sys.argv[2])
@@ -197,3 +197,8 @@ def test_the_studio_runs_a_sharded_job_on_two_processes_stops_it_and_resumes_it(
 def _losses_of(run: Path) -> list[float]:
     lines = (json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines())
     return [line["loss"] for line in lines if "loss" in line]
+
+
+def test_layerwise_steps_with_fsdp_are_one_clear_error():
+    with pytest.raises(ConfigError, match="layerwise cannot run with fsdp"):
+        RunConfig.from_dict({"method": "galore", "layerwise": True, "max_grad_norm": 0.0, "fsdp": True}).validate()

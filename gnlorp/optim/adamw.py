@@ -29,7 +29,6 @@ from torch.optim import Optimizer
 
 from .moments import Moments, init_moments
 from .projector import (
-    INT8_BLOCKSIZE,
     PROJ_DTYPES,
     PROJ_TYPES,
     load_projector,
@@ -37,7 +36,7 @@ from .projector import (
     store_projector,
     svd_basis,
 )
-from .sharded import RowShard, any_rank, gather_rows, gather_slices, row_shard, scatter_basis
+from .sharded import RowShard, any_rank, gather_projector, gather_rows, row_shard, scatter_basis
 from .streaming import CHUNK_NUMEL, Hyper, Projection, plain_update_, projected_update_, projection_target
 from .weight_norm import row_norms
 
@@ -188,14 +187,8 @@ class ProjectedAdamW(Optimizer):
         rank = min(group["rank"], *p.shape)
         if shard is None:
             projection.basis = load_projector(state)
-        else:  # every rank's slice of the stored projector, then the whole one as float32
-            shape = basis_shape(p.shape, rank, side)
-            stored = {key: gather_slices(state[key], (-1,), shard) for key in ("projector", "projector_absmax")
-                      if key in state}
-            stored["projector"] = stored["projector"][: math.prod(shape)].view(shape)
-            if "projector_absmax" in stored:  # the slices' padding ends in blocks of its own
-                stored["projector_absmax"] = stored["projector_absmax"][: -(-math.prod(shape) // INT8_BLOCKSIZE)]
-            whole = load_projector(stored)
+        else:
+            whole = gather_projector(state, basis_shape(p.shape, rank, side), shard)
             projection.basis = whole if side == "right" else whole[shard.rows[0]:shard.rows[1]]
         state["step"] += 1
         moments = Moments(state, moment_numel(weight.shape, p.shape, rank, side, shard))

@@ -23,6 +23,8 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.placement_types import Shard
 
+from .projector import INT8_BLOCKSIZE, load_projector
+
 ALIGN = 256  # values; a multiple of every block size (8-bit 256, 4-bit 128, int8 projector 256)
 
 
@@ -112,6 +114,16 @@ def gather_slices(piece: torch.Tensor, shape: tuple[int, ...], shard: RowShard) 
     whole = torch.empty(piece.numel() * shard.world, dtype=piece.dtype, device=piece.device)
     dist.all_gather(list(whole.split(piece.numel())), piece.contiguous(), group=shard.group)
     return whole if shape == (-1,) else whole[: math.prod(shape)].view(shape)
+
+
+def gather_projector(state: dict, shape: tuple[int, int], shard: RowShard) -> torch.Tensor:
+    """The whole projector of `shape` as float32, from every rank's slice of its stored form (float32, bfloat16,
+    or int8 codes with their block scales: what travels is what is stored)."""
+    stored = {key: gather_slices(state[key], (-1,), shard) for key in ("projector", "projector_absmax") if key in state}
+    stored["projector"] = stored["projector"][: math.prod(shape)].view(shape)
+    if "projector_absmax" in stored:  # the last slice's padding ends in blocks of its own
+        stored["projector_absmax"] = stored["projector_absmax"][: -(-math.prod(shape) // INT8_BLOCKSIZE)]
+    return load_projector(stored)
 
 
 def all_reduce_(tensor: torch.Tensor, shard: RowShard) -> torch.Tensor:

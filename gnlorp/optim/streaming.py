@@ -191,7 +191,7 @@ def projection_target(p: torch.Tensor, grad: torch.Tensor, projection: Projectio
         return grad
     target = torch.empty(p.shape, dtype=torch.float32, device=p.device)
     chunks = row_chunks(p.shape[0], p.shape[1], 1, chunk)
-    buffers = RowBuffers(p, chunks[0][1])
+    buffers = RowBuffers(p, chunks[0][1] if chunks else 0)  # no rows: a rank past the last shard
     for a, b in chunks:
         target[a:b] = buffers.target_rows(buffers.weight_rows(p, a, b), grad, projection, a, b)[0]
     return target
@@ -204,7 +204,7 @@ def projected_update_(p: torch.Tensor, grad: torch.Tensor, moments: Moments, pro
     rank = projection.basis.shape[0 if projection.side == "right" else 1]
     aligned = moments.block // math.gcd(rank, moments.block) if projection.side == "right" else 1
     chunks = row_chunks(m, n, aligned, chunk)
-    buffers = RowBuffers(p, chunks[0][1])
+    buffers = RowBuffers(p, chunks[0][1] if chunks else 0)  # no rows: a rank past the last shard
     alpha = -hyper.step_size * projection.scale
     if projection.side == "right":
         for a, b in chunks:
