@@ -14,6 +14,7 @@ import json
 import math
 import queue
 import shutil
+import statistics
 import threading
 import time
 import traceback
@@ -26,6 +27,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import parse_flag_from_env
 
+from . import spectrum_log
 from .atomic import write_text_atomic
 from .checkpoint import checkpoints
 from .config import ConfigError, RunConfig
@@ -135,7 +137,8 @@ class TrainingRun:
         if self.resume:
             position, skipped = load_checkpoint(cfg, accelerator.unwrap_model(model), optimizer, scheduler)
             if main:
-                self._truncate_metrics(position.step)
+                for name in ("metrics.jsonl", spectrum_log.FILE):
+                    self._truncate(name, position.step)
                 for message in skipped:
                     self._append_metrics({"step": position.step, "warning": message})
                     self._emit(WarningEvent(position.step, message))
@@ -153,6 +156,8 @@ class TrainingRun:
         world, rank = accelerator.num_processes, accelerator.process_index
         stream = micro_batches(data.train, cfg, position, world, rank, tokenizer.pad_token_id)
         started, last_loss, status = time.time(), float("nan"), "finished"
+        names = {id(p): name for name, p in accelerator.unwrap_model(model).named_parameters()}
+        order = {name: i for i, name in enumerate(names.values())}  # spectrum.jsonl lists matrices in model order
         model.train()
         while position.step < cfg.max_steps:
             tick = time.perf_counter()
@@ -182,12 +187,21 @@ class TrainingRun:
             scheduler.step()
             position.step += 1
             last_loss = loss_value
+            refreshed = spectrum_log.records(optimizer.optimizer.pop_spectra(), names, position.step)
+            if cfg.fsdp:  # each matrix's owner took its SVD: rank 0 writes them all
+                gathered = [None] * world if main else None
+                torch.distributed.gather_object(refreshed, gathered, dst=0)
+                refreshed = sorted((r for part in gathered for r in part), key=lambda r: order[r["name"]]) if main \
+                    else []
 
             if main:
                 elapsed = time.perf_counter() - tick
+                kept = statistics.fmean(r["energy_kept"] for r in refreshed) if refreshed else None
                 event = StepEvent(position.step, loss_value, lr, grad_norm, tokens * world / elapsed,
-                                  memory.current(), memory.peak(), time.time())
-                self._append_metrics(asdict(event))
+                                  memory.current(), memory.peak(), time.time(), kept)
+                self._append_metrics({k: v for k, v in asdict(event).items()
+                                      if v is not None or k != "grad_energy_kept"})
+                self._append_lines(spectrum_log.FILE, refreshed)
                 self._emit(event)
                 for message in optimizer.optimizer.pop_incidents():
                     self._append_metrics({"step": position.step, "warning": message})
@@ -227,6 +241,7 @@ class TrainingRun:
             "steps": position.step,
             "final_loss": last_loss,
             "wall_s": time.time() - started,
+            **(spectrum_log.advice(spectrum_log.read(self.run_dir)) if main else {}),
         }
         weights = full_state_dict(self.model) if cfg.fsdp else None  # every rank sends its shards to rank 0
         if main:  # every process has the same weights (or rank 0 has them gathered); one writes them
@@ -249,8 +264,13 @@ class TrainingRun:
             raise ConfigError(f"run folder {self.run_dir} is not empty; choose another --output or add --resume")
 
     def _append_metrics(self, record: dict[str, Any]) -> None:
-        with self._writing(), open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
+        self._append_lines("metrics.jsonl", [record])
+
+    def _append_lines(self, name: str, records: list[dict[str, Any]]) -> None:
+        if not records:
+            return
+        with self._writing(), open(self.run_dir / name, "a", encoding="utf-8") as handle:
+            handle.write("".join(json.dumps(record) + "\n" for record in records))
 
     @contextmanager
     def _writing(self):
@@ -266,9 +286,9 @@ class TrainingRun:
             raise ConfigError(f"the disk holding {self.run_dir} is full (no space left on device); free space "
                               f"there or choose another --output, then {after}") from exc
 
-    def _truncate_metrics(self, step: int) -> None:
+    def _truncate(self, name: str, step: int) -> None:
         """Drop lines logged after the checkpoint we resume from, so the resumed run does not log them twice."""
-        metrics = self.run_dir / "metrics.jsonl"
+        metrics = self.run_dir / name
         if metrics.exists():
             kept = []
             for line in metrics.read_text(encoding="utf-8").splitlines():

@@ -15,6 +15,7 @@ class StepEvent:
     mem_bytes: int
     peak_mem_bytes: int
     time: float
+    grad_energy_kept: float | None = None  # on steps that refreshed projectors: the mean share their ranks keep
 
 
 @dataclass

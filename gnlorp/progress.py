@@ -8,6 +8,7 @@ import sys
 
 from tqdm import tqdm
 
+from . import spectrum_log
 from .engine import CheckpointEvent, DoneEvent, ErrorEvent, EvalEvent, StepEvent, TrainingRun, WarningEvent
 
 
@@ -49,6 +50,9 @@ def follow(run: TrainingRun) -> int:
                 thread.join()  # exiting under a live torch thread can abort the process (rc 134)
                 print(f"{event.status}: {event.summary['steps']} steps, final loss {event.summary['final_loss']:.4f}, "
                       f"run folder {run.run_dir}")
+                advice = spectrum_log.advice_line(event.summary, run.cfg.rank)
+                if advice is not None:
+                    print(advice)
                 return 0
             elif isinstance(event, ErrorEvent):
                 _close(bar)

@@ -72,6 +72,12 @@ def test_train_stop_export(page) -> None:
     page.wait_for_function("document.querySelectorAll('#chart-loss .scatterlayer .trace path.js-line').length > 0"
                            " && /step [1-9]/.test(document.querySelector('#train-progress').innerText)",
                            timeout=180_000)
+    # The default method projects: its first step refreshed every projector, so the spectrum is drawn.
+    sync_api.expect(page.locator("#spectrum-advice")).to_contain_text(
+        re.compile(r"rank \d+ would keep 90% of the gradient's energy; rank \d+ keeps \d+%"), timeout=30_000)
+    page.wait_for_function("document.querySelectorAll('#chart-energy .scatterlayer .trace').length > 0"
+                           " && document.querySelectorAll('#chart-spectrum .heatmaplayer, #chart-spectrum image')"
+                           ".length > 0", timeout=30_000)
     page.get_by_role("button", name="Stop").click()
     sync_api.expect(page.locator("#train-progress")).to_contain_text(re.compile(r"\b(stopped|finished)\b"),
                                                                      timeout=120_000)

@@ -103,6 +103,16 @@ def test_32_bit_sharded_losses_and_weights_equal_one_process(sharded, single, na
         assert (sharded / name / "adapter" / "adapter_model.safetensors").is_file()
 
 
+def test_a_sharded_run_logs_the_spectrum_one_process_logs(sharded, single):
+    # Each matrix's owner takes its SVD; rank 0 writes every record, in model order, as one process does.
+    ours, reference = ([json.loads(line) for line in (root / "gnl32" / "spectrum.jsonl").read_text().splitlines()]
+                       for root in (sharded, single))
+    assert [(s["step"], s["name"], s["rank_for"]) for s in ours] == \
+        [(s["step"], s["name"], s["rank_for"]) for s in reference]
+    assert max(abs(a["energy_kept"] - b["energy_kept"]) for a, b in zip(ours, reference, strict=True)) < 1e-5
+    assert _summary(sharded / "gnl32")["rank_advice"] == _summary(single / "gnl32")["rank_advice"]
+
+
 def test_8_bit_sharded_losses_stay_close_to_one_process(sharded, single):
     # Blocks fall where one process puts them (optim/sharded.py), so the runs differ only where a gradient summed
     # in another order moves a value across an 8-bit code boundary.

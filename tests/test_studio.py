@@ -192,7 +192,13 @@ def test_train_refuse_second_stop_resume_export(client: Client, api: dict, tmp_p
 
     running = wait_for(client, lambda s: s["train_points"] >= 3)
     run = Path(running["run_dir"])
-    _, loss_plot, memory_plot, _ = client.predict(api_name="/refresh")
+    _, loss_plot, memory_plot, _, advice, energy_plot, heat_plot = client.predict(api_name="/refresh")
+    spectrum = [json.loads(line) for line in (run / "spectrum.jsonl").read_text().splitlines()]
+    assert "would keep 90% of the gradient's energy" in advice  # the default method projects
+    refreshes = figure(energy_plot)["data"][0]
+    assert refreshes["x"][0] == 1 and refreshes["y"][0] == pytest.approx(
+        100 * sum(s["energy_kept"] for s in spectrum if s["step"] == 1) / sum(s["step"] == 1 for s in spectrum))
+    assert len(figure(heat_plot)["data"][0]["y"]) == len({s["name"] for s in spectrum})
     on_disk = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     train = {r["step"]: r["loss"] for r in on_disk if "loss" in r}
     drawn = figure(loss_plot)["data"][0]

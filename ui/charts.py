@@ -87,6 +87,36 @@ def memory_figure(steps: list[dict[str, Any]], predicted_peak: int | None) -> go
     return _layout(fig, "Memory", "step", unit)
 
 
+def energy_figure(steps: list[dict[str, Any]]) -> go.Figure:
+    """The share of the gradient's energy the projection keeps, at each refresh (mean over the matrices)."""
+    refreshed = [r for r in steps if r.get("grad_energy_kept") is not None]
+    fig = go.Figure()
+    fig.add_scatter(x=[r["step"] for r in refreshed], y=[100 * r["grad_energy_kept"] for r in refreshed],
+                    mode="lines+markers", name="energy kept")
+    fig.update_yaxes(range=[0, 100])
+    return _layout(fig, "Gradient energy the rank keeps, at each refresh", "step", "%")
+
+
+def spectrum_heatmap(lines: list[dict[str, Any]]) -> go.Figure:
+    """Energy kept per matrix (rows, in model order) at each refresh (columns): where the rank falls short."""
+    names = list(dict.fromkeys(line["name"] for line in lines))
+    steps = sorted({line["step"] for line in lines})
+    kept = {(line["name"], line["step"]): 100 * line["energy_kept"] for line in lines}
+    fig = go.Figure(go.Heatmap(
+        x=steps, y=[_short(name) for name in names], zmin=0, zmax=100, colorscale="Viridis",
+        z=[[kept.get((name, step)) for step in steps] for name in names], colorbar={"title": "%"},
+        hovertemplate="%{y} at step %{x}: %{z:.1f}% kept<extra></extra>"))
+    fig.update_yaxes(autorange="reversed")
+    return _layout(fig, "Energy kept per matrix", "step", "", height=max(320, 14 * len(names) + 120))
+
+
+def _short(name: str) -> str:
+    """'model.layers.3.mlp.down_proj.weight' -> '3 mlp.down_proj'."""
+    name = name.removesuffix(".weight")
+    head, found, tail = name.partition("layers.")
+    return tail.replace(".", " ", 1) if found else name
+
+
 def overlay_figure(runs: dict[str, list[dict[str, Any]]]) -> go.Figure:
     """The loss curves of several runs on one chart (train solid, eval dotted), to compare methods."""
     fig = go.Figure()

@@ -13,11 +13,12 @@ from typing import Any
 
 import gradio as gr
 
+from gnlorp import spectrum_log
 from gnlorp.config import ConfigError
 from gnlorp.memory import estimate, gpu_count
-from gnlorp.run_store import ACTIVE, Snapshot, list_runs
+from gnlorp.run_store import ACTIVE, MetricsReader, Snapshot, list_runs
 
-from .charts import human_bytes, loss_figure, memory_figure
+from .charts import energy_figure, human_bytes, loss_figure, memory_figure, spectrum_heatmap
 from .context import Studio
 from .feedback import guarded, ok, problem
 from .setup_tab import SetupTab
@@ -63,6 +64,12 @@ def progress_text(snap: Snapshot) -> str:
     return line + (problem(state.error) if state.error else "")
 
 
+def spectrum_text(lines: list[dict[str, Any]]) -> str:
+    """The advice line of the spectrum so far, e.g. 'rank 48 would keep 90% ...; rank 16 keeps 71% ...'."""
+    line = spectrum_log.advice_line(spectrum_log.advice(lines), max(r["rank"] for r in lines)) if lines else None
+    return line or "No projector refresh yet."
+
+
 def predicted_peak(snap: Snapshot) -> int | None:
     """The run's own predicted peak once its summary has one, else the estimate taken when it started."""
     summary = Path(snap.state.run_dir) / "summary.json"
@@ -100,6 +107,12 @@ def build_train(studio: Studio, setup: SetupTab) -> TrainTab:
     with gr.Row():
         loss_plot = gr.Plot(label="Loss", elem_id="chart-loss")
         memory_plot = gr.Plot(label="Memory", elem_id="chart-memory")
+    with gr.Accordion("Gradient spectrum (galore, gradnormlorp): which rank?", open=True):
+        advice = gr.Markdown("The share of each gradient's energy the rank keeps appears at the first refresh.",
+                             elem_id="spectrum-advice")
+        with gr.Row():
+            energy_plot = gr.Plot(label="Energy kept", elem_id="chart-energy")
+            heat_plot = gr.Plot(label="Energy kept per matrix", elem_id="chart-spectrum")
     log = gr.Textbox(label="Log", lines=8, max_lines=8, autoscroll=True, interactive=False, elem_id="train-log")
     timer = gr.Timer(REFRESH_S)
     seen = gr.State(None)
@@ -139,19 +152,26 @@ def build_train(studio: Studio, setup: SetupTab) -> TrainTab:
     resume.click(resume_selected, inputs=[resume_run, setup.form["max_steps"]], outputs=message, api_name="resume")
     resume_run.focus(lambda: gr.update(choices=resumable_runs(studio)), outputs=resume_run, api_visibility="private")
 
+    spectra: dict[str, MetricsReader] = {}  # the current run's spectrum.jsonl, read as it grows
+
     def refresh(seen_key: Any) -> tuple:
         job = studio.jobs.current()
+        unchanged = (gr.skip(),) * 7
         if job is None:
-            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), seen_key
+            return *unchanged, seen_key
         snap = job.snapshot()
         key = [snap.state.run_dir, snap.version]
         if key == seen_key:
-            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), seen_key
+            return *unchanged, seen_key
+        reader = spectra.setdefault(snap.state.run_dir, MetricsReader(Path(snap.state.run_dir) / spectrum_log.FILE))
+        fresh_page = seen_key is None or seen_key[0] != key[0]
+        spectrum = (spectrum_text(reader.records), energy_figure(snap.steps), spectrum_heatmap(reader.records)) \
+            if (reader.read() or fresh_page) and reader.records else (gr.skip(),) * 3
         return (progress_text(snap), loss_figure(snap.steps, snap.evals),
-                memory_figure(snap.steps, predicted_peak(snap)), "\n".join(snap.log[-LOG_SHOWN:]), key)
+                memory_figure(snap.steps, predicted_peak(snap)), "\n".join(snap.log[-LOG_SHOWN:]), *spectrum, key)
 
-    timer.tick(refresh, inputs=seen, outputs=[progress, loss_plot, memory_plot, log, seen], api_name="refresh",
-               show_progress="hidden", concurrency_limit=None)
+    timer.tick(refresh, inputs=seen, outputs=[progress, loss_plot, memory_plot, log, advice, energy_plot, heat_plot,
+                                              seen], api_name="refresh", show_progress="hidden", concurrency_limit=None)
 
     def status() -> dict:
         """The current job (status, step, points in each chart, ETA, last log lines) as plain data."""

@@ -37,6 +37,7 @@ from .projector import (
     svd_basis,
 )
 from .sharded import RowShard, any_rank, gather_projector, gather_rows, row_shard, scatter_basis
+from .spectrum import Spectrum, energy_profile
 from .streaming import CHUNK_NUMEL, Hyper, Projection, plain_update_, projected_update_, projection_target
 from .weight_norm import row_norms
 
@@ -89,6 +90,7 @@ class ProjectedAdamW(Optimizer):
         self._incident_count = 0
         self.skipped_steps_in_a_row = 0  # step() calls that skipped a non-finite gradient, consecutively
         self._skip_count = 0
+        self._spectra: list[Spectrum] = []  # one per refresh since the last pop_spectra
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -200,12 +202,22 @@ class ProjectedAdamW(Optimizer):
         rows and decomposes them, and every rank gets its slice of the result."""
         rank = min(group["rank"], *p.shape)
         if shard is None:
-            return svd_basis(target, rank, side)
-        owner = self._position[id(p)] % shard.world
-        whole = gather_rows(target, shard, owner)
-        basis, note = svd_basis(whole, rank, side) if whole is not None else (None, None)
-        del whole
-        return scatter_basis(basis, math.prod(basis_shape(p.shape, rank, side)), shard, owner), note
+            basis, singular_values, note = svd_basis(target, rank, side)
+        else:
+            owner = self._position[id(p)] % shard.world
+            whole = gather_rows(target, shard, owner)
+            basis, singular_values, note = svd_basis(whole, rank, side) if whole is not None else (None, None, None)
+            del whole
+            basis = scatter_basis(basis, math.prod(basis_shape(p.shape, rank, side)), shard, owner)
+        if singular_values is not None:  # on the rank that decomposed it: one record per refresh
+            kept, rank_for = energy_profile(singular_values, rank)
+            self._spectra.append(Spectrum(p, int(self.state[p]["step"]), rank, kept, rank_for))
+        return basis, note
+
+    def pop_spectra(self) -> list[Spectrum]:
+        """The refreshes since the last call (on this rank: sharded, the owners' records), and forget them."""
+        spectra, self._spectra = self._spectra, []
+        return spectra
 
     def _incident(self, p: torch.Tensor, group: dict[str, Any], state: dict, counter: str, what: str) -> None:
         """Count an incident in the parameter's state and describe it for `pop_incidents`."""

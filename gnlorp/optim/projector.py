@@ -26,25 +26,27 @@ def projection_side(shape: torch.Size, proj_type: str) -> str:
     return proj_type
 
 
-def svd_basis(matrix: torch.Tensor, rank: int, side: str) -> tuple[torch.Tensor | None, str | None]:
-    """Top-`rank` singular vectors by exact SVD, Vh[:r] (r×n) for right or U[:, :r] (m×r) for left, as float32.
+def svd_basis(matrix: torch.Tensor, rank: int, side: str
+              ) -> tuple[torch.Tensor | None, torch.Tensor | None, str | None]:
+    """Top-`rank` singular vectors by exact SVD, Vh[:r] (r×n) for right or U[:, :r] (m×r) for left, as float32,
+    with every singular value (for the energy the rank keeps, spectrum.py).
 
     An SVD that raises (LAPACK/cuSOLVER "failed to converge") or returns non-finite vectors is retried in
-    float64; if that fails too the basis is None. The second value says what happened, for the run's log.
+    float64; if that fails too the basis is None. The last value says what happened, for the run's log.
     """
     note = None
     for dtype in (torch.float32, torch.float64):
         try:
-            u, _, vh = torch.linalg.svd(matrix.to(dtype), full_matrices=False)
+            u, s, vh = torch.linalg.svd(matrix.to(dtype), full_matrices=False)
         except RuntimeError as exc:  # torch.linalg.LinAlgError is a RuntimeError
             failure = f"SVD in {str(dtype).removeprefix('torch.')} failed ({str(exc).splitlines()[0]})"
         else:
             basis = vh[:rank] if side == "right" else u[:, :rank]
             if torch.isfinite(basis).all():
-                return basis.float().contiguous(), note
+                return basis.float().contiguous(), s, note
             failure = f"SVD in {str(dtype).removeprefix('torch.')} returned non-finite vectors"
         note = failure if note is None else f"{note}; {failure}"
-    return None, note
+    return None, None, note
 
 
 def store_projector(state: dict, basis: torch.Tensor, proj_dtype: str) -> None:

@@ -1,0 +1,58 @@
+"""spectrum.jsonl: one line per projector refresh of one matrix, and the rank advice read back from it.
+
+Each line: `step` (the run's step whose optimizer step took the SVD), `name`, `shape`, `rank`, `energy_kept`
+(the share Σ_{i≤r} σᵢ² / Σ σᵢ² of what was projected that the rank keeps) and `rank_for` (the smallest rank keeping
+each share in ENERGY_LEVELS). The advice is the median over matrices at their last refresh.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+from .optim.spectrum import ADVICE_ENERGY, Spectrum
+
+FILE = "spectrum.jsonl"
+
+
+def records(spectra: list[Spectrum], names: dict[int, str], step: int) -> list[dict[str, Any]]:
+    """spectrum.jsonl lines for the refreshes of one run step."""
+    return [{"step": step, "name": names.get(id(s.param), "?"), "shape": list(s.param.shape), "rank": s.rank,
+             "energy_kept": s.energy_kept, "rank_for": {str(level): r for level, r in s.rank_for.items()}}
+            for s in spectra]
+
+
+def read(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / FILE
+    if not path.is_file():
+        return []
+    lines = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            lines.append(json.loads(line))
+        except ValueError:
+            continue  # a line cut short when the process died
+    return lines
+
+
+def advice(lines: list[dict[str, Any]]) -> dict[str, Any]:
+    """summary.json's part: `rank_advice` ({"energy": 0.9, "rank": R}), the median share the run's rank kept
+    (`grad_energy_kept`), and `projector_refreshes` (the SVDs taken); {} for a run that took none."""
+    if not lines:
+        return {}
+    last = {line["name"]: line for line in lines}  # each matrix at its last refresh
+    needed = statistics.median_low(line["rank_for"][str(ADVICE_ENERGY)] for line in last.values())
+    return {"rank_advice": {"energy": ADVICE_ENERGY, "rank": needed},
+            "grad_energy_kept": statistics.median(line["energy_kept"] for line in last.values()),
+            "projector_refreshes": len(lines)}
+
+
+def advice_line(summary: dict[str, Any], rank: int) -> str | None:
+    """'rank 48 would keep 90% of the gradient's energy; rank 16 keeps 71%', or None without refreshes."""
+    if "rank_advice" not in summary:
+        return None
+    wanted = summary["rank_advice"]
+    return (f"rank {wanted['rank']} would keep {wanted['energy']:.0%} of the gradient's energy; rank {rank} keeps "
+            f"{summary['grad_energy_kept']:.0%} (median over matrices at their last refresh)")

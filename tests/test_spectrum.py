@@ -1,0 +1,111 @@
+"""The gradient's spectrum at each refresh: energy kept, the ranks each share needs, and the run's rank advice.
+
+References: torch.linalg.svdvals of the gradient (or, for GradNormLoRP, of ∂L/∂D in closed form, DESIGN §2.2), and
+the ranks read off those values by a plain loop.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+
+import pytest
+import torch
+
+from gnlorp.__main__ import main
+from gnlorp.optim import ProjectedAdamW
+from gnlorp.optim.spectrum import ENERGY_LEVELS
+
+
+def _reference(target: torch.Tensor, rank: int) -> tuple[float, dict[float, int]]:
+    energy = torch.linalg.svdvals(target.double()).square().tolist()
+    total = sum(energy)
+    ranks = {}
+    for level in ENERGY_LEVELS:
+        running, k = 0.0, 0
+        while running < level * total:
+            running += energy[k]
+            k += 1
+        ranks[level] = k
+    return sum(energy[:rank]) / total, ranks
+
+
+def _direction_gradient(weight: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """GradNormLoRP's ∂L/∂D = diag(g)(G − D ⊙ rowsum(D⊙G)) for W = diag(g)·D."""
+    g = weight.norm(dim=1, keepdim=True)
+    d = weight / g
+    return g * (grad - d * (d * grad).sum(dim=1, keepdim=True))
+
+
+@pytest.mark.parametrize("weight_norm", [False, True], ids=["galore", "gradnormlorp"])
+@pytest.mark.parametrize("shape,rank", [((48, 32), 6), ((20, 60), 5), ((24, 16), 16)])
+def test_energy_kept_and_ranks_match_the_singular_values(shape, rank, weight_norm):
+    torch.manual_seed(0)
+    weight = torch.randn(shape)
+    # A gradient with a decaying spectrum, as real ones have, so the ranks differ level by level.
+    u, _ = torch.linalg.qr(torch.randn(shape[0], min(shape)))
+    v, _ = torch.linalg.qr(torch.randn(shape[1], min(shape)))
+    grad = u @ torch.diag(torch.logspace(0, -2, min(shape))) @ v.T
+    p = torch.nn.Parameter(weight.clone())
+    optimizer = ProjectedAdamW([{"params": [p], "rank": rank, "weight_norm": weight_norm}], lr=1e-3)
+    p.grad = grad.clone()
+    optimizer.step()
+    [record] = optimizer.pop_spectra()
+    target = _direction_gradient(weight, grad) if weight_norm else grad
+    kept, ranks = _reference(target, rank)
+    assert record.param is p and record.step == 0 and record.rank == rank
+    assert record.energy_kept == pytest.approx(kept, rel=1e-6)
+    assert record.rank_for == ranks
+    if rank == min(shape):
+        assert record.energy_kept == pytest.approx(1.0)
+    assert optimizer.pop_spectra() == []  # popped once
+    p.grad = grad.clone()
+    optimizer.step()  # no refresh at step 1 (update_proj_gap 200): nothing recorded
+    assert optimizer.pop_spectra() == []
+
+
+def _lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_a_run_logs_the_spectrum_and_advises_a_rank(tmp_path, capsys):
+    run = tmp_path / "run"
+    args = ["train", "--model", "tiny", "--method", "galore", "--rank", "8", "--max-steps", "5", "--seq-len", "32",
+            "--batch-size", "2", "--update-proj-gap", "2", "--no-stagger-refresh", "--checkpoint-every", "2",
+            "--output", str(run)]
+    assert main(args) == 0
+    spectrum = _lines(run / "spectrum.jsonl")
+    matrices = {line["name"] for line in spectrum}
+    assert len(matrices) == 28 and {line["step"] for line in spectrum} == {1, 3, 5}  # SVDs at its steps 0, 2, 4
+    assert all(line["rank"] == 8 and 0 < line["energy_kept"] <= 1 for line in spectrum)
+    assert all(line["rank_for"]["0.9"] <= line["rank_for"]["0.99"] for line in spectrum)
+    metrics = [line for line in _lines(run / "metrics.jsonl") if "loss" in line]
+    for line in metrics:
+        refreshed = [s["energy_kept"] for s in spectrum if s["step"] == line["step"]]
+        if refreshed:
+            assert line["grad_energy_kept"] == pytest.approx(statistics.fmean(refreshed))
+        else:
+            assert "grad_energy_kept" not in line
+    summary = json.loads((run / "summary.json").read_text())
+    last = [s for s in spectrum if s["step"] == 5]
+    assert summary["projector_refreshes"] == len(spectrum) == 3 * 28
+    assert summary["rank_advice"] == {"energy": 0.9, "rank": statistics.median_low(s["rank_for"]["0.9"] for s in last)}
+    assert summary["grad_energy_kept"] == pytest.approx(statistics.median(s["energy_kept"] for s in last))
+    out = capsys.readouterr().out
+    assert f"rank {summary['rank_advice']['rank']} would keep 90% of the gradient's energy; rank 8 keeps" in out
+
+    # Resumed from step 4's checkpoint, the spectrum after it is logged once, as the straight run logged it.
+    shutil.rmtree(run / "checkpoints" / "step-000005")
+    assert main(["train", "--resume", "--output", str(run)]) == 0
+    again = _lines(run / "spectrum.jsonl")
+    assert [(s["step"], s["name"]) for s in again] == [(s["step"], s["name"]) for s in spectrum]
+    assert [s["energy_kept"] for s in again] == pytest.approx([s["energy_kept"] for s in spectrum], rel=1e-5)
+
+
+def test_methods_without_projectors_log_no_spectrum(tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", "--model", "tiny", "--method", "lora", "--max-steps", "2", "--seq-len", "32",
+                 "--batch-size", "2", "--output", str(run)]) == 0
+    assert not (run / "spectrum.jsonl").exists()
+    assert "rank_advice" not in json.loads((run / "summary.json").read_text())
