@@ -69,6 +69,9 @@ class RunConfig:
     stagger_refresh: bool = knob(True, "Spread projector refreshes over the update_proj_gap window, one matrix at "
                                  "its own step, so no step pays for every SVD (galore, gradnormlorp).",
                                  group="advanced")
+    svd: str = knob("exact", "How a refresh finds each gradient's top singular vectors (galore, gradnormlorp): exact "
+                    "(LAPACK/cuSOLVER), or randomized (a range finder with r+8 directions and 2 power iterations: "
+                    "faster on large matrices, approximate).", choices=("exact", "randomized"), group="advanced")
     lora_alpha: float = knob(16.0, "LoRA/DoRA scaling α (the update is scaled by α/r).", min=1e-6, max=1e6,
                              group="advanced")
     vera_d_initial: float = knob(0.1, "VeRA: initial value of the d vectors.", min=0.0, max=10.0, group="advanced")

@@ -8,6 +8,7 @@ each share in ENERGY_LEVELS). The advice is the median over matrices at their la
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from pathlib import Path
 from typing import Any
@@ -43,8 +44,11 @@ def advice(lines: list[dict[str, Any]]) -> dict[str, Any]:
     if not lines:
         return {}
     last = {line["name"]: line for line in lines}  # each matrix at its last refresh
-    needed = statistics.median_low(line["rank_for"][str(ADVICE_ENERGY)] for line in last.values())
-    return {"rank_advice": {"energy": ADVICE_ENERGY, "rank": needed},
+    # None: beyond the top values a randomized SVD found; counted as more than any rank, and the advice is None
+    # when the median falls there.
+    needed = statistics.median_low(math.inf if line["rank_for"][str(ADVICE_ENERGY)] is None
+                                   else line["rank_for"][str(ADVICE_ENERGY)] for line in last.values())
+    return {"rank_advice": {"energy": ADVICE_ENERGY, "rank": None if needed == math.inf else needed},
             "grad_energy_kept": statistics.median(line["energy_kept"] for line in last.values()),
             "projector_refreshes": len(lines)}
 
@@ -54,5 +58,8 @@ def advice_line(summary: dict[str, Any], rank: int) -> str | None:
     if "rank_advice" not in summary:
         return None
     wanted = summary["rank_advice"]
+    if wanted["rank"] is None:
+        return (f"more than the randomized SVD's top ranks would be needed to keep {wanted['energy']:.0%} of the "
+                f"gradient's energy (--svd exact tells how many); rank {rank} keeps {summary['grad_energy_kept']:.0%}")
     return (f"rank {wanted['rank']} would keep {wanted['energy']:.0%} of the gradient's energy; rank {rank} keeps "
             f"{summary['grad_energy_kept']:.0%} (median over matrices at their last refresh)")

@@ -109,3 +109,54 @@ def test_methods_without_projectors_log_no_spectrum(tmp_path):
                  "--batch-size", "2", "--output", str(run)]) == 0
     assert not (run / "spectrum.jsonl").exists()
     assert "rank_advice" not in json.loads((run / "summary.json").read_text())
+
+
+def _decaying(shape, seed=0, top=12):
+    """A matrix whose `top` leading singular values stand clear of the rest (a subspace a rank-`top` projection
+    can find: with no gap between σ_r and σ_r+1 no method pins it down)."""
+    generator = torch.Generator().manual_seed(seed)
+    k = min(shape)
+    u, _ = torch.linalg.qr(torch.randn(shape[0], k, generator=generator))
+    v, _ = torch.linalg.qr(torch.randn(shape[1], k, generator=generator))
+    values = torch.cat([torch.linspace(1, 0.5, top), 0.05 * torch.logspace(0, -2, k - top)])
+    return u @ torch.diag(values) @ v.T
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_the_randomized_svd_finds_the_exact_top_subspace(side):
+    from gnlorp.optim.projector import svd_basis
+
+    matrix = _decaying((300, 200))
+    exact, exact_values, _ = svd_basis(matrix, 12, side)
+    found, values, _ = svd_basis(matrix, 12, side, "randomized", seed=5)
+    again, _, _ = svd_basis(matrix, 12, side, "randomized", seed=5)
+    assert torch.equal(found, again)  # the seed alone decides: a resumed run takes the same SVD
+    projector = (lambda b: b.T @ b) if side == "right" else (lambda b: b @ b.T)
+    assert float((projector(found) - projector(exact)).norm()) < 1e-3  # the same subspace
+    assert values[:12] == pytest.approx(exact_values[:12], rel=1e-4)
+    assert len(values) == 12 + 8  # r + OVERSAMPLE values: the rest of the spectrum is not computed
+
+
+def test_randomized_refreshes_report_energy_against_the_whole_gradient():
+    grad = _decaying((120, 80), seed=1)
+    p = torch.nn.Parameter(torch.randn(120, 80))
+    optimizer = ProjectedAdamW([{"params": [p], "rank": 4, "svd": "randomized"}], lr=1e-3)
+    p.grad = grad.clone()
+    optimizer.step()
+    [record] = optimizer.pop_spectra()
+    kept, ranks = _reference(grad, 4)
+    assert record.energy_kept == pytest.approx(kept, rel=1e-4)  # the top values over ‖G‖²_F, exact
+    for level, rank in ranks.items():  # the levels the top 12 values reach agree; the others say so
+        assert record.rank_for[level] == (rank if rank <= 12 else None)
+
+
+def test_a_randomized_run_resumes_exactly(tmp_path):
+    common = ["--model", "tiny", "--method", "gradnormlorp", "--rank", "8", "--seq-len", "32", "--batch-size", "2",
+              "--update-proj-gap", "2", "--no-stagger-refresh", "--checkpoint-every", "2", "--svd", "randomized"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert main(["train", *common, "--max-steps", "4", "--output", str(straight)]) == 0
+    assert main(["train", *common, "--max-steps", "2", "--output", str(resumed)]) == 0
+    assert main(["train", "--resume", "--max-steps", "4", "--output", str(resumed)]) == 0
+    losses = [[line["loss"] for line in _lines(run / "metrics.jsonl") if "loss" in line] for run in (straight, resumed)]
+    assert losses[0] == losses[1] and len(losses[0]) == 4
+    assert json.loads((straight / "summary.json").read_text())["projector_refreshes"] == 2 * 28

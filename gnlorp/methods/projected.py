@@ -36,6 +36,7 @@ class ProjectedMethod(FullMethod):
             "weight_norm": self.weight_norm,
             "proj_dtype": cfg.proj_dtype,
             "stagger_refresh": cfg.stagger_refresh,
+            "svd": cfg.svd,
         }]
         plain = [p for p in params if id(p) not in targets]
         if plain:

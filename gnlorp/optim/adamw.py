@@ -31,6 +31,7 @@ from .moments import Moments, init_moments
 from .projector import (
     PROJ_DTYPES,
     PROJ_TYPES,
+    SVD_METHODS,
     load_projector,
     projection_side,
     store_projector,
@@ -43,6 +44,7 @@ from .weight_norm import row_norms
 
 PROJECTION_DEFAULTS = {
     "update_proj_gap": 200, "scale": 0.25, "proj_type": "std", "weight_norm": False, "stagger_refresh": False,
+    "svd": "exact",
 }
 INCIDENTS_KEPT = 100
 # An optimizer over this many elements gets compiled kernels by default. Compiling costs a process a second or two
@@ -201,17 +203,19 @@ class ProjectedAdamW(Optimizer):
         """The new projector from the SVD of `target` to store; sharded, one rank (the matrix's owner) gathers the
         rows and decomposes them, and every rank gets its slice of the result."""
         rank = min(group["rank"], *p.shape)
-        if shard is None:
-            basis, singular_values, note = svd_basis(target, rank, side)
-        else:
-            owner = self._position[id(p)] % shard.world
-            whole = gather_rows(target, shard, owner)
-            basis, singular_values, note = svd_basis(whole, rank, side) if whole is not None else (None, None, None)
-            del whole
-            basis = scatter_basis(basis, math.prod(basis_shape(p.shape, rank, side)), shard, owner)
+        # The randomized SVD's random directions depend on the matrix and its step only: deterministic, resumable.
+        method, seed = group["svd"], self._position[id(p)] * 1_000_003 + int(self.state[p]["step"])
+        matrix = target if shard is None else gather_rows(target, shard, self._position[id(p)] % shard.world)
+        basis, singular_values, note = svd_basis(matrix, rank, side, method, seed) if matrix is not None else \
+            (None, None, None)
         if singular_values is not None:  # on the rank that decomposed it: one record per refresh
-            kept, rank_for = energy_profile(singular_values, rank)
+            total = float(torch.linalg.vector_norm(matrix)) ** 2 if method == "randomized" else None
+            kept, rank_for = energy_profile(singular_values, rank, total)
             self._spectra.append(Spectrum(p, int(self.state[p]["step"]), rank, kept, rank_for))
+        del matrix
+        if shard is not None:  # the owner's basis, sliced to every rank
+            basis = scatter_basis(basis, math.prod(basis_shape(p.shape, rank, side)), shard,
+                                  self._position[id(p)] % shard.world)
         return basis, note
 
     def pop_spectra(self) -> list[Spectrum]:
@@ -311,6 +315,7 @@ def _complete_and_validate(group: dict[str, Any]) -> None:
     _check(isinstance(stagger, bool), f"stagger_refresh must be True or False, got {stagger!r}")
     proj_type = group["proj_type"]
     _check(proj_type in PROJ_TYPES, f"proj_type must be one of {', '.join(PROJ_TYPES)}, got {proj_type!r}")
+    _check(group["svd"] in SVD_METHODS, f"svd must be one of {', '.join(SVD_METHODS)}, got {group['svd']!r}")
     for p in group["params"]:
         _check(p.dim() == 2,
                f"rank needs 2-D parameters, got one of shape {tuple(p.shape)}: put it in a group without rank")

@@ -11,6 +11,10 @@ from __future__ import annotations
 import torch
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right")
+SVD_METHODS = ("exact", "randomized")
+# The randomized range finder (Halko, Martinsson and Tropp 2011; GaLore 2; torch.svd_lowrank): r + OVERSAMPLE
+# random directions, POWER_ITERATIONS passes of A·Aᵀ to sharpen a slowly decaying spectrum.
+OVERSAMPLE, POWER_ITERATIONS = 8, 2
 PROJ_DTYPES = ("float32", "bfloat16", "int8")
 INT8_BLOCKSIZE = 256
 _INT8_MAX = 127
@@ -26,10 +30,11 @@ def projection_side(shape: torch.Size, proj_type: str) -> str:
     return proj_type
 
 
-def svd_basis(matrix: torch.Tensor, rank: int, side: str
+def svd_basis(matrix: torch.Tensor, rank: int, side: str, method: str = "exact", seed: int = 0
               ) -> tuple[torch.Tensor | None, torch.Tensor | None, str | None]:
-    """Top-`rank` singular vectors by exact SVD, Vh[:r] (r×n) for right or U[:, :r] (m×r) for left, as float32,
-    with every singular value (for the energy the rank keeps, spectrum.py).
+    """Top-`rank` singular vectors, Vh[:r] (r×n) for right or U[:, :r] (m×r) for left, as float32, with the singular
+    values found (for the energy the rank keeps, spectrum.py): every one by the exact SVD, the top r + OVERSAMPLE
+    by the randomized one (whose random directions come from `seed`, leaving torch's generator alone).
 
     An SVD that raises (LAPACK/cuSOLVER "failed to converge") or returns non-finite vectors is retried in
     float64; if that fails too the basis is None. The last value says what happened, for the run's log.
@@ -37,7 +42,10 @@ def svd_basis(matrix: torch.Tensor, rank: int, side: str
     note = None
     for dtype in (torch.float32, torch.float64):
         try:
-            u, s, vh = torch.linalg.svd(matrix.to(dtype), full_matrices=False)
+            if method == "randomized":
+                u, s, vh = randomized_svd(matrix.to(dtype), rank, seed)
+            else:
+                u, s, vh = torch.linalg.svd(matrix.to(dtype), full_matrices=False)
         except RuntimeError as exc:  # torch.linalg.LinAlgError is a RuntimeError
             failure = f"SVD in {str(dtype).removeprefix('torch.')} failed ({str(exc).splitlines()[0]})"
         else:
@@ -47,6 +55,20 @@ def svd_basis(matrix: torch.Tensor, rank: int, side: str
             failure = f"SVD in {str(dtype).removeprefix('torch.')} returned non-finite vectors"
         note = failure if note is None else f"{note}; {failure}"
     return None, None, note
+
+
+def randomized_svd(matrix: torch.Tensor, rank: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """U (m×k), S (k), Vh (k×n) of the top k = r + OVERSAMPLE singular triplets, approximately: a range finder
+    with power iterations, then the exact SVD of the small k×n projection."""
+    m, n = matrix.shape
+    k = min(rank + OVERSAMPLE, m, n)
+    generator = torch.Generator(device=matrix.device).manual_seed(seed)
+    probe = torch.randn(n, k, generator=generator, device=matrix.device, dtype=matrix.dtype)
+    basis = torch.linalg.qr(matrix @ probe).Q
+    for _ in range(POWER_ITERATIONS):  # re-orthonormalised each pass: the small singular values survive rounding
+        basis = torch.linalg.qr(matrix @ torch.linalg.qr(matrix.T @ basis).Q).Q
+    u_small, s, vh = torch.linalg.svd(basis.T @ matrix, full_matrices=False)
+    return basis @ u_small, s, vh
 
 
 def store_projector(state: dict, basis: torch.Tensor, proj_dtype: str) -> None:

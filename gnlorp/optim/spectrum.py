@@ -23,19 +23,24 @@ class Spectrum:
     step: int  # the parameter's own step count when it refreshed (0 for the first projector)
     rank: int
     energy_kept: float
-    rank_for: dict[float, int]  # energy level -> smallest rank keeping at least that share
+    rank_for: dict[float, int | None]  # energy level -> smallest rank keeping at least that share (None: more
+    # than the randomized SVD's top values reach)
 
 
-def energy_profile(singular_values: torch.Tensor, rank: int) -> tuple[float, dict[float, int]]:
-    """(share of Σσ² in the top `rank` values, smallest rank reaching each ENERGY_LEVELS share).
+def energy_profile(singular_values: torch.Tensor, rank: int, total: float | None = None
+                   ) -> tuple[float, dict[float, int | None]]:
+    """(share of the energy in the top `rank` values, smallest rank reaching each ENERGY_LEVELS share).
 
-    An all-zero gradient keeps everything at any rank (there is nothing to lose): 1.0 and rank 1 for each level.
+    `total` is Σσ² over every singular value (‖G‖²_F) when `singular_values` holds only the top few (the
+    randomized SVD); a share they do not reach gets None. An all-zero gradient keeps everything at any rank
+    (there is nothing to lose): 1.0 and rank 1 for each level.
     """
     energy = singular_values.double().square()
-    total = float(energy.sum())
+    total = float(energy.sum()) if total is None else total
     if total <= 0:
         return 1.0, {level: 1 for level in ENERGY_LEVELS}
     cumulative = energy.cumsum(0) / total
+    reached = float(cumulative[-1]) + 1e-9
     needed = torch.searchsorted(cumulative, torch.tensor(ENERGY_LEVELS, dtype=torch.float64) - 1e-12)
-    ranks = (needed + 1).clamp(max=len(energy)).tolist()
-    return float(cumulative[min(rank, len(energy)) - 1]), dict(zip(ENERGY_LEVELS, ranks, strict=True))
+    ranks = [int(k) + 1 if level <= reached else None for level, k in zip(ENERGY_LEVELS, needed.tolist(), strict=True)]
+    return min(1.0, float(cumulative[min(rank, len(energy)) - 1])), dict(zip(ENERGY_LEVELS, ranks, strict=True))
