@@ -160,3 +160,43 @@ def test_a_randomized_run_resumes_exactly(tmp_path):
     losses = [[line["loss"] for line in _lines(run / "metrics.jsonl") if "loss" in line] for run in (straight, resumed)]
     assert losses[0] == losses[1] and len(losses[0]) == 4
     assert json.loads((straight / "summary.json").read_text())["projector_refreshes"] == 2 * 28
+
+
+def _refresh_steps(gradients, gap: int, steps: int, adaptive: bool, side_shape=(40, 24)) -> list[int]:
+    p = torch.nn.Parameter(torch.randn(side_shape, generator=torch.Generator().manual_seed(3)))
+    optimizer = ProjectedAdamW([{"params": [p], "rank": 4, "update_proj_gap": gap, "adaptive_refresh": adaptive}],
+                               lr=1e-3)
+    taken = []
+    for step in range(steps):
+        p.grad = gradients(step)
+        optimizer.step()
+        taken += [s.step for s in optimizer.pop_spectra()]
+    return taken
+
+
+@pytest.mark.parametrize("shape", [(40, 24), (24, 40)], ids=["right", "left"])
+def test_adaptive_refresh_doubles_the_gap_of_a_still_subspace_and_keeps_a_moving_one(shape):
+    still = _decaying(shape, seed=2, top=4)
+    # The same gradient every step: its subspace never moves, so the gap doubles to 8 × 2 and stays there.
+    assert _refresh_steps(lambda step: still.clone(), 2, 60, True, shape) == [0, 2, 6, 14, 30, 46]
+    # A fresh random gradient every step: the subspace moves at every refresh, so the gap stays 2, as when fixed.
+    moving = lambda step: torch.randn(shape, generator=torch.Generator().manual_seed(100 + step))  # noqa: E731
+    assert _refresh_steps(moving, 2, 20, True, shape) == _refresh_steps(moving, 2, 20, False, shape) == \
+        list(range(0, 20, 2))
+
+
+def test_an_adaptive_run_is_deterministic_and_resumes_exactly(tmp_path):
+    common = ["--model", "tiny", "--method", "galore", "--rank", "8", "--seq-len", "32", "--batch-size", "2",
+              "--update-proj-gap", "1", "--no-stagger-refresh", "--checkpoint-every", "3", "--adaptive-refresh",
+              "--lr", "1e-4"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert main(["train", *common, "--max-steps", "8", "--output", str(straight)]) == 0
+    assert main(["train", *common, "--max-steps", "3", "--output", str(resumed)]) == 0
+    assert main(["train", "--resume", "--max-steps", "8", "--output", str(resumed)]) == 0
+    runs = [_lines(run / "spectrum.jsonl") for run in (straight, resumed)]
+    assert [(s["step"], s["name"]) for s in runs[0]] == [(s["step"], s["name"]) for s in runs[1]]
+    losses = [[line["loss"] for line in _lines(run / "metrics.jsonl") if "loss" in line] for run in (straight, resumed)]
+    assert losses[0] == losses[1]
+    summary = json.loads((straight / "summary.json").read_text())
+    assert summary["projector_refreshes"] == len(runs[0])
+    assert summary["predicted_optimizer_state_bytes"] == summary["optimizer_state_bytes"]

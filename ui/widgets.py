@@ -24,7 +24,7 @@ LABELS = {  # names people look for; every other field gets its name with spaces
     "grad_checkpointing": "Activation checkpointing", "layerwise": "Layer-wise updates", "dtype": "Weight dtype",
     "proj_type": "Projection side", "proj_dtype": "Projector storage", "grad_accum": "Gradient accumulation",
     "max_grad_norm": "Max gradient norm", "vera_d_initial": "VeRA d initial", "lora_alpha": "LoRA alpha",
-    "fsdp": "Sharded over the GPUs (FSDP)",
+    "fsdp": "Sharded over the GPUs (FSDP)", "adaptive_refresh": "Adaptive refresh", "svd": "Refresh SVD",
 }
 HIDDEN = frozenset({"output"})  # the studio puts every run in a new folder under its runs folder
 GROUPS = ("basic", "data", "advanced")

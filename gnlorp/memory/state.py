@@ -56,6 +56,8 @@ def optimizer_state_parts(param_groups: list[dict], bits: int, proj_dtype: str |
             projectors += projector_state_bytes(projected_numel, stored_as)
             if group.get("weight_norm"):
                 total += 3 * 4 * (m if shards == 1 else rows)
+            if group.get("adaptive_refresh"):
+                total += 16  # its schedule: (gap, next refresh step)
     return total, projectors
 
 

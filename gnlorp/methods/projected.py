@@ -37,6 +37,7 @@ class ProjectedMethod(FullMethod):
             "proj_dtype": cfg.proj_dtype,
             "stagger_refresh": cfg.stagger_refresh,
             "svd": cfg.svd,
+            "adaptive_refresh": cfg.adaptive_refresh,
         }]
         plain = [p for p in params if id(p) not in targets]
         if plain:

@@ -44,13 +44,16 @@ from .weight_norm import row_norms
 
 PROJECTION_DEFAULTS = {
     "update_proj_gap": 200, "scale": 0.25, "proj_type": "std", "weight_norm": False, "stagger_refresh": False,
-    "svd": "exact",
+    "svd": "exact", "adaptive_refresh": False,
 }
 INCIDENTS_KEPT = 100
 # An optimizer over this many elements gets compiled kernels by default. Compiling costs a process a second or two
 # once (half a minute with a cold cache), which the 2.2 M parameters of `tiny` would not win back in a demo; llama-60m
 # (58 M) wins it back within a few steps (docs/BENCHMARKS.md, table 3).
 COMPILE_MIN_NUMEL = 1 << 24
+# Adaptive refresh: a subspace whose overlap with the previous one (‖Q̃Qᵀ‖²_F / r, 1 = unchanged) is at least this
+# counts as still, and its matrix's gap doubles, up to this factor of update_proj_gap (docs/BENCHMARKS.md).
+STILL_OVERLAP, MAX_GAP_FACTOR = 0.9, 8
 # A gradient entry (or, projected, the gradient's Frobenius norm, which bounds every projected entry) above
 # this could square to infinity in float32 (whose largest value is about 2^128) and poison the second moment.
 GRADIENT_LIMIT = 2.0**63
@@ -174,9 +177,16 @@ class ProjectedAdamW(Optimizer):
         magnitude_moments = Moments(state, weight.shape[0], "magnitude_") if magnitude is not None else None
         projection = Projection(None, side, group["scale"], magnitude, magnitude_moments)
         # A projector on the first step, then a refresh every update_proj_gap steps (at the parameter's offset
-        # when staggered), from the SVD of the whole gradient to project.
+        # when staggered; adaptive, at the step its schedule says), from the SVD of the whole gradient to project.
         t = int(state["step"])
-        if t == 0 or t % group["update_proj_gap"] == self.refresh_offset(p, group):
+        rank = min(group["rank"], *p.shape)
+        shape = basis_shape(p.shape, rank, side)
+        refreshed = t == 0 or (int(state["refresh_schedule"][1]) == t if group["adaptive_refresh"] else
+                               t % group["update_proj_gap"] == self.refresh_offset(p, group))
+        if refreshed:
+            before = None
+            if group["adaptive_refresh"] and "projector" in state:
+                before = load_projector(state) if shard is None else gather_projector(state, shape, shard)
             target = projection_target(weight, grad, projection, group["chunk_numel"])
             basis, note = self._basis(target, p, group, shard, side)
             del target
@@ -188,12 +198,11 @@ class ProjectedAdamW(Optimizer):
                 self._incident(p, group, state, "projector_fallbacks", f"{note}; {kept}")
             if "projector" not in state:
                 return
-        rank = min(group["rank"], *p.shape)
-        if shard is None:
-            projection.basis = load_projector(state)
-        else:
-            whole = gather_projector(state, basis_shape(p.shape, rank, side), shard)
-            projection.basis = whole if side == "right" else whole[shard.rows[0]:shard.rows[1]]
+        whole = load_projector(state) if shard is None else gather_projector(state, shape, shard)
+        if refreshed and group["adaptive_refresh"]:  # a failed SVD (basis None) kept the old one: not a still one
+            moved = subspace_overlap(before, whole, side) if before is not None and basis is not None else None
+            self._reschedule(p, group, state, t, moved)
+        projection.basis = whole if side == "right" or shard is None else whole[shard.rows[0]:shard.rows[1]]
         state["step"] += 1
         moments = Moments(state, moment_numel(weight.shape, p.shape, rank, side, shard))
         projected_update_(weight, grad, moments, projection, hyper, group["chunk_numel"], shard)
@@ -217,6 +226,19 @@ class ProjectedAdamW(Optimizer):
             basis = scatter_basis(basis, math.prod(basis_shape(p.shape, rank, side)), shard,
                                   self._position[id(p)] % shard.world)
         return basis, note
+
+    def _reschedule(self, p: torch.Tensor, group: dict[str, Any], state: dict, t: int, overlap: float | None) -> None:
+        """Adaptive refresh: a matrix whose subspace barely moved (overlap ≥ STILL_OVERLAP) doubles its gap, up to
+        MAX_GAP_FACTOR × update_proj_gap; one that moved goes back to update_proj_gap. The schedule is state
+        (gap, next step), so it is deterministic and resumes exactly."""
+        base = group["update_proj_gap"]
+        if t == 0:
+            offset = self.refresh_offset(p, group)
+            state["refresh_schedule"] = torch.tensor([base, offset or base], dtype=torch.int64)
+            return
+        gap = int(state["refresh_schedule"][0])
+        gap = min(2 * gap, MAX_GAP_FACTOR * base) if overlap is not None and overlap >= STILL_OVERLAP else base
+        state["refresh_schedule"] = torch.tensor([gap, t + gap], dtype=torch.int64)
 
     def pop_spectra(self) -> list[Spectrum]:
         """The refreshes since the last call (on this rank: sharded, the owners' records), and forget them."""
@@ -276,6 +298,13 @@ def _init_state(weight: torch.Tensor, shard: RowShard | None, group: dict[str, A
         state["magnitude_exp_avg_sq"] = torch.zeros_like(state["magnitude"])
 
 
+def subspace_overlap(before: torch.Tensor, after: torch.Tensor, side: str) -> float:
+    """How much of the old rank-r subspace the new one holds: ‖Q̃Qᵀ‖²_F / r (right side; P̃ᵀP on the left), 1 when
+    unchanged, 0 when orthogonal; blind to the signs and order of the vectors within it."""
+    cross = after @ before.T if side == "right" else after.T @ before
+    return float(cross.square().sum()) / min(before.shape)
+
+
 def basis_shape(shape: torch.Size, rank: int, side: str) -> tuple[int, int]:
     """Q (r×n) on the right side, P (m×r) on the left, of an m×n weight."""
     return (rank, shape[1]) if side == "right" else (shape[0], rank)
@@ -315,6 +344,8 @@ def _complete_and_validate(group: dict[str, Any]) -> None:
     _check(isinstance(stagger, bool), f"stagger_refresh must be True or False, got {stagger!r}")
     proj_type = group["proj_type"]
     _check(proj_type in PROJ_TYPES, f"proj_type must be one of {', '.join(PROJ_TYPES)}, got {proj_type!r}")
+    _check(isinstance(group["adaptive_refresh"], bool),
+           f"adaptive_refresh must be True or False, got {group['adaptive_refresh']!r}")
     _check(group["svd"] in SVD_METHODS, f"svd must be one of {', '.join(SVD_METHODS)}, got {group['svd']!r}")
     for p in group["params"]:
         _check(p.dim() == 2,
