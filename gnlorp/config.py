@@ -70,8 +70,8 @@ class RunConfig:
                                  "its own step, so no step pays for every SVD (galore, gradnormlorp).",
                                  group="advanced")
     adaptive_refresh: bool = knob(False, "Refresh a matrix's projector less often while its subspace stays put: its "
-                                  "gap doubles (up to 8x update_proj_gap) when the new subspace keeps 90% of the "
-                                  "old one, and returns to update_proj_gap when it moves (galore, gradnormlorp).",
+                                  "gap doubles (up to 8x update_proj_gap) when at least 30% of the old subspace is in "
+                                  "the new one, and returns to update_proj_gap when less is (galore, gradnormlorp).",
                                   group="advanced")
     svd: str = knob("exact", "How a refresh finds each gradient's top singular vectors (galore, gradnormlorp): exact "
                     "(LAPACK/cuSOLVER), or randomized (a range finder with r+8 directions and 2 power iterations: "
