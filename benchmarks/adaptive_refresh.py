@@ -40,7 +40,7 @@ def main() -> None:
     add_output_arguments(parser)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--gap", type=int, default=10)
-    parser.add_argument("--thresholds", type=float, nargs="+", default=[0.9, 0.5, 0.3])
+    parser.add_argument("--thresholds", type=float, nargs="+", default=[0.9, 0.8, 0.5, 0.3])
     args = parser.parse_args()
     seeds = [0] if args.quick else [0, 1]
     steps = 50 if args.quick else args.steps
