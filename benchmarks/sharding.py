@@ -50,7 +50,7 @@ def optimizer_payload(shapes: list[tuple[int, int]], rank: int, world: int, proj
     other rank receives its slice of the basis (fp32).
     """
     from gnlorp.optim.projector import projection_side
-    from gnlorp.optim.sharded import ALIGN
+    from gnlorp.optim.sharded import slice_numel
 
     step = refresh = 0.0
     share = (world - 1) / world
@@ -58,10 +58,10 @@ def optimizer_payload(shapes: list[tuple[int, int]], rank: int, world: int, proj
         r = min(rank, m, n)
         side = projection_side(torch.Size((m, n)), proj_type)
         basis = r * (n if side == "right" else m)
-        piece = -(-basis // (world * ALIGN)) * ALIGN
+        piece = slice_numel(basis, world)
         step += proj_bytes * (world - 1) * piece
         if side == "left":
-            step += 4 * r * n * 2 * share + 4 * (world - 1) * -(-(r * n) // (world * ALIGN)) * ALIGN
+            step += 4 * r * n * 2 * share + 4 * (world - 1) * slice_numel(r * n, world)
         refresh += 4 * (world - 1) * -(-m // world) * n if index % world == 0 else 4 * piece
     return {"step": step, "refresh": refresh}
 

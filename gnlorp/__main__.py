@@ -143,7 +143,7 @@ def _run_estimate(args: argparse.Namespace) -> int:
     import json
 
     cfg = config_from_args(args)
-    from gnlorp.memory import PARTS, fit, get_device
+    from gnlorp.memory import fit, get_device
 
     device = get_device(args.device)
     if args.compare and args.gpus > 1:
@@ -152,26 +152,16 @@ def _run_estimate(args: argparse.Namespace) -> int:
         return _print_per_gpu(cfg, device, args.gpus, args.json)
     if args.compare:
         fits = {name: fit(dataclasses.replace(cfg, method=name), device) for name in METHOD_NAMES}
-        table = {name: verdict.estimate for name, verdict in fits.items()}
         if args.json:
-            print(json.dumps({name: {**row, "fits": fits[name].fits, "max_batch_size": fits[name].max_batch_size}
-                              for name, row in table.items()}))
+            print(json.dumps({name: _fit_json(verdict) for name, verdict in fits.items()}))
             return 0
-        columns = [*PARTS, "total"]
-        label = max(map(len, columns)) + 1
-        print(f"{'GiB':<{label}}" + "".join(f"{name:>13}" for name in table))
-        for key in columns:
-            print(f"{key:<{label}}" + "".join(f"{row[key] / 2**30:13.3f}" for row in table.values()))
-        print(f"{'trainable':<{label}}" + "".join(f"{_count(row['trainable_params']):>13}" for row in table.values()))
-        print(f"{'fits':<{label}}" + "".join(f"{'yes' if f.fits else 'no':>13}" for f in fits.values()))
-        print(f"{'max batch':<{label}}" + "".join(f"{f.max_batch_size:13}" for f in fits.values()))
+        _print_fits("GiB", {name: name for name in fits}, fits, trainable=True)
         print(f"on {device.label}, batch {cfg.batch_size} x {cfg.seq_len} tokens")
         return 0
     verdict = fit(cfg, device)
     result = verdict.estimate
     if args.json:
-        print(json.dumps({**result, "device": device.name, "fits": verdict.fits,
-                          "max_batch_size": verdict.max_batch_size}))
+        print(json.dumps({**result, "device": device.name} | _fit_json(verdict)))
         return 0
     for key, value in result.items():
         shown = f"{value:,}" if key == "trainable_params" else f"{value / 2**30:8.3f} GiB"
@@ -183,30 +173,45 @@ def _run_estimate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fit_json(verdict) -> dict:
+    """A Fit as `estimate --json` prints it: the byte counts, the verdict and the largest batch that fits."""
+    return {**verdict.estimate, "fits": verdict.fits, "max_batch_size": verdict.max_batch_size}
+
+
+def _print_fits(corner: str, headers: dict[str, str], fits: dict, trainable: bool) -> None:
+    """Estimates side by side, a column per Fit: GiB per part and in total, (trainable parameters,) the verdict
+    and the largest batch that fits."""
+    from gnlorp.memory import PARTS
+
+    columns = [*PARTS, "total"]
+    label = max(map(len, columns)) + 1
+    print(f"{corner:<{label}}" + "".join(f"{headers[name]:>13}" for name in fits))
+    for key in columns:
+        print(f"{key:<{label}}" + "".join(f"{f.estimate[key] / 2**30:13.3f}" for f in fits.values()))
+    if trainable:
+        counts = (_count(f.estimate["trainable_params"]) for f in fits.values())
+        print(f"{'trainable':<{label}}" + "".join(f"{count:>13}" for count in counts))
+    print(f"{'fits':<{label}}" + "".join(f"{'yes' if f.fits else 'no':>13}" for f in fits.values()))
+    print(f"{'max batch':<{label}}" + "".join(f"{f.max_batch_size:13}" for f in fits.values()))
+
+
 def _print_per_gpu(cfg, device, gpus: int, as_json: bool) -> int:
     """One GPU, then each of `gpus` data-parallel and sharded: every one holds cfg.batch_size sequences."""
     import dataclasses
     import json
 
-    from gnlorp.memory import PARTS, fit
+    from gnlorp.memory import fit
 
     several = dataclasses.replace(cfg, layerwise=False)  # layer-wise steps are one process's (their hooks fire
     # before gradients are all-reduced or reduce-scattered)
     fits = {"one": fit(cfg, device), "ddp": fit(dataclasses.replace(several, fsdp=False), device, gpus),
             "fsdp": fit(dataclasses.replace(several, fsdp=True), device, gpus)}
     if as_json:
-        print(json.dumps({"gpus": gpus, "device": device.name, **{
-            name: {**f.estimate, "fits": f.fits, "max_batch_size": f.max_batch_size}
-            for name, f in fits.items() if name != "one"}}))
+        print(json.dumps({"gpus": gpus, "device": device.name,
+                          **{name: _fit_json(f) for name, f in fits.items() if name != "one"}}))
         return 0
     headers = {"one": "1 GPU", "ddp": f"DDP x{gpus}", "fsdp": f"FSDP x{gpus}"}
-    columns = [*PARTS, "total"]
-    label = max(map(len, columns)) + 1
-    print(f"{'GiB per GPU':<{label}}" + "".join(f"{headers[name]:>13}" for name in fits))
-    for key in columns:
-        print(f"{key:<{label}}" + "".join(f"{f.estimate[key] / 2**30:13.3f}" for f in fits.values()))
-    print(f"{'fits':<{label}}" + "".join(f"{'yes' if f.fits else 'no':>13}" for f in fits.values()))
-    print(f"{'max batch':<{label}}" + "".join(f"{f.max_batch_size:13}" for f in fits.values()))
+    _print_fits("GiB per GPU", headers, fits, trainable=False)
     print(f"on {device.label}, batch {cfg.batch_size} x {cfg.seq_len} tokens per GPU (a global batch of "
           f"{cfg.batch_size * gpus} on {gpus}); the CUDA context is in 'fits', not in the table")
     if cfg.layerwise:

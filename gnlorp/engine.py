@@ -39,7 +39,8 @@ from .methods import get_method
 from .models import enable_checkpointing, load_tokenizer
 from .models import load_model as load_base_model
 from .optim import ProjectedAdamW, register_layerwise_step, state_bytes
-from .sharding import full_state_dict, on_every_rank, shard_model
+from .optim.sharded import any_rank
+from .sharding import full_state_dict, shard_model
 from .train_state import Position, all_finite, load_checkpoint, save_checkpoint, save_final
 
 __all__ = ["CheckpointEvent", "DoneEvent", "ErrorEvent", "EvalEvent", "Event", "StepEvent", "TrainingRun",
@@ -210,13 +211,13 @@ class TrainingRun:
                 self._evaluate(model, data.eval, tokenizer.pad_token_id, accelerator, position.step, main)
             stopping = self._stop.is_set()
             if world > 1:  # a stop reaches each process at its own moment: they agree on the step to stop after
-                stopping = accelerator.reduce(torch.tensor(int(stopping), device=accelerator.device), "sum").item() > 0
+                stopping = any_rank(stopping, accelerator.device)
             if (main or cfg.fsdp) and (position.step % cfg.checkpoint_every == 0 or position.step == cfg.max_steps
                                        or stopping):
                 unwrapped = accelerator.unwrap_model(model)
                 trained = [p.to_local() if cfg.fsdp else p for p in unwrapped.parameters() if p.requires_grad]
-                finite = all_finite(trained)
-                if not (on_every_rank(finite) if cfg.fsdp else finite):
+                damaged = not all_finite(trained)
+                if any_rank(damaged, accelerator.device) if cfg.fsdp else damaged:
                     raise self._diverged(position.step, "the weights became non-finite")
                 with self._writing():
                     saved = save_checkpoint(cfg, unwrapped, optimizer, scheduler, position, main)

@@ -67,13 +67,6 @@ def decoder_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in model.modules() if type(m).__name__ in names]
 
 
-def on_every_rank(flag: bool) -> bool:
-    """True when `flag` is True on every rank, the same answer everywhere (a check all must act on alike)."""
-    value = torch.tensor([int(flag)], device="cuda" if torch.cuda.is_available() else "cpu")
-    dist.all_reduce(value, op=dist.ReduceOp.MIN)
-    return bool(value.item())
-
-
 @contextmanager
 def shared_atomic_dir(target: Path, main: bool) -> Iterator[Path]:
     """atomic_dir for every rank at once: rank 0 makes a temp folder of a fixed name, all fill it, rank 0 renames."""
@@ -149,7 +142,7 @@ def load_sharded(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Op
     model_state = _model_state(model)
     mine = {name: torch.empty(meta.size, dtype=meta.properties.dtype)
             for name, meta in stored.items() if name.startswith(prefix)}
-    dcp.load({**model_state, **mine}, storage_reader=HuggingFaceStorageReader(str(folder / STATE_DIR)))
+    dcp.load({**model_state, **mine}, storage_reader=reader)
     set_model_state_dict(model, model_state)
     state: dict[int, dict[str, torch.Tensor]] = {}
     for name, tensor in mine.items():

@@ -7,13 +7,13 @@ each share in ENERGY_LEVELS). The advice is the median over matrices at their la
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from pathlib import Path
 from typing import Any
 
 from .optim.spectrum import ADVICE_ENERGY, Spectrum
+from .run_store import MetricsReader
 
 FILE = "spectrum.jsonl"
 
@@ -26,16 +26,10 @@ def records(spectra: list[Spectrum], names: dict[int, str], step: int) -> list[d
 
 
 def read(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / FILE
-    if not path.is_file():
-        return []
-    lines = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            lines.append(json.loads(line))
-        except ValueError:
-            continue  # a line cut short when the process died
-    return lines
+    """Every line of the run's spectrum.jsonl (none without one), read as the studio reads metrics.jsonl."""
+    reader = MetricsReader(run_dir / FILE)
+    reader.read()
+    return reader.records
 
 
 def advice(lines: list[dict[str, Any]]) -> dict[str, Any]:

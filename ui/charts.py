@@ -113,7 +113,7 @@ def spectrum_heatmap(lines: list[dict[str, Any]]) -> go.Figure:
 def _short(name: str) -> str:
     """'model.layers.3.mlp.down_proj.weight' -> '3 mlp.down_proj'."""
     name = name.removesuffix(".weight")
-    head, found, tail = name.partition("layers.")
+    _, found, tail = name.partition("layers.")
     return tail.replace(".", " ", 1) if found else name
 
 

@@ -152,7 +152,7 @@ def build_train(studio: Studio, setup: SetupTab) -> TrainTab:
     resume.click(resume_selected, inputs=[resume_run, setup.form["max_steps"]], outputs=message, api_name="resume")
     resume_run.focus(lambda: gr.update(choices=resumable_runs(studio)), outputs=resume_run, api_visibility="private")
 
-    spectra: dict[str, MetricsReader] = {}  # the current run's spectrum.jsonl, read as it grows
+    spectra: dict[str, MetricsReader] = {}  # the current run's spectrum.jsonl, read as it grows (one run at a time)
 
     def refresh(seen_key: Any) -> tuple:
         job = studio.jobs.current()
@@ -163,7 +163,10 @@ def build_train(studio: Studio, setup: SetupTab) -> TrainTab:
         key = [snap.state.run_dir, snap.version]
         if key == seen_key:
             return *unchanged, seen_key
-        reader = spectra.setdefault(snap.state.run_dir, MetricsReader(Path(snap.state.run_dir) / spectrum_log.FILE))
+        if snap.state.run_dir not in spectra:  # a new run: forget the last one's records
+            spectra.clear()
+            spectra[snap.state.run_dir] = MetricsReader(Path(snap.state.run_dir) / spectrum_log.FILE)
+        reader = spectra[snap.state.run_dir]
         fresh_page = seen_key is None or seen_key[0] != key[0]
         spectrum = (spectrum_text(reader.records), energy_figure(snap.steps), spectrum_heatmap(reader.records)) \
             if (reader.read() or fresh_page) and reader.records else (gr.skip(),) * 3

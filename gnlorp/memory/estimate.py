@@ -187,11 +187,11 @@ def _count(cfg: RunConfig, method, base, shards: int) -> _Counts:
               for u in units] or [(0, 0)]
     trained = [p for group in groups for p in group["params"] if p.requires_grad]
     in_layers = [step for p, step in zip(trained, updates, strict=True) if p is not embedding and p is not head_weight]
+    total, trained_total = sum(p.numel() for p in params), sum(p.numel() for p in trainable)
     return _Counts(
-        params=sum(p.numel() for p in params), trainable=sum(p.numel() for p in trainable), states=states,
+        params=total, trainable=trained_total, states=states,
         projectors=projectors, target_features=sum(m + n for m, n in targets),
-        outside_blocks=sum(p.numel() for p in params) - sum(b for b, _ in blocks),
-        outside_trainable=sum(p.numel() for p in trainable) - sum(t for _, t in blocks),
+        outside_blocks=total - sum(b for b, _ in blocks), outside_trainable=trained_total - sum(t for _, t in blocks),
         block=max(b for b, _ in blocks), block_trainable=max(t for _, t in blocks),
         largest=max(p.numel() for p in trainable),
         head=head_weight.numel() if head_weight is not None else 0,

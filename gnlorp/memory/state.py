@@ -6,7 +6,7 @@ from ..optim.adamw import resolve_proj_dtype
 from ..optim.codec import BLOCKSIZE
 from ..optim.moments import MIN_QUANTIZED_NUMEL
 from ..optim.projector import projection_side, projector_state_bytes
-from ..optim.sharded import ALIGN
+from ..optim.sharded import slice_numel
 from ..optim.streaming import refresh_temporary_bytes, step_temporary_bytes
 
 
@@ -49,20 +49,16 @@ def optimizer_state_parts(param_groups: list[dict], bits: int, proj_dtype: str |
             rank = min(group["rank"], m, n)
             right = projection_side(p.shape, group.get("proj_type", "std")) == "right"
             kept, projected = (m, n) if right else (n, m)
-            held = rank * kept if shards == 1 else rank * rows if right else _slice(rank * n, shards)
+            held = rank * kept if shards == 1 else rank * rows if right else slice_numel(rank * n, shards)
             total += 2 * moment_bytes(held, bits, rank * kept)
             stored_as = resolve_proj_dtype(group.get("proj_dtype", proj_dtype), bits)  # a group's own wins
-            projected_numel = rank * projected if shards == 1 else _slice(rank * projected, shards)
+            projected_numel = rank * projected if shards == 1 else slice_numel(rank * projected, shards)
             projectors += projector_state_bytes(projected_numel, stored_as)
             if group.get("weight_norm"):
                 total += 3 * 4 * (m if shards == 1 else rows)
             if group.get("adaptive_refresh"):
                 total += 16  # its schedule: (gap, next refresh step)
     return total, projectors
-
-
-def _slice(numel: int, shards: int) -> int:
-    return -(-numel // (shards * ALIGN)) * ALIGN
 
 
 def update_temporaries(param_groups: list[dict]) -> list[tuple[int, int]]:

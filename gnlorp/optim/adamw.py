@@ -161,7 +161,7 @@ class ProjectedAdamW(Optimizer):
         projected = "rank" in group
         magnitude = state.get("magnitude")
         problem = unusable_gradient(grad, projected, magnitude, group["chunk_numel"])
-        if shard is not None and any_rank(problem is not None, shard) and problem is None:
+        if shard is not None and any_rank(problem is not None, shard.device, shard.group) and problem is None:
             problem = "is unusable on another rank"
         if problem is not None:
             self._skip_count += 1
@@ -216,7 +216,8 @@ class ProjectedAdamW(Optimizer):
         rank = min(group["rank"], *p.shape)
         # The randomized SVD's random directions depend on the matrix and its step only: deterministic, resumable.
         method, seed = group["svd"], self._position[id(p)] * 1_000_003 + int(self.state[p]["step"])
-        matrix = target if shard is None else gather_rows(target, shard, self._position[id(p)] % shard.world)
+        owner = self._position[id(p)] % shard.world if shard is not None else None  # round-robin over matrices
+        matrix = target if shard is None else gather_rows(target, shard, owner)
         basis, singular_values, note = svd_basis(matrix, rank, side, method, seed) if matrix is not None else \
             (None, None, None)
         if singular_values is not None:  # on the rank that decomposed it: one record per refresh
@@ -225,8 +226,7 @@ class ProjectedAdamW(Optimizer):
             self._spectra.append(Spectrum(p, int(self.state[p]["step"]), rank, kept, rank_for))
         del matrix
         if shard is not None:  # the owner's basis, sliced to every rank
-            basis = scatter_basis(basis, math.prod(basis_shape(p.shape, rank, side)), shard,
-                                  self._position[id(p)] % shard.world)
+            basis = scatter_basis(basis, math.prod(basis_shape(p.shape, rank, side)), shard, owner)
         return basis, note
 
     def _reschedule(self, p: torch.Tensor, group: dict[str, Any], state: dict, t: int, overlap: float | None) -> None:
@@ -288,7 +288,7 @@ def _init_state(weight: torch.Tensor, shard: RowShard | None, group: dict[str, A
     if "rank" in group:
         side = projection_side(global_shape, group["proj_type"])
         rank = min(group["rank"], *global_shape)
-        whole_numel = rank * (global_shape[0] if side == "right" else global_shape[1])
+        whole_numel = moment_numel(global_shape, global_shape, rank, side, None)
         if side == "left" and shard is not None:  # this rank's slice of the r×n moments
             shape = torch.Size((moment_numel(weight.shape, global_shape, rank, side, shard),))
         else:

@@ -40,11 +40,15 @@ class RowShard:
     device: torch.device  # where this rank's tensors (and so its messages) live
 
     def slice_numel(self, numel: int) -> int:
-        """Values each rank keeps of a replicated tensor of `numel` values: a whole number of ALIGN blocks."""
-        return math.ceil(numel / (self.world * ALIGN)) * ALIGN
+        return slice_numel(numel, self.world)
 
     def global_rank(self, group_rank: int) -> int:
         return dist.get_global_rank(self.group, group_rank)
+
+
+def slice_numel(numel: int, world: int) -> int:
+    """Values each of `world` ranks keeps of a replicated tensor of `numel` values: a whole number of ALIGN blocks."""
+    return math.ceil(numel / (world * ALIGN)) * ALIGN
 
 
 def row_shard(p: torch.Tensor) -> RowShard | None:
@@ -66,10 +70,11 @@ def row_shard(p: torch.Tensor) -> RowShard | None:
     return RowShard(mesh.get_group(), rank, world, (start, end), p.shape, p.device)
 
 
-def any_rank(flag: bool, shard: RowShard) -> bool:
-    """True on every rank when `flag` is True on any: ranks must agree on whether to skip or refresh."""
-    value = torch.tensor([int(flag)], dtype=torch.int32, device=shard.device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=shard.group)
+def any_rank(flag: bool, device: torch.device | str, group: dist.ProcessGroup | None = None) -> bool:
+    """True on every rank when `flag` is True on any: ranks must agree on whether to skip, stop or give up.
+    `device` is where the collective's tensor lives (the GPU with NCCL)."""
+    value = torch.tensor([int(flag)], dtype=torch.int32, device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
     return bool(value.item())
 
 
