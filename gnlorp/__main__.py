@@ -95,12 +95,17 @@ def _run_train(args: argparse.Namespace) -> int:
 
 def _add_export(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
-        "export", help="merge a run into a plain Hugging Face model folder and verify it",
+        "export", help="merge a run into a plain Hugging Face model folder (or a GGUF file) and verify it",
         description="Merge the run's trained weights (adapters folded in) into a safetensors model folder, "
-        "reload it and compare its logits with the trained model.",
+        "reload it and compare its logits with the trained model. --format gguf writes one .gguf file for "
+        "llama.cpp and Ollama instead, with an Ollama Modelfile, checked through transformers' GGUF reader.",
     )
     parser.add_argument("--run", dest="run_dir", required=True, help="the run folder written by `gnlorp train`")
-    parser.add_argument("--output", required=True, help="the model folder to write")
+    parser.add_argument("--output", required=True, help="the folder to write")
+    parser.add_argument("--format", choices=("hf", "gguf"), default="hf",
+                        help="hf: a Hugging Face model folder; gguf: one .gguf file and a Modelfile")
+    parser.add_argument("--gguf-type", choices=("f16", "q8_0"), default="f16",
+                        help="GGUF weight type: f16 (2 bytes a weight) or q8_0 (8-bit blocks, about 1.06 bytes)")
     parser.add_argument("--force", action="store_true", help="replace a non-empty --output")
     parser.set_defaults(run=_run_export)
 
@@ -108,9 +113,8 @@ def _add_export(commands: argparse._SubParsersAction) -> None:
 def _run_export(args: argparse.Namespace) -> int:
     from gnlorp.export import export_run
 
-    report = export_run(args.run_dir, args.output, force=args.force)
-    print(f"exported {report.architecture} to {report.output} "
-          f"(max |logit difference| after reload: {report.max_abs_logit_diff:.2e})")
+    report = export_run(args.run_dir, args.output, force=args.force, format=args.format, gguf_type=args.gguf_type)
+    print(report.verdict())
     for name, size in sorted(report.files.items()):
         print(f"  {name}  {size:,} bytes")
     return 0

@@ -162,12 +162,12 @@ def add_config_arguments(parser: argparse.ArgumentParser, names: list[str] | Non
         if names is not None and f.name not in names:
             continue
         flag = "--" + f.name.replace("_", "-")
-        meta = f.metadata
+        help_text = f.metadata["help"].replace("%", "%%")  # argparse formats help with %: "30%" must stay text
         default = f.default if f.default is not MISSING else None
         if isinstance(default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=meta["help"])
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
-            parser.add_argument(flag, type=type(default), default=None, help=f"{meta['help']} (default: {default})",
+            parser.add_argument(flag, type=type(default), default=None, help=f"{help_text} (default: {default})",
                                 metavar=type(default).__name__.upper())
 
 

@@ -1,4 +1,4 @@
-"""Export a run as a plain Hugging Face folder: merge the trained model, save it, reload it and check it.
+"""Export a run as a plain Hugging Face folder (or one GGUF file): merge the trained model, save, reload, check.
 
 The folder must load with `AutoModelFor...from_pretrained` and compute what the run trained, so the
 export proves it before it is put in place: the reloaded folder's logits are compared with the
@@ -6,12 +6,14 @@ trained (unmerged) model's on fixed probe inputs. Everything is written to a tem
 output and renamed into place only after that check, so a failed export leaves nothing behind.
 The model is rebuilt, merged and saved in float32: the trained weights upcast losslessly, and the
 merge adds no rounding of its own, which is what makes a 1e-4 tolerance meaningful for any run dtype.
+The GGUF format shares the loading, merging and probing here; gnlorp.gguf_export writes and checks the file.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -20,6 +22,7 @@ from .atomic import atomic_dir
 from .checkpoint import verify
 from .config import ConfigError, RunConfig
 from .methods import get_method
+from .models import meta_model
 from .run_folder import base_model, load_run_tokenizer, load_weights, read_labels
 
 TOLERANCE = 1e-4  # max |logit difference| between reload and trained model, per unit of the largest |logit| (≥ 1)
@@ -27,53 +30,108 @@ PROBE_BATCH, PROBE_LEN = 2, 32  # at most the run's seq_len, the positions it tr
 AUTO_CLASSES = {"causal-lm": AutoModelForCausalLM, "seq-cls": AutoModelForSequenceClassification}
 
 
+FORMATS = ("hf", "gguf")
+
+
 @dataclass
 class ExportReport:
-    """What was written and how closely the written folder reproduces the trained model."""
+    """What was written and how closely the written files reproduce the trained model."""
 
     output: Path
     max_abs_logit_diff: float
     files: dict[str, int]  # file name -> bytes
     architecture: str
+    format: str = "hf"
+    tolerance: float = TOLERANCE  # the bound max_abs_logit_diff was checked against
+    greedy_equal: int | None = None  # GGUF: greedy tokens equal to the trained model's, of greedy_total
+    greedy_total: int | None = None
+    texts_checked: int | None = None  # GGUF: sample texts the file's tokenizer splits as the run's does
+
+    def verdict(self) -> str:
+        """One line for the CLI and the studio: what was written and how it was checked."""
+        checked = (f"max |logit difference| {self.max_abs_logit_diff:.2e} (allowed: {self.tolerance:g} x the largest "
+                   "|logit|, at least 1)")
+        if self.format == "hf":
+            return f"exported {self.architecture} to {self.output}; reloaded from disk: {checked}"
+        return (f"exported {self.architecture} to {self.output} as GGUF; read back through transformers' GGUF loader: "
+                f"{checked}, {self.greedy_equal} of {self.greedy_total} greedy tokens equal, and its tokenizer "
+                f"splits {self.texts_checked} sample texts into the run's ids")
 
 
-def export_run(run_dir: str | Path, output_dir: str | Path, *, force: bool = False) -> ExportReport:
-    """Merge the run's final weights into a plain model folder at `output_dir`, verified by reloading it.
+def export_run(run_dir: str | Path, output_dir: str | Path, *, force: bool = False, format: str = "hf",
+               gguf_type: str = "f16") -> ExportReport:
+    """Merge the run's final weights into `output_dir`, verified by reading the written files back.
 
-    Refuses a non-empty `output_dir` unless `force`, in which case the old folder is replaced only once
-    the new one has passed the check.
+    format "hf" writes a plain model folder; "gguf" one .gguf file (`gguf_type` f16 or q8_0) and an Ollama
+    Modelfile (gnlorp.gguf_export). Refuses a non-empty `output_dir` unless `force`, in which case the old
+    folder is replaced only once the new one has passed the check.
     """
+    from .gguf_write import GGUF_TYPES
+
+    if format not in FORMATS:
+        raise ConfigError(f"unknown export format {format!r}; choose one of: {', '.join(FORMATS)}")
+    if format == "gguf" and gguf_type not in GGUF_TYPES:
+        raise ConfigError(f"unknown GGUF type {gguf_type!r}; choose one of: {', '.join(GGUF_TYPES)}")
     run, output = Path(run_dir), Path(output_dir)
     cfg, weights = _read_run(run)
     _check_output(run, output, force)
+    if format == "gguf":  # refused from the config alone, before any weights are loaded
+        if cfg.task != "causal-lm":
+            raise ConfigError("GGUF export is for causal-lm runs (llama.cpp and Ollama generate text); export a "
+                              "classifier as a Hugging Face folder (--format hf)")
+        from .gguf_write import gguf_architecture
+
+        gguf_architecture(meta_model(cfg.model, cfg.task, trust_remote_code=cfg.trust_remote_code))
+    trained = load_trained(run, cfg, weights)
+    if format == "gguf":
+        from .gguf_export import write_verified_gguf
+
+        return write_verified_gguf(trained, output, gguf_type, name=run.resolve().name)
+
+    with atomic_dir(output) as tmp:
+        trained.merged.save_pretrained(tmp)
+        trained.tokenizer.save_pretrained(tmp)
+        trained.merged = None  # freed before the reload: the check holds one model in memory, not two
+        reloaded = AUTO_CLASSES[cfg.task].from_pretrained(tmp, dtype=torch.float32, local_files_only=True,
+                                                          trust_remote_code=cfg.trust_remote_code)
+        diff = float((logits(reloaded, trained.probe) - trained.expected).abs().max())
+        # Merging rounds in fp32; deep models with large logits differ by more than 1e-4 absolute for that alone.
+        allowed = TOLERANCE * max(1.0, float(trained.expected.abs().max()))
+        if not diff <= allowed:
+            raise ConfigError(f"export check failed: the saved model's logits differ from the trained "
+                              f"model's by {diff:.3g} (> {allowed:.3g}); nothing was written to {output}")
+    return ExportReport(output, diff, written_files(output), trained.architecture)
+
+
+@dataclass
+class TrainedModel:
+    """A run's model merged into plain weights, with the trained (unmerged) model's logits on probe inputs."""
+
+    merged: torch.nn.Module | None
+    tokenizer: Any
+    probe: dict[str, torch.Tensor]
+    expected: torch.Tensor
+    architecture: str
+
+
+def load_trained(run: Path, cfg: RunConfig, weights: Path) -> TrainedModel:
+    """Rebuild the run's model in float32, load its final weights, take the probe logits, then merge."""
     labels = read_labels(run) if cfg.task == "seq-cls" else None
     tokenizer = load_run_tokenizer(run / "final", cfg)
-
     method = get_method(cfg.method)
     model = method.prepare(base_model(cfg, labels), cfg)
     load_weights(model, weights, cfg)
     probe = _probe_inputs(model, tokenizer.pad_token_id, min(PROBE_LEN, cfg.seq_len), cfg.seed)
-    expected = _logits(model, probe)
+    expected = logits(model, probe)
     merged = method.merge(model)
     if labels is not None:
         merged.config.id2label = dict(enumerate(labels))
         merged.config.label2id = {name: i for i, name in enumerate(labels)}
-    architecture = type(merged).__name__
+    return TrainedModel(merged, tokenizer, probe, expected, type(merged).__name__)
 
-    with atomic_dir(output) as tmp:
-        merged.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        del model, merged
-        reloaded = AUTO_CLASSES[cfg.task].from_pretrained(tmp, dtype=torch.float32, local_files_only=True,
-                                                          trust_remote_code=cfg.trust_remote_code)
-        diff = float((_logits(reloaded, probe) - expected).abs().max())
-        # Merging rounds in fp32; deep models with large logits differ by more than 1e-4 absolute for that alone.
-        allowed = TOLERANCE * max(1.0, float(expected.abs().max()))
-        if not diff <= allowed:
-            raise ConfigError(f"export check failed: the saved model's logits differ from the trained "
-                              f"model's by {diff:.3g} (> {allowed:.3g}); nothing was written to {output}")
-    files = {p.name: p.stat().st_size for p in sorted(output.iterdir()) if p.is_file()}
-    return ExportReport(output, diff, files, architecture)
+
+def written_files(output: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_size for p in sorted(output.iterdir()) if p.is_file()}
 
 
 def _read_run(run: Path) -> tuple[RunConfig, Path]:
@@ -111,6 +169,6 @@ def _probe_inputs(model: torch.nn.Module, pad_id: int | None, length: int,
 
 
 @torch.no_grad()
-def _logits(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+def logits(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     model.eval()
     return model(**inputs).logits.float()

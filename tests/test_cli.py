@@ -181,3 +181,14 @@ def test_bad_input_is_one_line_and_writes_nothing(args: str, named: list[str], t
     line = one_line_error(gnlorp(*argv, *(flags(FAST) if argv[0] == "train" else [])))
     assert all(word in line for word in named), line
     assert not (tmp_path / "out").exists() and not any((tmp_path / "empty").iterdir())
+
+
+@pytest.mark.parametrize("command", ["train", "estimate", "plan", "export", "try", "demo"])
+def test_every_command_prints_its_help(command):
+    """--help renders every flag's help text (argparse formats it with %, so a knob's "30%" once crashed it)."""
+    proc = gnlorp(command, "--help")
+    succeeded(proc)
+    assert proc.stdout.startswith(f"usage: gnlorp {command}") or f"gnlorp {command}" in proc.stdout.splitlines()[0]
+    if command == "train":
+        for f in fields(RunConfig):
+            assert f"--{f.name.replace('_', '-')}" in proc.stdout

@@ -199,3 +199,27 @@ def test_export_reloads_and_generates_what_the_run_generates(trained, tokenizer,
     assert greedy(reloaded, exported_tokenizer, PROMPT) == expected
     assert expected != greedy(models.load_model("smollm2", "causal-lm"), tokenizer, PROMPT), \
         "the check only means something if training changed what the model says"
+
+
+def test_gguf_export_reads_back_with_the_chat_format_and_the_run_generation(trained, tokenizer, tmp_path: Path) -> None:
+    """The f16 GGUF, read by transformers' GGUF loader: same chat template and ids, same greedy answer as the run."""
+    import gguf
+
+    from gnlorp.export import export_run
+
+    run, cfg = trained("lora")
+    report = export_run(cfg.output, tmp_path / "gguf", format="gguf")
+    kwargs = {"gguf_file": "model-f16.gguf", "local_files_only": True}
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "gguf", dtype=torch.float32, **kwargs)
+    gguf_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "gguf", **kwargs)
+    assert gguf_tokenizer.chat_template == tokenizer.chat_template
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
+                                         tokenize=False)
+    assert gguf_tokenizer(chat)["input_ids"] == tokenizer(chat)["input_ids"]
+    assert greedy(reloaded, gguf_tokenizer, PROMPT) == greedy(run.model, tokenizer, PROMPT)
+    fields = gguf.GGUFReader(tmp_path / "gguf" / "model-f16.gguf").fields
+    assert fields["tokenizer.ggml.model"].contents() == "gpt2" and fields["general.architecture"].contents() == "llama"
+    assert "output.weight" not in {t.name for t in gguf.GGUFReader(tmp_path / "gguf" / "model-f16.gguf").tensors}
+    modelfile = (tmp_path / "gguf" / "Modelfile").read_text()
+    assert "FROM ./model-f16.gguf" in modelfile and 'PARAMETER stop "<|im_end|>"' in modelfile
+    assert report.greedy_equal == report.greedy_total

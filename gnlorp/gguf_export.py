@@ -1,0 +1,112 @@
+"""Write a run as one verified GGUF file plus an Ollama Modelfile.
+
+The file is checked the way the folder export is: read back through transformers' own GGUF loader (an
+independent reader of llama.cpp's format, with its own tokenizer rebuild and its own undoing of the
+rope permutation), then its tokenizer must split sample texts into the run's ids, its logits must stay
+within the type's bound of the trained model's, and its greedy continuation is compared token by token.
+All of it happens in a temp folder renamed into place only after the check, so a failed export writes
+nothing.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .atomic import atomic_dir
+from .config import ConfigError
+from .export import ExportReport, TrainedModel, logits, written_files
+from .gguf_write import write_gguf
+
+# Max |logit difference| per unit of the largest |logit| (≥ 1), measured (docs/BENCHMARKS.md, "GGUF export"):
+# f16 rounds each weight to 11 significant bits, q8_0 to 8 bits per 32-value block.
+GGUF_TOLERANCE = {"f16": 2e-2, "q8_0": 1e-1}
+GREEDY_TOKENS = 16
+SAMPLE_TEXTS = (
+    "The quick brown fox jumps over the lazy dog.",
+    " A leading space, then  two,   three.\n\nA blank line and a tab\there.",
+    "Numbers: 7, 42, 12345 and 3.14159; dates like 2026-11-30.",
+    "Accents and scripts: café, naïve, Straße, 日本語, Ελληνικά, emoji 🙂.",
+    "def square(x):\n    return x ** 2  # code keeps its indentation\n",
+)
+
+
+def write_verified_gguf(trained: TrainedModel, output: Path, gguf_type: str, name: str) -> ExportReport:
+    """Write `<output>/model-<type>.gguf` and `<output>/Modelfile`, or nothing if the file fails its check."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    filename = f"model-{gguf_type}.gguf"
+    with tempfile.TemporaryDirectory() as tokenizer_dir, atomic_dir(output) as tmp:
+        trained.tokenizer.save_pretrained(tokenizer_dir)  # the gguf package reads merges and specials from files
+        write_gguf(trained.merged, trained.tokenizer, Path(tokenizer_dir), tmp / filename, gguf_type, name)
+        (tmp / "Modelfile").write_text(modelfile(filename, trained.tokenizer), encoding="utf-8")
+
+        kwargs = {"gguf_file": filename, "local_files_only": True}
+        tokenizer = AutoTokenizer.from_pretrained(tmp, **kwargs)
+        texts = _check_tokenizer(trained.tokenizer, tokenizer, output)
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32, **kwargs)
+        diff = float((logits(reloaded, trained.probe) - trained.expected).abs().max())
+        allowed = GGUF_TOLERANCE[gguf_type] * max(1.0, float(trained.expected.abs().max()))
+        if not diff <= allowed:
+            raise ConfigError(f"GGUF check failed: the file's logits differ from the trained model's by {diff:.3g} "
+                              f"(> {allowed:.3g}); nothing was written to {output}")
+        prompt = _prompt_ids(trained.tokenizer)
+        expected_tokens, tokens = _greedy(trained.merged, prompt), _greedy(reloaded, prompt)
+    equal = sum(int(a == b) for a, b in zip(expected_tokens, tokens, strict=True))
+    return ExportReport(output, diff, written_files(output), trained.architecture, format="gguf",
+                        tolerance=GGUF_TOLERANCE[gguf_type], greedy_equal=equal, greedy_total=len(expected_tokens),
+                        texts_checked=texts)
+
+
+def modelfile(filename: str, tokenizer) -> str:
+    """An Ollama Modelfile: the file, and a prompt template when the model's chat format is one Ollama spells."""
+    lines = ["# ollama create NAME -f Modelfile   (then: ollama run NAME)", f"FROM ./{filename}"]
+    template = tokenizer.chat_template or ""
+    if "<|im_start|>" in template:  # ChatML (SmolLM2, Qwen2): Ollama's Go template for the same turns
+        lines += ['TEMPLATE """{{- if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}'
+                  '{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}'
+                  '<|im_start|>assistant\n"""',
+                  'PARAMETER stop "<|im_end|>"']
+    elif not template:  # trained on plain text: the prompt is continued as it is
+        lines.append('TEMPLATE """{{ .Prompt }}"""')
+    else:
+        lines.append("# the chat template is in the GGUF's metadata (tokenizer.chat_template): Ollama reads it there")
+    return "\n".join(lines) + "\n"
+
+
+def _check_tokenizer(expected, actual, output: Path) -> int:
+    """The file's tokenizer must give the run's ids on every sample text (and a rendered chat turn)."""
+    texts = list(SAMPLE_TEXTS)
+    specials = [token for token in (expected.bos_token, expected.eos_token) if token]
+    texts.append("".join(specials[:1]) + "special tokens stay whole" + "".join(specials[1:]))
+    if expected.chat_template:
+        texts.append(expected.apply_chat_template([{"role": "user", "content": SAMPLE_TEXTS[0]}], tokenize=False,
+                                                  add_generation_prompt=True))
+    for text in texts:
+        want, got = expected(text)["input_ids"], actual(text)["input_ids"]
+        if want != got:
+            raise ConfigError(f"GGUF check failed: the file's tokenizer splits {text[:40]!r} into {len(got)} tokens, "
+                              f"the run's into {len(want)}; nothing was written to {output}")
+    return len(texts)
+
+
+def _prompt_ids(tokenizer) -> torch.Tensor:
+    """The greedy check's prompt: a chat turn when the model has a chat template, else plain text."""
+    if tokenizer.chat_template:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                             tokenize=False, add_generation_prompt=True)
+    else:
+        text = SAMPLE_TEXTS[0]
+    return tokenizer(text, return_tensors="pt")["input_ids"]
+
+
+@torch.no_grad()
+def _greedy(model: torch.nn.Module, prompt: torch.Tensor) -> list[int]:
+    """GREEDY_TOKENS tokens after the prompt, argmax at every position (no sampling, no early stop)."""
+    model.eval()
+    ids = prompt
+    for _ in range(GREEDY_TOKENS):
+        ids = torch.cat([ids, model(input_ids=ids).logits[:, -1:].argmax(-1)], dim=1)
+    return ids[0, prompt.shape[1]:].tolist()
