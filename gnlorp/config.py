@@ -93,6 +93,9 @@ class RunConfig:
     eval_every: int = knob(50, "Evaluate every N steps (and at the end).", min=1, max=10**9, group="advanced")
     checkpoint_every: int = knob(50, "Save a checkpoint every N steps (and at the end).", min=1, max=10**9,
                                  group="advanced")
+    report_to: str = knob("none", "Also write the metrics as TensorBoard event files in the run folder's "
+                          "tensorboard/ (view them with `tensorboard --logdir RUN/tensorboard`); needs "
+                          "pip install 'gnlorp[tensorboard]'.", choices=("none", "tensorboard"), group="advanced")
     trust_remote_code: bool = knob(False, "Run model code shipped inside a model folder. Only for folders you trust.",
                                    group="advanced")
 

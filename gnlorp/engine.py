@@ -1,9 +1,10 @@
 """One training run, read top to bottom: set up, loop over steps, evaluate, checkpoint, finish.
 
 The run can go in a background thread and reports typed events (events.py) on a queue, which the CLI and the
-studio both consume; it also appends every step to metrics.jsonl. It is built on `accelerate`, so
-`accelerate launch -m gnlorp train ...` (or torchrun) runs it data-parallel with nothing else to change, and
-sharded with --fsdp (sharding.py). Checkpoints are train_state.py's.
+studio both consume; it also appends every step to metrics.jsonl and, with --report-to tensorboard, hands the
+same records to TensorBoard (tracking.py). It is built on `accelerate`, so `accelerate launch -m gnlorp train ...`
+(or torchrun) runs it data-parallel with nothing else to change, and sharded with --fsdp (sharding.py).
+Checkpoints are train_state.py's.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import parse_flag_from_env
 
-from . import spectrum_log
+from . import spectrum_log, tracking
 from .atomic import write_text_atomic
 from .checkpoint import checkpoints
 from .config import ConfigError, RunConfig
@@ -59,6 +60,7 @@ class TrainingRun:
         self.run_dir = Path(cfg.output)
         self.model = None  # the trained model once run() returns, for callers in the same process
         self._memory: MemoryMonitor | None = None
+        self._tracker: tracking.Tracker | None = None
         self._stop = threading.Event()
 
     def start(self) -> threading.Thread:
@@ -88,6 +90,8 @@ class TrainingRun:
         finally:
             if self._memory is not None:
                 self._memory.close()
+            if self._tracker is not None:
+                self._tracker.close()
         return None
 
     def _emit(self, event: Event) -> None:
@@ -98,7 +102,8 @@ class TrainingRun:
         torch.manual_seed(cfg.seed)
         cuda = torch.cuda.is_available()
         # cpu=True on a machine without CUDA is what lets torchrun start gloo data-parallel processes.
-        accelerator = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda else "no")
+        accelerator = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda else "no",
+                                  **tracking.accelerator_options(cfg.report_to, self.run_dir))
         if parse_flag_from_env("ACCELERATE_USE_FSDP") and not cfg.fsdp:  # accelerate launch --use_fsdp
             cfg = self.cfg = dataclasses.replace(cfg, fsdp=True)
         main = accelerator.is_main_process
@@ -152,6 +157,9 @@ class TrainingRun:
                 cfg.to_yaml(self.run_dir / "config.yaml")
             if data.label_names:
                 write_text_atomic(self.run_dir / "labels.json", json.dumps(data.label_names))
+            if cfg.report_to != "none":  # after a resume's truncation: it replays metrics.jsonl
+                with self._writing():
+                    self._tracker = tracking.Tracker(accelerator, self.run_dir)
 
         # The loop: one optimizer step per iteration, over grad_accum micro-batches on each process.
         world, rank = accelerator.num_processes, accelerator.process_index
@@ -266,6 +274,9 @@ class TrainingRun:
 
     def _append_metrics(self, record: dict[str, Any]) -> None:
         self._append_lines("metrics.jsonl", [record])
+        if self._tracker is not None:
+            with self._writing():
+                self._tracker.log(record)
 
     def _append_lines(self, name: str, records: list[dict[str, Any]]) -> None:
         if not records:
@@ -344,11 +355,14 @@ def _disk_full(exc: BaseException, folder: Path) -> bool:
 
 
 def warm_imports(cfg: RunConfig) -> None:
-    """Import the libraries the run will load lazily (peft for adapters, bitsandbytes for quantized states)."""
+    """Import the libraries the run will load lazily (peft for adapters, bitsandbytes for quantized states,
+    tensorboard's writer for --report-to)."""
     if get_method(cfg.method).uses_adapter:
         import peft  # noqa: F401
     if cfg.optim_bits in (8, 4):
         import bitsandbytes  # noqa: F401
+    if cfg.report_to == "tensorboard":
+        import torch.utils.tensorboard  # noqa: F401
 
 
 def lr_factor(step: int, cfg: RunConfig) -> float:
