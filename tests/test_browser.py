@@ -86,8 +86,10 @@ def test_train_stop_export(page) -> None:
     sync_api.expect(page.locator("#export-cli")).to_contain_text("python -m gnlorp export")
     page.get_by_role("button", name="Merge & export").click()
     result = page.locator("#export-result")
-    sync_api.expect(result).to_contain_text("Reloaded from disk", timeout=120_000)
-    output = re.search(r"to (/\S+)\. Reloaded", result.inner_text()).group(1)
+    sync_api.expect(result).to_contain_text("reloaded from disk", timeout=120_000)
+    output = re.search(r"to (/\S+); reloaded", result.inner_text()).group(1)
+    page.get_by_role("radio", name="GGUF q8_0 (llama.cpp, Ollama; half the size)").check()
+    sync_api.expect(page.locator("#export-cli")).to_contain_text("--format gguf --gguf-type q8_0")
     model = AutoModelForCausalLM.from_pretrained(output, local_files_only=True)
     assert torch.isfinite(model(torch.tensor([[1, 7, 42]])).logits).all()
 

@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from gnlorp.config import RunConfig
+from gnlorp.gguf_export import GGUF_TOLERANCE
 from gnlorp.memory import PARTS, estimate, fit, plan
 from studio_process import ENV, ROOT, studio
 
@@ -225,7 +226,7 @@ def test_train_refuse_second_stop_resume_export(client: Client, api: dict, tmp_p
 
     message, result, files, command = client.predict(run.name, "", False, api_name="/export")
     assert "done" in message, message
-    output = Path(result.split(" to ", 1)[1].split(". Reloaded", 1)[0])
+    output = Path(result.split(" to ", 1)[1].split("; reloaded", 1)[0])
     assert command.endswith(f"--output {output}") and f"--run {run}" in command
     assert {row[0] for row in files["data"]} >= {"config.json", "model.safetensors"}
     model = AutoModelForCausalLM.from_pretrained(output, local_files_only=True)
@@ -236,6 +237,16 @@ def test_train_refuse_second_stop_resume_export(client: Client, api: dict, tmp_p
     assert torch.isfinite(logits).all()
     again = client.predict(run.name, "", False, api_name="/export")[0]
     assert "not empty" in again and "Replace a non-empty output folder" in again
+
+    # GGUF q8_0 in place of the folder (Replace ticked): read back by transformers' GGUF loader, near the folder's.
+    message, result, files, command = client.predict(run.name, "", True, "GGUF q8_0 (llama.cpp, Ollama; half the size)",
+                                                     api_name="/export")
+    assert "done" in message and "as GGUF" in result and "16 of 16 greedy tokens equal" in result, result
+    assert {row[0] for row in files["data"]} == {"Modelfile", "model-q8_0.gguf"}
+    assert command.endswith(f"--output {output} --format gguf --gguf-type q8_0 --force")
+    from_gguf = AutoModelForCausalLM.from_pretrained(output, gguf_file="model-q8_0.gguf", local_files_only=True)
+    gguf_logits = from_gguf(torch.tensor([[1, 5, 9, 13]])).logits
+    assert (gguf_logits - logits).abs().max() <= GGUF_TOLERANCE["q8_0"] * max(1.0, float(logits.abs().max()))
 
 
 PROMPT = "The best thing about computers is"
