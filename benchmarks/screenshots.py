@@ -58,7 +58,7 @@ def main() -> None:
 
         page.get_by_role("tab", name="Export").click()
         page.get_by_role("button", name="Merge & export").click()
-        expect(page.locator("#export-result")).to_contain_text("Reloaded from disk")
+        expect(page.locator("#export-result")).to_contain_text("reloaded from disk")
         page.get_by_label("Prompt", exact=True).fill("The best thing about computers is")
         page.get_by_label("Max new tokens", exact=True).fill("40")
         page.get_by_role("button", name="Try", exact=True).click()
