@@ -2,7 +2,7 @@
 
 `presets/tiny-gradnormlorp.yaml` (GradNormLoRP rank 16, 8-bit) for `--steps` steps with a refresh gap of `--gap`:
 fixed, then adaptive with each still-subspace threshold in `--thresholds` (the overlap ‖Q̃Qᵀ‖²_F / r at or above
-which a matrix's gap doubles; gnlorp uses optim.adamw.STILL_OVERLAP). Each run trains in this process (the SVD
+which a matrix's gap doubles; gnlorp uses optim.refresh.STILL_OVERLAP). Each run trains in this process (the SVD
 count and the loss do not depend on timing); held-out loss at the end.
 Run:  python benchmarks/adaptive_refresh.py [--quick] [--steps 400] [--gap 10] [--out DIR]
 """
@@ -24,9 +24,9 @@ def train(output: Path, steps: int, gap: int, seed: int, threshold: float | None
     """(held-out loss, SVDs taken) of one run; threshold None = fixed refreshes."""
     from gnlorp.config import RunConfig
     from gnlorp.engine import TrainingRun
-    from gnlorp.optim import adamw
+    from gnlorp.optim import refresh
 
-    adamw.STILL_OVERLAP = threshold if threshold is not None else adamw.STILL_OVERLAP
+    refresh.STILL_OVERLAP = threshold if threshold is not None else refresh.STILL_OVERLAP
     cfg = RunConfig.from_yaml(ROOT / "presets" / "tiny-gradnormlorp.yaml", output=str(output), max_steps=steps,
                               update_proj_gap=gap, eval_every=steps, seed=seed,
                               adaptive_refresh=threshold is not None, data=str(ROOT / "presets/data/fortunes.jsonl"))

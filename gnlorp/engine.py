@@ -39,7 +39,8 @@ from .memory import MemoryMonitor, estimate, predict_optimizer_state_bytes, retu
 from .methods import get_method
 from .models import enable_checkpointing, load_tokenizer
 from .models import load_model as load_base_model
-from .optim import ProjectedAdamW, register_layerwise_step, state_bytes
+from .optim import build_optimizer, state_bytes
+from .optim.build import optimizer_settings
 from .optim.sharded import any_rank
 from .sharding import full_state_dict, shard_model
 from .train_state import Position, all_finite, load_checkpoint, save_checkpoint, save_final
@@ -126,12 +127,11 @@ class TrainingRun:
             enable_checkpointing(model)
         if cfg.fsdp:  # before the optimizer is built: its parameters are the shards
             shard_model(model, bf16=cuda)
-        groups = method.param_groups(model, cfg)
-        optimizer = ProjectedAdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, bits=cfg.optim_bits)
+        optimizer = build_optimizer(model, **optimizer_settings(cfg))  # with layerwise, its hooks are on
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        shards = accelerator.num_processes if cfg.fsdp else 1
-        predicted_state = predict_optimizer_state_bytes(groups, cfg.optim_bits, shards=shards)  # rank 0's
+        shards = accelerator.num_processes if cfg.fsdp else 1  # the predicted state is then rank 0's
+        predicted_state = predict_optimizer_state_bytes(optimizer.param_groups, cfg.optim_bits, shards=shards)
         predicted_peak = estimate(cfg, this_machine(), gpus=accelerator.num_processes)["total"]
 
         if cfg.fsdp:  # already sharded; accelerate would wrap it in DistributedDataParallel
@@ -148,10 +148,6 @@ class TrainingRun:
                 for message in skipped:
                     self._append_metrics({"step": position.step, "warning": message})
                     self._emit(WarningEvent(position.step, message))
-        if cfg.layerwise:
-            if accelerator.num_processes > 1:
-                raise ConfigError("layerwise cannot run data-parallel (its hooks fire before the all-reduce)")
-            register_layerwise_step(optimizer.optimizer)
         if main:
             with self._writing():
                 cfg.to_yaml(self.run_dir / "config.yaml")

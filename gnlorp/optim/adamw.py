@@ -5,7 +5,8 @@ with `weight_norm=True` as well, the projected quantity is the direction of W = 
 own small Adam (GradNormLoRP). Conventions follow galore-torch's AdamW (eps outside the square root,
 bias correction folded into the step size, decoupled weight decay after the update), so the two can be
 compared step by step. All state is tensors in `self.state`. This file decides what each step does; the
-chunked arithmetic lives in streaming.py (the walk over a weight) and kernels.py (one chunk).
+projector refreshes live in refresh.py, the chunked arithmetic in streaming.py (the walk over a weight) and
+kernels.py (one chunk).
 
 Built to survive long runs: a gradient with a NaN or Inf, or too large to square in float32, skips that
 parameter's update (its moments stay clean, as AMP's inf-skip does for a whole step); a failed SVD is
@@ -18,7 +19,6 @@ With `stagger_refresh`, the matrices of a group take their SVDs at different ste
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable, Iterable
 from itertools import chain
@@ -28,18 +28,11 @@ import torch
 from torch.optim import Optimizer
 
 from .moments import Moments, init_moments
-from .projector import (
-    PROJ_DTYPES,
-    PROJ_TYPES,
-    SVD_METHODS,
-    load_projector,
-    projection_side,
-    store_projector,
-    svd_basis,
-)
-from .sharded import RowShard, any_rank, gather_projector, gather_rows, row_shard, scatter_basis
-from .spectrum import Spectrum, energy_profile
-from .streaming import CHUNK_NUMEL, Hyper, Projection, plain_update_, projected_update_, projection_target
+from .projector import PROJ_DTYPES, PROJ_TYPES, SVD_METHODS, projection_side
+from .refresh import current_projector
+from .sharded import RowShard, any_rank, row_shard
+from .spectrum import Spectrum
+from .streaming import CHUNK_NUMEL, Hyper, Projection, plain_update_, projected_update_
 from .weight_norm import row_norms
 
 PROJECTION_DEFAULTS = {
@@ -51,11 +44,6 @@ INCIDENTS_KEPT = 100
 # once (half a minute with a cold cache), which the 2.2 M parameters of `tiny` would not win back in a demo; llama-60m
 # (58 M) wins it back within a few steps (docs/BENCHMARKS.md, table 3).
 COMPILE_MIN_NUMEL = 1 << 24
-# Adaptive refresh: a subspace whose overlap with the previous one (‖Q̃Qᵀ‖²_F / r: 1 unchanged, about r/n for an
-# unrelated one) is at least this counts as still, and its matrix's gap doubles, up to this factor of
-# update_proj_gap. Measured on tiny (docs/BENCHMARKS.md): 0.3 takes 60% fewer SVDs at the same loss; 0.5 and above
-# almost never stretch a gap there.
-STILL_OVERLAP, MAX_GAP_FACTOR = 0.3, 8
 # A gradient entry (or, projected, the gradient's Frobenius norm, which bounds every projected entry) above
 # this could square to infinity in float32 (whose largest value is about 2^128) and poison the second moment.
 GRADIENT_LIMIT = 2.0**63
@@ -178,69 +166,19 @@ class ProjectedAdamW(Optimizer):
         side = projection_side(p.shape, group["proj_type"])
         magnitude_moments = Moments(state, weight.shape[0], "magnitude_") if magnitude is not None else None
         projection = Projection(None, side, group["scale"], magnitude, magnitude_moments)
-        # A projector on the first step, then a refresh every update_proj_gap steps (at the parameter's offset
-        # when staggered; adaptive, at the step its schedule says), from the SVD of the whole gradient to project.
-        t = int(state["step"])
-        rank = min(group["rank"], *p.shape)
-        shape = basis_shape(p.shape, rank, side)
-        refreshed = t == 0 or (int(state["refresh_schedule"][1]) == t if group["adaptive_refresh"] else
-                               t % group["update_proj_gap"] == self.refresh_offset(p, group))
-        if refreshed:
-            before = None
-            if group["adaptive_refresh"] and "projector" in state:
-                before = load_projector(state) if shard is None else gather_projector(state, shape, shard)
-            target = projection_target(weight, grad, projection, group["chunk_numel"])
-            basis, note = self._basis(target, p, group, shard, side)
-            del target
-            if basis is not None:
-                store_projector(state, basis, group["proj_dtype"])
-            if note is not None:
-                kept = ("retried in float64" if basis is not None else
-                        "kept the previous projector" if "projector" in state else "update skipped")
-                self._incident(p, group, state, "projector_fallbacks", f"{note}; {kept}")
-            if "projector" not in state:
-                return
-        whole = load_projector(state) if shard is None else gather_projector(state, shape, shard)
-        if refreshed and group["adaptive_refresh"]:  # a failed SVD (basis None) kept the old one: not a still one
-            moved = subspace_overlap(before, whole, side) if before is not None and basis is not None else None
-            self._reschedule(p, group, state, t, moved)
+        refresh = current_projector(p, weight, grad, projection, group, state, shard, self._position[id(p)],
+                                    self.refresh_offset(p, group))
+        if refresh.spectrum is not None:
+            self._spectra.append(refresh.spectrum)
+        if refresh.incident is not None:
+            self._incident(p, group, state, "projector_fallbacks", refresh.incident)
+        if refresh.basis is None:
+            return
+        whole = refresh.basis  # sharded, the left side's P is sliced to this rank's rows
         projection.basis = whole if side == "right" or shard is None else whole[shard.rows[0]:shard.rows[1]]
         state["step"] += 1
-        moments = Moments(state, moment_numel(weight.shape, p.shape, rank, side, shard))
+        moments = Moments(state, moment_numel(weight.shape, p.shape, min(group["rank"], *p.shape), side, shard))
         projected_update_(weight, grad, moments, projection, hyper, group["chunk_numel"], shard)
-
-    def _basis(self, target: torch.Tensor, p: torch.Tensor, group: dict[str, Any], shard: RowShard | None,
-               side: str) -> tuple[torch.Tensor | None, str | None]:
-        """The new projector from the SVD of `target` to store; sharded, one rank (the matrix's owner) gathers the
-        rows and decomposes them, and every rank gets its slice of the result."""
-        rank = min(group["rank"], *p.shape)
-        # The randomized SVD's random directions depend on the matrix and its step only: deterministic, resumable.
-        method, seed = group["svd"], self._position[id(p)] * 1_000_003 + int(self.state[p]["step"])
-        owner = self._position[id(p)] % shard.world if shard is not None else None  # round-robin over matrices
-        matrix = target if shard is None else gather_rows(target, shard, owner)
-        basis, singular_values, note = svd_basis(matrix, rank, side, method, seed) if matrix is not None else \
-            (None, None, None)
-        if singular_values is not None:  # on the rank that decomposed it: one record per refresh
-            total = float(torch.linalg.vector_norm(matrix)) ** 2 if method == "randomized" else None
-            kept, rank_for = energy_profile(singular_values, rank, total)
-            self._spectra.append(Spectrum(p, int(self.state[p]["step"]), rank, kept, rank_for))
-        del matrix
-        if shard is not None:  # the owner's basis, sliced to every rank
-            basis = scatter_basis(basis, math.prod(basis_shape(p.shape, rank, side)), shard, owner)
-        return basis, note
-
-    def _reschedule(self, p: torch.Tensor, group: dict[str, Any], state: dict, t: int, overlap: float | None) -> None:
-        """Adaptive refresh: a matrix whose subspace barely moved (overlap ≥ STILL_OVERLAP) doubles its gap, up to
-        MAX_GAP_FACTOR × update_proj_gap; one that moved goes back to update_proj_gap. The schedule is state
-        (gap, next step), so it is deterministic and resumes exactly."""
-        base = group["update_proj_gap"]
-        if t == 0:
-            offset = self.refresh_offset(p, group)
-            state["refresh_schedule"] = torch.tensor([base, offset or base], dtype=torch.int64)
-            return
-        gap = int(state["refresh_schedule"][0])
-        gap = min(2 * gap, MAX_GAP_FACTOR * base) if overlap is not None and overlap >= STILL_OVERLAP else base
-        state["refresh_schedule"] = torch.tensor([gap, t + gap], dtype=torch.int64)
 
     def pop_spectra(self) -> list[Spectrum]:
         """The refreshes since the last call (on this rank: sharded, the owners' records), and forget them."""
@@ -298,18 +236,6 @@ def _init_state(weight: torch.Tensor, shard: RowShard | None, group: dict[str, A
         state["magnitude"] = row_norms(weight)
         state["magnitude_exp_avg"] = torch.zeros_like(state["magnitude"])
         state["magnitude_exp_avg_sq"] = torch.zeros_like(state["magnitude"])
-
-
-def subspace_overlap(before: torch.Tensor, after: torch.Tensor, side: str) -> float:
-    """How much of the old rank-r subspace the new one holds: ‖Q̃Qᵀ‖²_F / r (right side; P̃ᵀP on the left), 1 when
-    unchanged, 0 when orthogonal; blind to the signs and order of the vectors within it."""
-    cross = after @ before.T if side == "right" else after.T @ before
-    return float(cross.square().sum()) / min(before.shape)
-
-
-def basis_shape(shape: torch.Size, rank: int, side: str) -> tuple[int, int]:
-    """Q (r×n) on the right side, P (m×r) on the left, of an m×n weight."""
-    return (rank, shape[1]) if side == "right" else (shape[0], rank)
 
 
 def moment_numel(local_shape: torch.Size, shape: torch.Size, rank: int, side: str, shard: RowShard | None) -> int:
