@@ -54,8 +54,8 @@ class ExportReport:
         if self.format == "hf":
             return f"exported {self.architecture} to {self.output}; reloaded from disk: {checked}"
         return (f"exported {self.architecture} to {self.output} as GGUF; read back through transformers' GGUF loader: "
-                f"{checked}, {self.greedy_equal} of {self.greedy_total} greedy tokens equal, and its tokenizer "
-                f"splits {self.texts_checked} sample texts into the run's ids")
+                f"every weight within rounding, {checked}, {self.greedy_equal} of {self.greedy_total} greedy tokens "
+                f"equal, and its tokenizer splits {self.texts_checked} sample texts into the run's ids")
 
 
 def export_run(run_dir: str | Path, output_dir: str | Path, *, force: bool = False, format: str = "hf",

@@ -2,8 +2,9 @@
 
 The file is checked the way the folder export is: read back through transformers' own GGUF loader (an
 independent reader of llama.cpp's format, with its own tokenizer rebuild and its own undoing of the
-rope permutation), then its tokenizer must split sample texts into the run's ids, its logits must stay
-within the type's bound of the trained model's, and its greedy continuation is compared token by token.
+rope permutation), then its tokenizer must split sample texts into the run's ids, every weight must read
+back as the merged one up to the type's rounding, its logits must stay within the type's bound of the
+trained model's, and its greedy continuation is compared token by token.
 All of it happens in a temp folder renamed into place only after the check, so a failed export writes
 nothing.
 """
@@ -23,6 +24,7 @@ from .gguf_write import write_gguf
 # Max |logit difference| per unit of the largest |logit| (≥ 1), measured (docs/BENCHMARKS.md, "GGUF export"):
 # f16 rounds each weight to 11 significant bits, q8_0 to 8 bits per 32-value block.
 GGUF_TOLERANCE = {"f16": 2e-2, "q8_0": 1e-1}
+WEIGHT_ROUNDING = {"f16": 1e-3, "q8_0": 1e-2}  # per tensor, x its largest |value| (1-D tensors stay float32)
 GREEDY_TOKENS = 16
 SAMPLE_TEXTS = (
     "The quick brown fox jumps over the lazy dog.",
@@ -47,6 +49,7 @@ def write_verified_gguf(trained: TrainedModel, output: Path, gguf_type: str, nam
         tokenizer = AutoTokenizer.from_pretrained(tmp, **kwargs)
         texts = _check_tokenizer(trained.tokenizer, tokenizer, output)
         reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32, **kwargs)
+        _check_weights(trained.merged, reloaded, gguf_type, output)
         diff = float((logits(reloaded, trained.probe) - trained.expected).abs().max())
         allowed = GGUF_TOLERANCE[gguf_type] * max(1.0, float(trained.expected.abs().max()))
         if not diff <= allowed:
@@ -65,10 +68,15 @@ def modelfile(filename: str, tokenizer) -> str:
     lines = ["# ollama create NAME -f Modelfile   (then: ollama run NAME)", f"FROM ./{filename}"]
     template = tokenizer.chat_template or ""
     if "<|im_start|>" in template:  # ChatML (SmolLM2, Qwen2): Ollama's Go template for the same turns
-        lines += ['TEMPLATE """{{- if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}'
-                  '{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}'
+        # .Messages holds the system message too, so the template needs no .System of its own
+        lines += ['TEMPLATE """{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}'
                   '<|im_start|>assistant\n"""',
                   'PARAMETER stop "<|im_end|>"']
+        turn = tokenizer.apply_chat_template([{"role": "user", "content": "-"}], tokenize=False,
+                                             add_generation_prompt=True)
+        head = "<|im_start|>system\n"
+        if turn.startswith(head):  # a default system message (SmolLM2's): Ollama's SYSTEM
+            lines.append(f'SYSTEM """{turn[len(head):turn.index("<|im_end|>")]}"""')
     elif not template:  # trained on plain text: the prompt is continued as it is
         lines.append('TEMPLATE """{{ .Prompt }}"""')
     else:
@@ -90,6 +98,24 @@ def _check_tokenizer(expected, actual, output: Path) -> int:
             raise ConfigError(f"GGUF check failed: the file's tokenizer splits {text[:40]!r} into {len(got)} tokens, "
                               f"the run's into {len(want)}; nothing was written to {output}")
     return len(texts)
+
+
+def _check_weights(merged: torch.nn.Module, reloaded: torch.nn.Module, gguf_type: str, output: Path) -> None:
+    """Every weight read back must be the merged one up to its type's rounding, under its own name.
+
+    The logits alone can miss a layout error: a query/key permutation that is off barely moves the logits of a
+    model whose attention is still near uniform, yet ruins a pretrained one. Rounding is bounded per tensor by
+    WEIGHT_ROUNDING x its largest |value| (f16: 11 significant bits; q8_0: a step of 1/127 of its block's largest).
+    """
+    read = reloaded.state_dict()
+    for name, weight in merged.state_dict().items():
+        if name not in read or read[name].shape != weight.shape:
+            raise ConfigError(f"GGUF check failed: the file has no {name} of shape {tuple(weight.shape)}; nothing was "
+                              f"written to {output}")
+        diff = float((read[name] - weight.float()).abs().max())
+        if diff > WEIGHT_ROUNDING[gguf_type] * float(weight.abs().max()):
+            raise ConfigError(f"GGUF check failed: {name} reads back {diff:.3g} away from the merged weight, more "
+                              f"than {gguf_type} rounding; nothing was written to {output}")
 
 
 def _prompt_ids(tokenizer) -> torch.Tensor:

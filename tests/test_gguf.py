@@ -189,3 +189,15 @@ def test_bad_inputs_give_one_line_and_write_nothing(tmp_path, llama_base, llama_
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "GPT2LMHeadModel" in proc.stderr
     assert not (tmp_path / "cli").exists()
+
+
+def test_a_wrong_layout_is_refused_even_where_the_logits_barely_move(llama_run, tmp_path, monkeypatch):
+    """Without llama.cpp's q/k row interleaving the file is wrong for llama.cpp and for transformers' reader; a model
+    with near-uniform attention hides that in its logits, so the export also compares every weight read back."""
+    import gnlorp.gguf_write
+
+    run, _ = llama_run
+    monkeypatch.setattr(gnlorp.gguf_write, "_interleave_rope_rows", lambda weight, heads: weight)
+    with pytest.raises(ConfigError, match=r"q_proj.weight reads back .* more than f16 rounding") as info:
+        export_run(run, tmp_path / "out", format="gguf")
+    assert "\n" not in str(info.value) and not (tmp_path / "out").exists() and not hidden_leftovers(tmp_path)

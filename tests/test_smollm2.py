@@ -222,4 +222,5 @@ def test_gguf_export_reads_back_with_the_chat_format_and_the_run_generation(trai
     assert "output.weight" not in {t.name for t in gguf.GGUFReader(tmp_path / "gguf" / "model-f16.gguf").tensors}
     modelfile = (tmp_path / "gguf" / "Modelfile").read_text()
     assert "FROM ./model-f16.gguf" in modelfile and 'PARAMETER stop "<|im_end|>"' in modelfile
+    assert 'SYSTEM """You are a helpful AI assistant named SmolLM, trained by Hugging Face"""' in modelfile
     assert report.greedy_equal == report.greedy_total
