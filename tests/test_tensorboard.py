@@ -16,22 +16,19 @@ import numpy as np
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from gnlorp.config import RunConfig
-from gnlorp.engine import ErrorEvent, TrainingRun, WarningEvent
+from gnlorp.engine import ErrorEvent, WarningEvent
+from test_faults import train as train_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = {"model": "tiny", "method": "gradnormlorp", "batch_size": 4, "seq_len": 32, "warmup_steps": 1,
-        "update_proj_gap": 2, "eval_every": 3, "checkpoint_every": 3, "report_to": "tensorboard"}
+TENSORBOARD = {"update_proj_gap": 2, "eval_every": 3, "checkpoint_every": 3, "report_to": "tensorboard"}
 TAGS = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm", "tokens_per_s": "train/tokens_per_s",
         "grad_energy_kept": "train/grad_energy_kept", "mem_bytes": "memory/mem_bytes",
         "peak_mem_bytes": "memory/peak_mem_bytes", "eval_loss": "eval/loss", "eval_accuracy": "eval/accuracy"}
 
 
-def train(output: Path, resume: bool = False, **overrides) -> tuple[dict | None, list]:
-    run = TrainingRun(RunConfig.from_dict({**FAST, "output": str(output), **overrides}), resume=resume)
-    summary = run.run()
-    events = []
-    while not run.events.empty():
-        events.append(run.events.get())
+def train(output: Path, resume: bool = False, **overrides) -> tuple[dict, list]:
+    """test_faults' in-process tiny run, with TensorBoard on and checkpoints and evals every 3 steps."""
+    summary, events = train_tiny(output, resume, **{**TENSORBOARD, **overrides})
     assert summary is not None, [e for e in events if isinstance(e, ErrorEvent)]
     return summary, events
 
