@@ -22,6 +22,9 @@ class _DropLine(logging.Filter):
 # bitsandbytes (peft imports it) warns on every CPU with AVX512-BF16 that an optional 4-bit inference kernel
 # is not installed; gnlorp never runs 4-bit inference, and the line would open every run's log and error output.
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropLine("Failed to load CPU gemm_4bit_forward"))
+# kernels (>= 0.19, which bitsandbytes imports) says it skips a hub check in offline mode, which gnlorp always sets:
+# nothing the user asked for or can act on. Its other warnings still reach the user.
+logging.getLogger("kernels._internals.hf_hub").addFilter(_DropLine("Skipping publisher trust check"))
 
 # peft asks transformers 5 for `is_gradient_checkpointing` when it wraps a model, which warns that the name is going;
 # the user can do nothing about it.

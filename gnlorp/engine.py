@@ -42,7 +42,7 @@ from .models import load_model as load_base_model
 from .optim import build_optimizer, state_bytes
 from .optim.build import optimizer_settings
 from .optim.sharded import any_rank
-from .sharding import full_state_dict, shard_model
+from .sharding import full_state_dict, full_value, local_value, shard_model
 from .train_state import Position, all_finite, load_checkpoint, save_checkpoint, save_final
 
 __all__ = ["CheckpointEvent", "DoneEvent", "ErrorEvent", "EvalEvent", "Event", "StepEvent", "TrainingRun",
@@ -182,7 +182,7 @@ class TrainingRun:
             grad_norm = None
             if cfg.max_grad_norm > 0 and not cfg.layerwise:
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                grad_norm = float(grad_norm.full_tensor() if cfg.fsdp else grad_norm)
+                grad_norm = float(full_value(grad_norm))
             if not cfg.layerwise:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -219,7 +219,7 @@ class TrainingRun:
             if (main or cfg.fsdp) and (position.step % cfg.checkpoint_every == 0 or position.step == cfg.max_steps
                                        or stopping):
                 unwrapped = accelerator.unwrap_model(model)
-                trained = [p.to_local() if cfg.fsdp else p for p in unwrapped.parameters() if p.requires_grad]
+                trained = [local_value(p) for p in unwrapped.parameters() if p.requires_grad]
                 damaged = not all_finite(trained)
                 if any_rank(damaged, accelerator.device) if cfg.fsdp else damaged:
                     raise self._diverged(position.step, "the weights became non-finite")

@@ -33,6 +33,20 @@ from .config import ConfigError
 STATE_DIR = "state"
 
 
+def full_value(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole value of a tensor a library hands back, sharded (DTensor) or already gathered.
+
+    accelerate's `clip_grad_norm_` under FSDP2 returned the DTensor norm up to 1.15 and gathers it itself from 1.16
+    on; taking either keeps a sharded run independent of which one is installed.
+    """
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def local_value(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a tensor that may or may not be sharded."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
 def shard_model(model: torch.nn.Module, bf16: bool) -> None:
     """fully_shard each repeated block and the input embedding (unless tied to the head), then the whole model
     (final norm, head). bf16: compute in bfloat16 and reduce gradients in float32 (on CUDA, as the unsharded
@@ -106,7 +120,7 @@ def _model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The sharded model's state, each storage once (VeRA's shared A and B appear under every layer's name)."""
     state, seen = {}, set()
     for name, tensor in get_model_state_dict(model).items():
-        pointer = (tensor.to_local() if isinstance(tensor, DTensor) else tensor).data_ptr()
+        pointer = local_value(tensor).data_ptr()
         if pointer not in seen:
             state[name] = tensor
             seen.add(pointer)

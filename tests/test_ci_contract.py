@@ -34,7 +34,7 @@ def test_ci_runs_the_readme_test_command() -> None:
 
 def test_readme_test_command_installs_the_test_extra_and_runs_pytest() -> None:
     command = readme_test_command()
-    assert re.search(r"pip install -e \"\.\[test\]\"", command)
+    assert re.search(r"pip install -c constraints\.txt -e \"\.\[test\]\"", command)
     assert command.endswith("python -m pytest -q")
 
 
@@ -45,3 +45,40 @@ def test_torch_requirement_takes_the_local_cpu_wheel_and_not_the_newest_cuda_rel
     assert torch.specifier.contains("2.13.0+cpu")
     assert not torch.specifier.contains("2.15.0")
     assert not torch.specifier.contains("2.9.1")  # below the safe weights_only floor
+
+
+def _pins() -> dict[str, str]:
+    """constraints.txt as name -> pinned version (names normalised as pip compares them)."""
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            requirement = Requirement(line)
+            (spec,) = requirement.specifier
+            assert spec.operator == "==", line
+            pins[re.sub(r"[-_.]+", "-", requirement.name).lower()] = spec.version
+    return pins
+
+
+def _requirements() -> list[Requirement]:
+    """requirements.txt and the test extra of pyproject.toml: what the README's install asks for."""
+    import tomllib
+
+    lines = [line for line in (ROOT / "requirements.txt").read_text().splitlines() if line and line[0] != "#"]
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["test"]
+    return [Requirement(line) for line in [*lines, *extra]]
+
+
+def test_every_requirement_is_bounded_and_pinned_inside_its_bounds() -> None:
+    """The tested set (constraints.txt) must satisfy the ranges users get, and every range must have both ends."""
+    pins = _pins()
+    for requirement in _requirements():
+        name = re.sub(r"[-_.]+", "-", requirement.name).lower()
+        operators = {spec.operator for spec in requirement.specifier}
+        assert operators & {">=", "=="} and operators & {"<", "=="}, f"{requirement} needs a lower and an upper bound"
+        assert name in pins, f"{name} is not pinned in constraints.txt"
+        assert requirement.specifier.contains(pins[name]), f"constraints.txt pins {name}=={pins[name]}: {requirement}"
+
+
+def test_the_pinned_torch_is_the_release_without_a_local_label() -> None:
+    # A local label (+cpu) would make a GPU machine fail to find the pin on PyPI instead of taking its CUDA build.
+    assert "+" not in _pins()["torch"]

@@ -52,6 +52,16 @@ if dist.get_rank() == 0:
 dist.barrier()
 settings = {"output": str(root / "resumed"), **runs["gnl32"], "fsdp": True}
 assert TrainingRun(RunConfig.from_dict(settings), resume=True).run() is not None
+# A library may hand back a norm as a row-sharded DTensor (accelerate <= 1.15) or as a plain tensor (>= 1.16).
+import torch
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Shard, distribute_tensor
+from gnlorp.sharding import full_value
+whole = torch.arange(6.0)
+sharded = distribute_tensor(whole, init_device_mesh("cpu", (dist.get_world_size(),)), [Shard(0)])
+values = [full_value(sharded).tolist(), full_value(whole).tolist()]  # a collective: every rank calls it
+if dist.get_rank() == 0:
+    (root / "full_value.json").write_text(json.dumps(values))
 """
 
 
@@ -101,6 +111,16 @@ def test_32_bit_sharded_losses_and_weights_equal_one_process(sharded, single, na
     assert max(float((ours[k] - reference[k]).abs().max()) for k in ours) < 1e-4
     if name == "lora":  # the adapter folder is saved from the gathered weights too
         assert (sharded / name / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_the_gradient_norm_is_the_whole_models_whatever_type_accelerate_returns(sharded, single):
+    # The clipped norm is logged as a number: sharded, it must be the whole model's norm, as one process logs it.
+    def norms(run: Path) -> list[float]:
+        lines = (json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines())
+        return [line["grad_norm"] for line in lines if "loss" in line]
+    assert _max_relative(norms(sharded / "gnl32"), norms(single / "gnl32")) < 1e-4
+    as_dtensor, as_plain = json.loads((sharded / "full_value.json").read_text())
+    assert as_dtensor == as_plain == list(range(6))
 
 
 def test_a_sharded_run_logs_the_spectrum_one_process_logs(sharded, single):
