@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     # Gradio reads these when it is imported: its uploads and caches stay in the runs folder, and no telemetry.
     os.environ["GRADIO_TEMP_DIR"] = str(runs_dir / ".studio" / "gradio")
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    from gnlorp.child import add_secret
+    from gnlorp.runs import add_secret
     from ui import CSS, Studio, build_studio, warm_up
 
     studio = Studio.create(runs_dir, PROJECT, [Path(d) for d in args.allow_dir], Path.cwd())

@@ -23,8 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def train(output: Path, steps: int, gap: int, seed: int, threshold: float | None) -> tuple[float, int]:
     """(held-out loss, SVDs taken) of one run; threshold None = fixed refreshes."""
     from gnlorp.config import RunConfig
-    from gnlorp.engine import TrainingRun
     from gnlorp.optim import refresh
+    from gnlorp.train.engine import TrainingRun
 
     refresh.STILL_OVERLAP = threshold if threshold is not None else refresh.STILL_OVERLAP
     cfg = RunConfig.from_yaml(ROOT / "presets" / "tiny-gradnormlorp.yaml", output=str(output), max_steps=steps,

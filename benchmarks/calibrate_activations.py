@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from gnlorp.models import enable_checkpointing
+from gnlorp.models.load import enable_checkpointing
 
 BASE = {"hidden": 128, "ffn": 352, "heads": 4}
 BATCH, SHORT, LONG = 2, 128, 256

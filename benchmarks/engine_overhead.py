@@ -16,11 +16,11 @@ import time
 import torch
 
 from gnlorp.config import RunConfig
-from gnlorp.data import batches, collate, prepare_data
-from gnlorp.engine import StepEvent, TrainingRun, lr_factor
+from gnlorp.data.records import batches, collate, prepare_data
 from gnlorp.methods import get_method
-from gnlorp.models import load_model, load_tokenizer
+from gnlorp.models.load import load_model, load_tokenizer
 from gnlorp.optim import ProjectedAdamW
+from gnlorp.train.engine import StepEvent, TrainingRun, lr_factor
 
 
 def bare_loop(cfg: RunConfig) -> float:

@@ -4,7 +4,7 @@ Trains `presets/tiny-gradnormlorp.yaml` (and, with the smollm2 package installed
 exports each run as f16 and q8_0 GGUF, reads the file back through transformers' GGUF loader and compares it with
 the merged Hugging Face export: file size, the export's own probe bound (max |Δlogit| per unit of the largest
 |logit|), the held-out loss, and how many greedy tokens agree over a few prompts. These are the numbers
-gnlorp.gguf_export.GGUF_TOLERANCE is set from.
+gnlorp.export.gguf.GGUF_TOLERANCE is set from.
 Run:  python benchmarks/gguf_export.py [--quick] [--out DIR]
 """
 
@@ -28,7 +28,7 @@ NEW_TOKENS = 32
 
 def train(preset: str, output: Path, steps: int | None):
     from gnlorp.config import RunConfig
-    from gnlorp.engine import TrainingRun
+    from gnlorp.train.engine import TrainingRun
 
     overrides = {"max_steps": steps} if steps else {}
     cfg = RunConfig.from_yaml(ROOT / "presets" / preset, output=str(output), **overrides)
@@ -40,7 +40,7 @@ def train(preset: str, output: Path, steps: int | None):
 def heldout(models: list, cfg, tokenizer) -> tuple[list[float], float]:
     """Each model's mean next-token cross-entropy over the run's held-out labels, and the largest |logit difference|
     between the first two per unit of the first's largest |logit| (over those labelled positions)."""
-    from gnlorp.data import IGNORE_INDEX, collate, prepare_data
+    from gnlorp.data.records import IGNORE_INDEX, collate, prepare_data
 
     examples = prepare_data(cfg, tokenizer).eval
     totals, count, worst, largest = [0.0] * len(models), 0, 0.0, 1.0

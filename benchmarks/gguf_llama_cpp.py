@@ -61,7 +61,7 @@ def measure(run: Path, gguf_type: str, merged, tokenizer, work: Path) -> str:
     from llama_cpp import Llama
 
     from gnlorp.export import export_run
-    from gnlorp.gguf_export import SAMPLE_TEXTS
+    from gnlorp.export.gguf import SAMPLE_TEXTS
 
     report = export_run(run, work / gguf_type, format="gguf", gguf_type=gguf_type)
     llm = Llama(model_path=str(report.output / f"model-{gguf_type}.gguf"), n_ctx=512, logits_all=True,

@@ -19,7 +19,7 @@ import torch
 from common import add_output_arguments, machine, write_section
 from gnlorp.config import RunConfig
 from gnlorp.methods import resolve_targets
-from gnlorp.models import meta_model
+from gnlorp.models.load import meta_model
 
 NAME = "lora_vera"
 ROBERTA_LARGE = {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "intermediate_size": 4096}

@@ -26,7 +26,7 @@ from common import add_output_arguments, device, machine, save_png, write_sectio
 from gnlorp.config import RunConfig
 from gnlorp.memory import PARTS, estimate, get_device
 from gnlorp.methods import get_method, resolve_targets
-from gnlorp.models import load_model, meta_model
+from gnlorp.models.load import load_model, meta_model
 from gnlorp.optim import ProjectedAdamW, state_bytes
 
 NAME = "optimizer_memory"

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common import add_output_arguments, machine, save_png, write_section
-from gnlorp.models import minilm_folder
+from gnlorp.models.load import minilm_folder
 
 NAME = "quality"
 ROOT = Path(__file__).resolve().parents[1]

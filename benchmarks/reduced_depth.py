@@ -31,7 +31,7 @@ def write_folder(model: str, layers: int, folder: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from gnlorp.models import keep_layers, load_model_config, load_tokenizer
+    from gnlorp.models.load import keep_layers, load_model_config, load_tokenizer
 
     config = keep_layers(load_model_config(model, "causal-lm"), layers)
     torch.manual_seed(0)

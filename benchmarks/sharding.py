@@ -34,7 +34,7 @@ def target_shapes(model: str) -> list[tuple[int, int]]:
     """The (m, n) of every matrix GaLore/GradNormLoRP projects (attention and MLP linears), from the config."""
     from gnlorp.config import RunConfig
     from gnlorp.methods.base import resolve_targets
-    from gnlorp.models import meta_model
+    from gnlorp.models.load import meta_model
 
     base = meta_model(model, "causal-lm")
     return [tuple(base.get_submodule(name).weight.shape) for name in resolve_targets(base, RunConfig(model=model))]

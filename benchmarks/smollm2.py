@@ -42,8 +42,8 @@ def heldout_loss_before(method: str, output: Path) -> float:
     import torch
 
     from gnlorp.config import RunConfig
-    from gnlorp.data import collate, prepare_data
-    from gnlorp.models import load_model, load_tokenizer
+    from gnlorp.data.records import collate, prepare_data
+    from gnlorp.models.load import load_model, load_tokenizer
 
     cfg = RunConfig.from_yaml(output / "config.yaml")
     tokenizer = load_tokenizer(cfg.model)

@@ -28,9 +28,9 @@ CASES = [("llama-60m", "presets/llama-60m-galore.yaml"), ("smollm2", "presets/sm
 def gradients(model_name: str, preset: str, batches: int) -> dict[str, torch.Tensor]:
     """Each target weight's gradient over `batches` micro-batches of the preset's data."""
     from gnlorp.config import RunConfig
-    from gnlorp.data import collate, prepare_data
+    from gnlorp.data.records import collate, prepare_data
     from gnlorp.methods.base import resolve_targets
-    from gnlorp.models import load_model, load_tokenizer
+    from gnlorp.models.load import load_model, load_tokenizer
 
     cfg = RunConfig.from_yaml(ROOT / preset, model=model_name, batch_size=4, seq_len=256)
     cfg.data = str(ROOT / cfg.data)  # the presets name their data from the repository's root

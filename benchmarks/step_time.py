@@ -36,9 +36,9 @@ import torch
 
 from common import add_output_arguments, device, machine, save_png, write_section
 from gnlorp.config import RunConfig
-from gnlorp.data import batches, collate, prepare_data
+from gnlorp.data.records import batches, collate, prepare_data
 from gnlorp.methods import GALORE, get_method
-from gnlorp.models import load_model, load_tokenizer
+from gnlorp.models.load import load_model, load_tokenizer
 from gnlorp.optim import ProjectedAdamW, state_bytes
 from optimizer import galore_torch_state_bytes
 
@@ -84,7 +84,7 @@ def base_model(cfg: RunConfig, where: torch.device) -> torch.nn.Module:
 
 
 def gnlorp_contender(cfg: RunConfig, where: torch.device) -> Contender:
-    """Model and optimizer as the engine builds them (gnlorp/engine.py, TrainingRun._train)."""
+    """Model and optimizer as the engine builds them (gnlorp/train/engine.py, TrainingRun._train)."""
     method = get_method(cfg.method)
     model = method.prepare(base_model(cfg, where), cfg)
     optimizer = ProjectedAdamW(method.param_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay,

@@ -14,7 +14,7 @@ from safetensors.torch import load_model as load_safetensors
 from transformers import AutoTokenizer
 
 from .config import ConfigError, RunConfig
-from .models import load_model
+from .models.load import load_model
 
 
 def read_labels(run: Path) -> list[str]:

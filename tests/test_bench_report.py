@@ -41,7 +41,7 @@ def test_roberta_large_glue_setting_is_the_papers_ten_times():
 
 def test_measured_tiny_gradnormlorp_8bit_state_is_design_formula():
     """One real step on the tiny model; bytes in optimizer.state against DESIGN §3 written out by hand."""
-    from gnlorp.models import load_model
+    from gnlorp.models.load import load_model
 
     cfg = optimizer_memory.config("tiny", "gradnormlorp", 8)
     measured = optimizer_memory.measure(cfg)

@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from gnlorp.config import ConfigError, RunConfig
-from gnlorp.engine import TrainingRun
-from gnlorp.models import load_model
+from gnlorp.models.load import load_model
 from gnlorp.optim import build_optimizer
+from gnlorp.train.engine import TrainingRun
 
 ROOT = Path(__file__).resolve().parents[1]
 MARKER = "<!-- test:trainer-example -->"
@@ -73,7 +73,7 @@ def test_the_engine_builds_its_optimizer_through_build_optimizer(tmp_path, monke
         built.append((model, optimizer))
         return optimizer
 
-    monkeypatch.setattr("gnlorp.engine.build_optimizer", spy)
+    monkeypatch.setattr("gnlorp.train.engine.build_optimizer", spy)
     cfg = RunConfig.from_dict({"output": str(tmp_path), "method": "galore", "rank": 4, "targets": "q_proj,down_proj",
                                "update_proj_gap": 3, "optim_bits": 8, "max_steps": 1, "batch_size": 4, "seq_len": 32,
                                "warmup_steps": 0})

@@ -19,7 +19,7 @@ from safetensors.torch import load_model as load_safetensors
 from transformers import AutoModelForCausalLM
 
 from gnlorp.config import RunConfig
-from gnlorp.models import load_model
+from gnlorp.models.load import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = sorted((ROOT / "presets").glob("*.yaml"))
@@ -200,7 +200,7 @@ def test_bitsandbytes_offline_chatter_is_dropped_but_real_warnings_are_not():
     script = ("import gnlorp, bitsandbytes, logging, sys; "
               "logging.getLogger('kernels._internals.hf_hub').warning('a real kernels warning'); "
               "sys.argv = ['gnlorp', 'train', '--model', '/does/not/exist']; "
-              "from gnlorp.__main__ import main; sys.exit(main())")
+              "from gnlorp.cli.main import main; sys.exit(main())")
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env={**ENV, "HF_HUB_OFFLINE": "1"},
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr

@@ -1,4 +1,4 @@
-"""gnlorp.data: readers, one-line errors, masking, packing, split, labels, batching, and the shipped data."""
+"""gnlorp.data.records: readers, one-line errors, masking, packing, split, labels, batching, and the shipped data."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import PreTrainedTokenizerFast
 
 from gnlorp.config import ConfigError, RunConfig
-from gnlorp.data import (
+from gnlorp.data.records import (
     IGNORE_INDEX,
     Example,
     batches,

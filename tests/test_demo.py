@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from gnlorp import demo
-from gnlorp.__main__ import main
+from gnlorp.cli.main import main
 
 STEPS = 15
 ROOT = Path(__file__).resolve().parents[1]

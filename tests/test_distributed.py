@@ -11,7 +11,7 @@ from pathlib import Path
 from safetensors.torch import load_file
 
 from gnlorp.config import RunConfig
-from gnlorp.engine import TrainingRun
+from gnlorp.train.engine import TrainingRun
 
 REPO = Path(__file__).resolve().parents[1]
 SETTINGS = {"method": "gradnormlorp", "optim_bits": 32, "max_steps": 6, "seq_len": 32, "update_proj_gap": 3,
@@ -23,7 +23,7 @@ import json, sys
 from accelerate import PartialState
 from safetensors.torch import save_file
 from gnlorp.config import RunConfig
-from gnlorp.engine import TrainingRun
+from gnlorp.train.engine import TrainingRun
 
 output, weights_dir, settings = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 run = TrainingRun(RunConfig.from_dict({"output": output, **settings}))

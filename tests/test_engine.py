@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from gnlorp.config import METHOD_NAMES, RunConfig
-from gnlorp.engine import CheckpointEvent, DoneEvent, ErrorEvent, EvalEvent, StepEvent, TrainingRun
+from gnlorp.train.engine import CheckpointEvent, DoneEvent, ErrorEvent, EvalEvent, StepEvent, TrainingRun
 
 FAST = {"max_steps": 12, "batch_size": 4, "seq_len": 64, "eval_every": 6, "checkpoint_every": 6, "warmup_steps": 2}
 

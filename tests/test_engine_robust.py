@@ -12,7 +12,7 @@ import json
 import torch
 
 from gnlorp.config import RunConfig
-from gnlorp.engine import DoneEvent, ErrorEvent, TrainingRun, WarningEvent
+from gnlorp.train.engine import DoneEvent, ErrorEvent, TrainingRun, WarningEvent
 
 FAST = {"max_steps": 3, "batch_size": 2, "seq_len": 32, "eval_every": 3, "checkpoint_every": 3, "warmup_steps": 1,
         "method": "galore", "rank": 4}

@@ -20,7 +20,7 @@ import psutil
 import pytest
 
 from gnlorp.config import ConfigError, RunConfig
-from gnlorp.engine import ErrorEvent, TrainingRun, WarningEvent
+from gnlorp.train.engine import ErrorEvent, TrainingRun, WarningEvent
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -88,7 +88,7 @@ def test_a_damaged_checkpoint_is_refused_and_the_previous_one_resumes_exactly(tm
 
 def test_export_and_try_refuse_damaged_final_weights(tmp_path: Path) -> None:
     from gnlorp.export import export_run
-    from gnlorp.infer import inspect_source
+    from gnlorp.export.infer import inspect_source
 
     run = tmp_path / "run"
     assert train(run, max_steps=2, checkpoint_every=2, eval_every=100)[0] is not None
@@ -217,7 +217,7 @@ CRASHED_STUDIO = """
 import sys, time, os
 from pathlib import Path
 from gnlorp.config import RunConfig
-from gnlorp.jobs import JobManager
+from gnlorp.runs.jobs import JobManager
 runs = Path(sys.argv[1])
 manager = JobManager(runs)
 cfg = RunConfig.from_dict({**__import__("json").loads(sys.argv[2]), "output": str(runs / "crashed")})
@@ -230,7 +230,7 @@ os._exit(0)  # the studio dies without stopping its run
 
 
 def test_a_run_that_died_with_no_studio_watching_is_marked_failed_and_resumes(tmp_path: Path) -> None:
-    from gnlorp.jobs import JobManager
+    from gnlorp.runs.jobs import JobManager
 
     runs = tmp_path / "runs"
     settings = {**FAST, "max_steps": 400, "checkpoint_every": 2, "eval_every": 400}

@@ -19,9 +19,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from gnlorp.__main__ import main
+from gnlorp.cli.main import main
 from gnlorp.config import ConfigError, RunConfig
-from gnlorp.engine import TrainingRun
+from gnlorp.train.engine import TrainingRun
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = {"max_steps": 6, "seq_len": 32, "update_proj_gap": 3, "eval_every": 6, "checkpoint_every": 3}
@@ -36,7 +36,7 @@ import json, shutil, sys
 from pathlib import Path
 import torch.distributed as dist
 from gnlorp.config import ConfigError, RunConfig
-from gnlorp.engine import TrainingRun
+from gnlorp.train.engine import TrainingRun
 
 root, runs = Path(sys.argv[1]), json.loads(sys.argv[2])
 for name, settings in runs.items():
@@ -56,7 +56,7 @@ assert TrainingRun(RunConfig.from_dict(settings), resume=True).run() is not None
 import torch
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Shard, distribute_tensor
-from gnlorp.sharding import full_value
+from gnlorp.train.sharding import full_value
 whole = torch.arange(6.0)
 sharded = distribute_tensor(whole, init_device_mesh("cpu", (dist.get_world_size(),)), [Shard(0)])
 values = [full_value(sharded).tolist(), full_value(whole).tolist()]  # a collective: every rank calls it
@@ -199,7 +199,7 @@ def test_accelerate_launch_with_its_fsdp_plugin_turns_sharding_on(tmp_path, caps
 def test_the_studio_runs_a_sharded_job_on_two_processes_stops_it_and_resumes_it(tmp_path):
     """What the studio's GPUs choice does: JobManager starts torchrun; Stop reaches each worker (torchrun itself
     would terminate them), they agree on a step, save one sharded checkpoint and end; Resume starts two again."""
-    from gnlorp.jobs import JobManager
+    from gnlorp.runs.jobs import JobManager
 
     manager = JobManager(tmp_path / "runs")
     cfg = RunConfig.from_dict({"output": str(tmp_path / "runs" / "sharded"), **RUNS["gnl32"], "batch_size": 2,

@@ -31,8 +31,8 @@ from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX as QW
 
 from gnlorp.config import ConfigError
 from gnlorp.export import export_run
-from gnlorp.gguf_export import GGUF_TOLERANCE, SAMPLE_TEXTS
-from gnlorp.models import load_tokenizer
+from gnlorp.export.gguf import GGUF_TOLERANCE, SAMPLE_TEXTS
+from gnlorp.models.load import load_tokenizer
 from test_export import VOCAB, hidden_leftovers, make_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -194,10 +194,10 @@ def test_bad_inputs_give_one_line_and_write_nothing(tmp_path, llama_base, llama_
 def test_a_wrong_layout_is_refused_even_where_the_logits_barely_move(llama_run, tmp_path, monkeypatch):
     """Without llama.cpp's q/k row interleaving the file is wrong for llama.cpp and for transformers' reader; a model
     with near-uniform attention hides that in its logits, so the export also compares every weight read back."""
-    import gnlorp.gguf_write
+    import gnlorp.export.gguf_write
 
     run, _ = llama_run
-    monkeypatch.setattr(gnlorp.gguf_write, "_interleave_rope_rows", lambda weight, heads: weight)
+    monkeypatch.setattr(gnlorp.export.gguf_write, "_interleave_rope_rows", lambda weight, heads: weight)
     with pytest.raises(ConfigError, match=r"q_proj.weight reads back .* more than f16 rounding") as info:
         export_run(run, tmp_path / "out", format="gguf")
     assert "\n" not in str(info.value) and not (tmp_path / "out").exists() and not hidden_leftovers(tmp_path)

@@ -1,4 +1,4 @@
-"""The chunked causal-LM loss (gnlorp/loss.py) against the plain path: the same loss and the same gradients.
+"""The chunked causal-LM loss (gnlorp/train/loss.py) against the plain path: the same loss and the same gradients.
 
 The reference is transformers' own `model(**batch).loss` through autograd, on batches with padding and with
 prompt tokens masked out (-100), for chunk sizes that do not divide the token count; plus a head with a bias
@@ -19,7 +19,7 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from gnlorp.config import ConfigError
-from gnlorp.loss import IGNORE_INDEX, LinearCrossEntropy, chunked_causal_lm_loss, loss_function
+from gnlorp.train.loss import IGNORE_INDEX, LinearCrossEntropy, chunked_causal_lm_loss, loss_function
 
 VOCAB = 300
 
@@ -114,7 +114,7 @@ PEAK_SCRIPT = textwrap.dedent("""
     import json, sys, torch
     from pathlib import Path
     from transformers import LlamaConfig, LlamaForCausalLM
-    from gnlorp.loss import chunked_causal_lm_loss
+    from gnlorp.train.loss import chunked_causal_lm_loss
     from gnlorp.memory import return_freed_memory
 
     return_freed_memory()

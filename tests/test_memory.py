@@ -14,10 +14,10 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from gnlorp.config import METHOD_NAMES, RunConfig
-from gnlorp.engine import TrainingRun
 from gnlorp.memory import CPU_OVERHEAD, PARTS, Device, estimate, fit
 from gnlorp.memory.activations import saved_bytes
-from gnlorp.models import PRESETS, enable_checkpointing
+from gnlorp.models.load import PRESETS, enable_checkpointing
+from gnlorp.train.engine import TrainingRun
 
 SETTINGS = {"rank": 16, "max_steps": 1, "batch_size": 4, "seq_len": 64, "eval_every": 10, "checkpoint_every": 10}
 
@@ -233,7 +233,7 @@ def test_counting_two_layers_and_extrapolating_equals_counting_them_all(method, 
     """estimate() counts 1- and 2-layer models when the layers are alike; a full 8-layer count must agree."""
     from gnlorp.memory.state import optimizer_state_parts
     from gnlorp.methods import get_method
-    from gnlorp.models import meta_model
+    from gnlorp.models.load import meta_model
 
     cfg = RunConfig(model="llama-60m", method=method, targets=targets, rank=32, optim_bits=8)
     strategy = get_method(method)
@@ -250,7 +250,7 @@ def test_estimating_in_one_thread_leaves_models_built_in_another_real():
     import threading
 
     from gnlorp.methods import get_method
-    from gnlorp.models import load_model
+    from gnlorp.models.load import load_model
 
     done = threading.Event()
 

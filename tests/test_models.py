@@ -11,9 +11,9 @@ import pytest
 import torch
 from transformers import CLIPTextConfig
 
-from gnlorp import models
 from gnlorp.assets import build_tokenizer
 from gnlorp.config import ConfigError
+from gnlorp.models.load import models
 
 # GaLore's configs/llama_*.json: hidden, intermediate, heads, layers.
 GALORE_SIZES = {

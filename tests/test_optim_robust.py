@@ -242,7 +242,7 @@ def test_consecutive_skipped_steps_are_counted_and_reset_by_a_good_one() -> None
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_the_checkpoint_guard_finds_a_bad_weight_anywhere_piece_by_piece(where: int | None, bad: float) -> None:
     """all_finite walks pieces (a whole embedding's isfinite held GBs); it answers as isfinite on the whole."""
-    from gnlorp.train_state import all_finite
+    from gnlorp.train.state import all_finite
 
     weights = [torch.randn(7), torch.randn(3, 7000, dtype=torch.bfloat16)]
     if where is not None:

@@ -223,9 +223,9 @@ def test_planted_pickles_in_a_run_are_not_executed(tmp_path: Path) -> None:
     pickles dropped beside the weights of final/ and of an export: resume, export and try load none of them."""
     from gnlorp.checkpoint import write_manifest
     from gnlorp.config import RunConfig
-    from gnlorp.engine import ErrorEvent, TrainingRun
     from gnlorp.export import export_run
-    from gnlorp.infer import load_for_try
+    from gnlorp.export.infer import load_for_try
+    from gnlorp.train.engine import ErrorEvent, TrainingRun
 
     run, marker = tmp_path / "run", tmp_path / "pwned"
     settings = {"model": "tiny", "data": str(ROOT / "presets" / "data" / "fortunes.jsonl"), "batch_size": 4,

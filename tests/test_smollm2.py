@@ -17,10 +17,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from gnlorp import gguf_cache, models
-from gnlorp.__main__ import main as cli
+from gnlorp.cli.main import main as cli
 from gnlorp.config import ConfigError, RunConfig
-from gnlorp.data import IGNORE_INDEX, collate, prepare_data
+from gnlorp.data.records import IGNORE_INDEX, collate, prepare_data
+from gnlorp.models import gguf_cache
+from gnlorp.models import load as models
 
 SPEC = gguf_cache.SMOLLM2
 DATA = Path(__file__).resolve().parents[1] / "presets" / "data" / "python-docstrings-qa.jsonl"
@@ -149,7 +150,7 @@ def run_config(method: str, data: Path, output: Path) -> RunConfig:
 @pytest.fixture(scope="session")
 def trained(smollm2_folder: Path, short_data: Path, tmp_path_factory: pytest.TempPathFactory):
     """Train a method once per session (in-process, so the run's model is at hand): method -> (run, cfg)."""
-    from gnlorp.engine import ErrorEvent, TrainingRun
+    from gnlorp.train.engine import ErrorEvent, TrainingRun
 
     done: dict = {}
 

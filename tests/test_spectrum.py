@@ -13,7 +13,7 @@ import statistics
 import pytest
 import torch
 
-from gnlorp.__main__ import main
+from gnlorp.cli.main import main
 from gnlorp.optim import ProjectedAdamW
 from gnlorp.optim.spectrum import ENERGY_LEVELS
 

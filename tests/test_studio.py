@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from gnlorp.config import RunConfig
-from gnlorp.gguf_export import GGUF_TOLERANCE
+from gnlorp.export.gguf import GGUF_TOLERANCE
 from gnlorp.memory import PARTS, estimate, fit, plan
 from studio_process import ENV, ROOT, studio
 

@@ -16,7 +16,7 @@ import numpy as np
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from gnlorp.config import RunConfig
-from gnlorp.engine import ErrorEvent, WarningEvent
+from gnlorp.train.engine import ErrorEvent, WarningEvent
 from test_faults import train as train_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,7 +97,7 @@ def test_report_to_defaults_to_none_and_writes_no_event_files(tmp_path: Path) ->
 
 PATCHED_CLI = ("import importlib.util, sys; find = importlib.util.find_spec; "
                "importlib.util.find_spec = lambda name, *a: None if name == 'tensorboard' else find(name, *a); "
-               "from gnlorp.__main__ import main; sys.exit(main())")
+               "from gnlorp.cli.main import main; sys.exit(main())")
 
 
 def test_without_the_package_the_cli_says_how_to_install_it_in_one_line(tmp_path: Path) -> None:

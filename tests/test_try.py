@@ -1,4 +1,4 @@
-"""Trying a model (gnlorp.infer and `python -m gnlorp try`) on real runs trained here with the engine.
+"""Trying a model (gnlorp.export.infer and `python -m gnlorp try`) on real runs trained here with the engine.
 
 References: transformers' own `generate` on the exported folder reloaded with AutoModelFor...; the
 engine's logged eval_accuracy on the held-out rows; the seeded initial model the engine started from.
@@ -18,11 +18,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from gnlorp.config import ConfigError, RunConfig
-from gnlorp.data import label_ids, prepare_data, read_records, split_records
-from gnlorp.engine import TrainingRun
+from gnlorp.data.records import label_ids, prepare_data, read_records, split_records
 from gnlorp.export import export_run
-from gnlorp.infer import load_for_try
-from gnlorp.models import load_model, load_tokenizer
+from gnlorp.export.infer import load_for_try
+from gnlorp.models.load import load_model, load_tokenizer
+from gnlorp.train.engine import TrainingRun
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}

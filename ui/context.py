@@ -8,8 +8,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from gnlorp.config import ConfigError, RunConfig
-from gnlorp.jobs import JobManager
 from gnlorp.models import preset_names
+from gnlorp.runs import JobManager
 
 from .paths import PathPolicy
 

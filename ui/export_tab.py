@@ -14,7 +14,7 @@ import gradio as gr
 
 from gnlorp.config import ConfigError
 from gnlorp.export import export_run
-from gnlorp.run_store import list_runs
+from gnlorp.runs import list_runs
 
 from .charts import human_bytes
 from .context import Studio

@@ -12,9 +12,8 @@ from typing import Any
 
 import gradio as gr
 
-from gnlorp.child import redact
 from gnlorp.config import ConfigError
-from gnlorp.jobs import JobError
+from gnlorp.runs import JobError, redact
 
 
 def ok(text: str) -> str:

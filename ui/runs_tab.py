@@ -6,7 +6,7 @@ from typing import Any
 
 import gradio as gr
 
-from gnlorp.run_store import RunRecord, list_runs
+from gnlorp.runs import RunRecord, list_runs
 
 from .charts import human_bytes, overlay_figure
 from .context import Studio

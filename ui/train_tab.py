@@ -1,6 +1,6 @@
 """The Train tab: Start, Stop and Resume a run, and follow it live (progress, Loss and Memory charts, log).
 
-Training runs in a child process (gnlorp.jobs); a timer copies the job's latest snapshot into the page and
+Training runs in a child process (gnlorp.runs.jobs); a timer copies the job's latest snapshot into the page and
 skips the redraw when nothing changed, so the page never waits on the training.
 """
 
@@ -13,10 +13,10 @@ from typing import Any
 
 import gradio as gr
 
-from gnlorp import spectrum_log
 from gnlorp.config import ConfigError
 from gnlorp.memory import estimate, gpu_count
-from gnlorp.run_store import ACTIVE, MetricsReader, Snapshot, list_runs
+from gnlorp.runs import ACTIVE, MetricsReader, Snapshot, list_runs
+from gnlorp.train import spectrum_log
 
 from .charts import energy_figure, human_bytes, loss_figure, memory_figure, spectrum_heatmap
 from .context import Studio

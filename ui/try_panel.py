@@ -18,10 +18,9 @@ import gradio as gr
 import plotly.graph_objects as go
 from gradio.context import Context
 
-from gnlorp import infer
 from gnlorp.config import ConfigError
-from gnlorp.jobs import JobError
-from gnlorp.run_store import list_runs
+from gnlorp.export import infer
+from gnlorp.runs import JobError, list_runs
 
 from .context import Studio
 from .feedback import guarded, ok, problem

@@ -8,8 +8,8 @@ import sys
 
 from tqdm import tqdm
 
-from . import spectrum_log
-from .engine import CheckpointEvent, DoneEvent, ErrorEvent, EvalEvent, StepEvent, TrainingRun, WarningEvent
+from ..train import spectrum_log
+from ..train.engine import CheckpointEvent, DoneEvent, ErrorEvent, EvalEvent, StepEvent, TrainingRun, WarningEvent
 
 
 def follow(run: TrainingRun) -> int:

@@ -25,7 +25,7 @@ import torch
 from gnlorp.config import ConfigError, RunConfig
 
 SUPPORTED = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".txt")
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 IGNORE_INDEX = -100
 
 Row = tuple[str, dict[str, Any]]  # (where it came from, e.g. "line 3", the record as read)

@@ -16,10 +16,11 @@ from pathlib import Path
 
 import torch
 
-from .atomic import atomic_dir
-from .config import ConfigError
-from .export import ExportReport, TrainedModel, logits, written_files
-from .gguf_write import write_gguf
+from ..atomic import atomic_dir
+from ..config import ConfigError
+from ..models.load import meta_model
+from .gguf_write import GGUF_TYPES, gguf_architecture, write_gguf
+from .report import ExportReport, TrainedModel, check_output, load_trained, logits, read_run, written_files
 
 # Max |logit difference| per unit of the largest |logit| (≥ 1), measured (docs/BENCHMARKS.md, "GGUF export"):
 # f16 rounds each weight to 11 significant bits, q8_0 to 8 bits per 32-value block.
@@ -33,6 +34,24 @@ SAMPLE_TEXTS = (
     "Accents and scripts: café, naïve, Straße, 日本語, Ελληνικά, emoji 🙂.",
     "def square(x):\n    return x ** 2  # code keeps its indentation\n",
 )
+
+
+def export_gguf(run_dir: str | Path, output_dir: str | Path, *, force: bool = False,
+                gguf_type: str = "f16") -> ExportReport:
+    """Merge the run's final weights into one .gguf file and a Modelfile in `output_dir`, verified by reading back.
+
+    A run llama.cpp cannot take is refused from its config alone, before any weights are loaded.
+    """
+    if gguf_type not in GGUF_TYPES:
+        raise ConfigError(f"unknown GGUF type {gguf_type!r}; choose one of: {', '.join(GGUF_TYPES)}")
+    run, output = Path(run_dir), Path(output_dir)
+    cfg, weights = read_run(run)
+    check_output(run, output, force)
+    if cfg.task != "causal-lm":
+        raise ConfigError("GGUF export is for causal-lm runs (llama.cpp and Ollama generate text); export a "
+                          "classifier as a Hugging Face folder (--format hf)")
+    gguf_architecture(meta_model(cfg.model, cfg.task, trust_remote_code=cfg.trust_remote_code))
+    return write_verified_gguf(load_trained(run, cfg, weights), output, gguf_type, name=run.resolve().name)
 
 
 def write_verified_gguf(trained: TrainedModel, output: Path, gguf_type: str, name: str) -> ExportReport:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import ConfigError
+from ..config import ConfigError
 
 GGUF_TYPES = ("f16", "q8_0")
 # Hugging Face class -> llama.cpp architecture. Mistral is LLaMA to llama.cpp (its convert script does the same).

@@ -1,93 +1,35 @@
-"""Export a run as a plain Hugging Face folder (or one GGUF file): merge the trained model, save, reload, check.
+"""Export a run as a plain Hugging Face folder: merge the trained model, save, reload, check.
 
 The folder must load with `AutoModelFor...from_pretrained` and compute what the run trained, so the
 export proves it before it is put in place: the reloaded folder's logits are compared with the
 trained (unmerged) model's on fixed probe inputs. Everything is written to a temp folder beside the
 output and renamed into place only after that check, so a failed export leaves nothing behind.
-The model is rebuilt, merged and saved in float32: the trained weights upcast losslessly, and the
-merge adds no rounding of its own, which is what makes a 1e-4 tolerance meaningful for any run dtype.
-The GGUF format shares the loading, merging and probing here; gnlorp.gguf_export writes and checks the file.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from .atomic import atomic_dir
-from .checkpoint import verify
-from .config import ConfigError, RunConfig
-from .methods import get_method
-from .models import meta_model
-from .run_folder import base_model, load_run_tokenizer, load_weights, read_labels
+from ..atomic import atomic_dir
+from ..config import ConfigError
+from .report import TOLERANCE, ExportReport, check_output, load_trained, logits, read_run, written_files
 
-TOLERANCE = 1e-4  # max |logit difference| between reload and trained model, per unit of the largest |logit| (≥ 1)
-PROBE_BATCH, PROBE_LEN = 2, 32  # at most the run's seq_len, the positions it trained on
 AUTO_CLASSES = {"causal-lm": AutoModelForCausalLM, "seq-cls": AutoModelForSequenceClassification}
 
 
-FORMATS = ("hf", "gguf")
+def export_hf(run_dir: str | Path, output_dir: str | Path, *, force: bool = False) -> ExportReport:
+    """Merge the run's final weights into a model folder `output_dir`, verified by reloading it.
 
-
-@dataclass
-class ExportReport:
-    """What was written and how closely the written files reproduce the trained model."""
-
-    output: Path
-    max_abs_logit_diff: float
-    files: dict[str, int]  # file name -> bytes
-    architecture: str
-    format: str = "hf"
-    tolerance: float = TOLERANCE  # the bound max_abs_logit_diff was checked against
-    greedy_equal: int | None = None  # GGUF: greedy tokens equal to the trained model's, of greedy_total
-    greedy_total: int | None = None
-    texts_checked: int | None = None  # GGUF: sample texts the file's tokenizer splits as the run's does
-
-    def verdict(self) -> str:
-        """One line for the CLI and the studio: what was written and how it was checked."""
-        checked = (f"max |logit difference| {self.max_abs_logit_diff:.2e} (allowed: {self.tolerance:g} x the largest "
-                   "|logit|, at least 1)")
-        if self.format == "hf":
-            return f"exported {self.architecture} to {self.output}; reloaded from disk: {checked}"
-        return (f"exported {self.architecture} to {self.output} as GGUF; read back through transformers' GGUF loader: "
-                f"every weight within rounding, {checked}, {self.greedy_equal} of {self.greedy_total} greedy tokens "
-                f"equal, and its tokenizer splits {self.texts_checked} sample texts into the run's ids")
-
-
-def export_run(run_dir: str | Path, output_dir: str | Path, *, force: bool = False, format: str = "hf",
-               gguf_type: str = "f16") -> ExportReport:
-    """Merge the run's final weights into `output_dir`, verified by reading the written files back.
-
-    format "hf" writes a plain model folder; "gguf" one .gguf file (`gguf_type` f16 or q8_0) and an Ollama
-    Modelfile (gnlorp.gguf_export). Refuses a non-empty `output_dir` unless `force`, in which case the old
-    folder is replaced only once the new one has passed the check.
+    Refuses a non-empty `output_dir` unless `force`, in which case the old folder is replaced only once the new one
+    has passed the check.
     """
-    from .gguf_write import GGUF_TYPES
-
-    if format not in FORMATS:
-        raise ConfigError(f"unknown export format {format!r}; choose one of: {', '.join(FORMATS)}")
-    if format == "gguf" and gguf_type not in GGUF_TYPES:
-        raise ConfigError(f"unknown GGUF type {gguf_type!r}; choose one of: {', '.join(GGUF_TYPES)}")
     run, output = Path(run_dir), Path(output_dir)
-    cfg, weights = _read_run(run)
-    _check_output(run, output, force)
-    if format == "gguf":  # refused from the config alone, before any weights are loaded
-        if cfg.task != "causal-lm":
-            raise ConfigError("GGUF export is for causal-lm runs (llama.cpp and Ollama generate text); export a "
-                              "classifier as a Hugging Face folder (--format hf)")
-        from .gguf_write import gguf_architecture
-
-        gguf_architecture(meta_model(cfg.model, cfg.task, trust_remote_code=cfg.trust_remote_code))
+    cfg, weights = read_run(run)
+    check_output(run, output, force)
     trained = load_trained(run, cfg, weights)
-    if format == "gguf":
-        from .gguf_export import write_verified_gguf
-
-        return write_verified_gguf(trained, output, gguf_type, name=run.resolve().name)
-
     with atomic_dir(output) as tmp:
         trained.merged.save_pretrained(tmp)
         trained.tokenizer.save_pretrained(tmp)
@@ -101,74 +43,3 @@ def export_run(run_dir: str | Path, output_dir: str | Path, *, force: bool = Fal
             raise ConfigError(f"export check failed: the saved model's logits differ from the trained "
                               f"model's by {diff:.3g} (> {allowed:.3g}); nothing was written to {output}")
     return ExportReport(output, diff, written_files(output), trained.architecture)
-
-
-@dataclass
-class TrainedModel:
-    """A run's model merged into plain weights, with the trained (unmerged) model's logits on probe inputs."""
-
-    merged: torch.nn.Module | None
-    tokenizer: Any
-    probe: dict[str, torch.Tensor]
-    expected: torch.Tensor
-    architecture: str
-
-
-def load_trained(run: Path, cfg: RunConfig, weights: Path) -> TrainedModel:
-    """Rebuild the run's model in float32, load its final weights, take the probe logits, then merge."""
-    labels = read_labels(run) if cfg.task == "seq-cls" else None
-    tokenizer = load_run_tokenizer(run / "final", cfg)
-    method = get_method(cfg.method)
-    model = method.prepare(base_model(cfg, labels), cfg)
-    load_weights(model, weights, cfg)
-    probe = _probe_inputs(model, tokenizer.pad_token_id, min(PROBE_LEN, cfg.seq_len), cfg.seed)
-    expected = logits(model, probe)
-    merged = method.merge(model)
-    if labels is not None:
-        merged.config.id2label = dict(enumerate(labels))
-        merged.config.label2id = {name: i for i, name in enumerate(labels)}
-    return TrainedModel(merged, tokenizer, probe, expected, type(merged).__name__)
-
-
-def written_files(output: Path) -> dict[str, int]:
-    return {p.name: p.stat().st_size for p in sorted(output.iterdir()) if p.is_file()}
-
-
-def _read_run(run: Path) -> tuple[RunConfig, Path]:
-    if not (run / "config.yaml").is_file():
-        raise ConfigError(f"{run} has no config.yaml; give --run the folder a training run wrote")
-    cfg = RunConfig.from_yaml(run / "config.yaml")
-    weights = run / "final" / "model.safetensors"
-    if not weights.is_file():
-        raise ConfigError(f"{run} has no final weights ({weights.relative_to(run)}); let the run finish "
-                          "or resume it, then export")
-    verify(weights.parent, required=False)  # runs from before manifests have none; any other mismatch is refused
-    return cfg, weights
-
-
-def _check_output(run: Path, output: Path, force: bool) -> None:
-    if output.exists() and not output.is_dir():
-        raise ConfigError(f"output {output} is a file; give a folder path")
-    if output.resolve() == run.resolve() or output.resolve() in run.resolve().parents:
-        raise ConfigError(f"output {output} would replace the run folder {run}; choose another folder")
-    if output.is_dir() and any(output.iterdir()) and not force:
-        raise ConfigError(f"output {output} is not empty; choose another folder or add --force to replace it")
-
-
-def _probe_inputs(model: torch.nn.Module, pad_id: int | None, length: int,
-                  seed: int) -> dict[str, torch.Tensor]:
-    """Fixed random token ids, the second row right-padded so the padding path is checked too."""
-    vocab = model.get_input_embeddings().num_embeddings
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab, (PROBE_BATCH, length), generator=generator)
-    mask = torch.ones_like(ids)
-    if pad_id is not None:
-        ids[1, length // 2:] = pad_id
-        mask[1, length // 2:] = 0
-    return {"input_ids": ids, "attention_mask": mask}
-
-
-@torch.no_grad()
-def logits(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    model.eval()
-    return model(**inputs).logits.float()

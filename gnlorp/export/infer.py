@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .checkpoint import checkpoints, newest_good, verify
-from .config import TASKS, ConfigError, RunConfig
+from ..checkpoint import checkpoints, newest_good, verify
+from ..config import TASKS, ConfigError, RunConfig
 
 if TYPE_CHECKING:
     import torch
@@ -244,7 +244,7 @@ def load_for_try(path: str | Path, *, base: bool = False, task: str | None = Non
                           "give the run folder, or try the base model's own folder")
     import torch
 
-    from .models import load_model, load_tokenizer
+    from ..models.load import load_model, load_tokenizer
 
     if source.kind == "folder":
         model = load_model(source.path, source.task, dtype=torch.float32)
@@ -264,9 +264,9 @@ def load_for_try(path: str | Path, *, base: bool = False, task: str | None = Non
 
 def _load_run(source: Source, base: bool) -> tuple[torch.nn.Module, object, list[str] | None, str]:
     """The run's model as export builds it (or its untrained base), its tokenizer, class names and a description."""
-    from .methods import get_method
-    from .models import is_random_init, load_tokenizer
-    from .run_folder import base_model, load_run_tokenizer, load_weights, read_labels
+    from ..methods import get_method
+    from ..models.load import is_random_init, load_tokenizer
+    from ..run_folder import base_model, load_run_tokenizer, load_weights, read_labels
 
     cfg, run = source.cfg, source.path
     labels = read_labels(run) if cfg.task == "seq-cls" else None

@@ -25,8 +25,8 @@ from pathlib import Path
 from torch import nn
 
 from ..config import METHOD_NAMES, RunConfig
-from ..loss import chunk_tokens
-from ..sharding import decoder_blocks, separate_embedding
+from ..train.loss import chunk_tokens
+from ..train.sharding import decoder_blocks, separate_embedding
 from .activations import layer_bytes, saved_bytes
 from .devices import Device, get_device, this_machine
 from .state import optimizer_state_parts, update_temporaries
@@ -245,7 +245,7 @@ def _count_shapes(values: tuple, _changed: int | None, shards: int) -> tuple[obj
     """`values`: a RunConfig's fields in order (a hashable key); `_changed`: its folder config's mtime."""
     cfg = RunConfig(*values)
     from ..methods import get_method
-    from ..models import meta_model
+    from ..models.load import meta_model
 
     method = get_method(cfg.method)
     num_labels = 2 if cfg.task == "seq-cls" else None  # the head's size barely matters; the data is not read

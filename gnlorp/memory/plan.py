@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass
 
 from ..config import ConfigError, RunConfig
-from ..loss import SUPPORTED as CHUNKED_LOSS_MODELS
+from ..train.loss import SUPPORTED as CHUNKED_LOSS_MODELS
 from .devices import Device
 from .estimate import CUDA_CONTEXT, PARTS, _device, _shapes, estimate
 

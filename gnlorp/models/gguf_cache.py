@@ -16,8 +16,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .atomic import atomic_dir
-from .config import ConfigError
+from ..atomic import atomic_dir
+from ..config import ConfigError
 
 GGUF_MIN_VERSION = "0.10.0"  # transformers' own floor for reading GGUF
 

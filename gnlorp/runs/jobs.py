@@ -21,11 +21,11 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from .atomic import write_text_atomic
-from .checkpoint import config_hash
+from ..atomic import write_text_atomic
+from ..checkpoint import config_hash
 from .child import ERROR_LINE, POLL_S, Child, child_env, gpu_processes, redact
-from .config import ConfigError, RunConfig
-from .run_store import ACTIVE, JobState, MetricsReader, Snapshot
+from ..config import ConfigError, RunConfig
+from .store import ACTIVE, JobState, MetricsReader, Snapshot
 from .try_jobs import TryChild
 
 LOG_LINES = 400

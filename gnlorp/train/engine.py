@@ -28,22 +28,22 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import parse_flag_from_env
 
+from ..atomic import write_text_atomic
+from ..checkpoint import checkpoints
+from ..config import ConfigError, RunConfig
+from ..data.records import batches, collate, prepare_data
+from ..memory import MemoryMonitor, estimate, predict_optimizer_state_bytes, return_freed_memory, this_machine
+from ..methods import get_method
+from ..models.load import enable_checkpointing, load_tokenizer
+from ..models.load import load_model as load_base_model
+from ..optim import build_optimizer, state_bytes
+from ..optim.build import optimizer_settings
+from ..optim.sharded import any_rank
 from . import spectrum_log, tracking
-from .atomic import write_text_atomic
-from .checkpoint import checkpoints
-from .config import ConfigError, RunConfig
-from .data import batches, collate, prepare_data
 from .events import CheckpointEvent, DoneEvent, ErrorEvent, EvalEvent, Event, StepEvent, WarningEvent
 from .loss import loss_function
-from .memory import MemoryMonitor, estimate, predict_optimizer_state_bytes, return_freed_memory, this_machine
-from .methods import get_method
-from .models import enable_checkpointing, load_tokenizer
-from .models import load_model as load_base_model
-from .optim import build_optimizer, state_bytes
-from .optim.build import optimizer_settings
-from .optim.sharded import any_rank
 from .sharding import full_state_dict, full_value, local_value, shard_model
-from .train_state import Position, all_finite, load_checkpoint, save_checkpoint, save_final
+from .state import Position, all_finite, load_checkpoint, save_checkpoint, save_final
 
 __all__ = ["CheckpointEvent", "DoneEvent", "ErrorEvent", "EvalEvent", "Event", "StepEvent", "TrainingRun",
            "WarningEvent", "lr_factor", "micro_batches"]

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .config import ConfigError
+from ..config import ConfigError
 
 IGNORE_INDEX = -100
 CHUNK_BYTES = 64 * 2**20  # fp32 logits of one chunk of tokens

@@ -12,8 +12,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from .optim.spectrum import ADVICE_ENERGY, Spectrum
-from .run_store import MetricsReader
+from ..optim.spectrum import ADVICE_ENERGY, Spectrum
+from ..runs.store import MetricsReader
 
 FILE = "spectrum.jsonl"
 

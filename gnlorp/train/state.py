@@ -19,9 +19,9 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_model, save_file, save_model
 
-from .atomic import atomic_dir
-from .checkpoint import DamagedCheckpoint, newest_good, write_manifest
-from .config import ConfigError, RunConfig
+from ..atomic import atomic_dir
+from ..checkpoint import DamagedCheckpoint, newest_good, write_manifest
+from ..config import ConfigError, RunConfig
 from .sharding import STATE_DIR, load_sharded, save_sharded, shared_atomic_dir
 
 CHECKPOINTS_KEPT = 2

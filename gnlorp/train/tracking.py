@@ -14,8 +14,8 @@ from typing import Any
 
 from accelerate import Accelerator
 
-from .config import ConfigError
-from .run_store import read_metrics
+from ..config import ConfigError
+from ..runs.store import read_metrics
 
 FOLDER = "tensorboard"  # inside the run folder: `tensorboard --logdir RUN/tensorboard`
 TAGS = {  # metrics.jsonl key -> scalar tag; TensorBoard groups tags by what precedes the slash

@@ -1,0 +1,5 @@
+"""`python -m gnlorp`: the command line (gnlorp/cli)."""
+
+from gnlorp.cli.main import main
+
+raise SystemExit(main())
