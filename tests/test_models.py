@@ -13,7 +13,7 @@ from transformers import CLIPTextConfig
 
 from gnlorp.assets import build_tokenizer
 from gnlorp.config import ConfigError
-from gnlorp.models.load import models
+from gnlorp.models import load as models
 
 # GaLore's configs/llama_*.json: hidden, intermediate, heads, layers.
 GALORE_SIZES = {
