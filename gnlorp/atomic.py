@@ -1,7 +1,9 @@
-"""Writes that readers never see half done: a temp path beside the target, then a rename."""
+"""Writes that readers never see half done (a temp path beside the target, then a rename), in strict JSON."""
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import shutil
 import tempfile
@@ -21,6 +23,27 @@ def write_text_atomic(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def strict_json(value: object, **kwargs) -> str:
+    """JSON every reader accepts: a non-finite float (NaN and Infinity are not JSON) becomes null, and the object
+    holding it says why in `null_because` (key -> reason), so a reader can tell "not measured" from "blew up"."""
+    return json.dumps(_finite(value), allow_nan=False, **kwargs)
+
+
+def _finite(value: object) -> object:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        why = {key: f"not a finite number ({item})" for key, item in value.items()
+               if isinstance(item, float) and not math.isfinite(item)}
+        finite = {key: _finite(item) for key, item in value.items()}
+        if why:
+            finite["null_because"] = {**(value.get("null_because") or {}), **why}
+        return finite
+    if isinstance(value, list | tuple):
+        return [_finite(item) for item in value]
+    return value
 
 
 @contextmanager

@@ -103,6 +103,17 @@ def checkpoints(run_dir: Path) -> list[Path]:
     return sorted((run_dir / "checkpoints").glob("step-*"), reverse=True)
 
 
+def refuse_if_finished(run_dir: Path, max_steps: int) -> None:
+    """Resuming a run whose newest checkpoint already reached `max_steps` would train nothing and overwrite its
+    record: refuse it in one line that says how to go on."""
+    found = checkpoints(run_dir)
+    step = int(found[0].name.removeprefix("step-")) if found and found[0].name[5:].isdigit() else None
+    if step is not None and step >= max_steps:
+        raise ConfigError(f"run {run_dir.name} finished at step {step} of {max_steps}, so there is nothing to resume "
+                          f"(it is left as it was); to train on, resume with a higher --max-steps, e.g. "
+                          f"--max-steps {2 * step}")
+
+
 def newest_good(run_dir: Path, on_damaged: Callable[[DamagedCheckpoint], None],
                 read: Callable[[Path, dict[str, Any]], T]) -> tuple[Path, T]:
     """The newest checkpoint that verifies and that `read(folder, manifest)` accepts, with what it read.

@@ -121,12 +121,62 @@ def test_methods_lists_the_six_methods() -> None:
     assert [line.split()[0] for line in proc.stdout.strip().splitlines()] == METHODS
 
 
+def strict_load(text: str) -> object:
+    """Parse JSON as strictly as other languages' readers do: NaN and Infinity are not JSON."""
+    def refuse(name: str) -> None:
+        raise ValueError(f"{name} is not JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+def every_json(folder: Path) -> list[object]:
+    """Every JSON document in a run folder (.json files, and each line of .jsonl files), strictly parsed."""
+    docs = [strict_load(p.read_text()) for p in folder.rglob("*.json")]
+    return docs + [strict_load(line) for p in folder.rglob("*.jsonl") for line in p.read_text().splitlines()]
+
+
+def files_of(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_resume_of_a_finished_run_changes_nothing_and_says_how_to_go_on(run: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    before = files_of(copy)
+    line = one_line_error(gnlorp("train", "--resume", "--output", copy))
+    assert "finished at step 4" in line and "--max-steps" in line, line
+    assert files_of(copy) == before  # not a byte written: the summary, metrics and checkpoints are the first run's
+
+
 def test_resume_continues_a_finished_run_to_the_new_max_steps(run: Path, tmp_path: Path) -> None:
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
+    first = json.loads((copy / "summary.json").read_text())
     succeeded(gnlorp("train", "--resume", "--output", copy, "--max-steps", "8"))
     assert logged_steps(copy) == list(range(1, 9))
-    assert json.loads((copy / "summary.json").read_text())["steps"] == 8
+    summary = json.loads((copy / "summary.json").read_text())
+    assert summary["steps"] == 8 and summary["status"] == "finished"
+    # The whole run's facts: both segments listed, wall time summed, the higher peak kept.
+    segments = summary["segments"]
+    assert [(s["from_step"], s["to_step"]) for s in segments] == [(0, 4), (4, 8)]
+    assert segments[0]["wall_s"] == first["wall_s"] and segments[0]["peak_mem_bytes"] == first["peak_mem_bytes"]
+    assert summary["wall_s"] == pytest.approx(first["wall_s"] + segments[1]["wall_s"])
+    assert summary["peak_mem_bytes"] == max(first["peak_mem_bytes"], segments[1]["peak_mem_bytes"])
+    every_json(copy)
+
+
+def test_every_json_a_run_writes_is_strict(run: Path) -> None:
+    assert len(every_json(run)) > 5
+
+
+def test_strict_json_writes_null_with_a_reason_where_a_number_is_not_finite() -> None:
+    from gnlorp.atomic import strict_json
+
+    record = {"step": 3, "loss": 2.5, "grad_norm": float("inf"), "nested": [{"x": float("nan")}]}
+    parsed = strict_load(strict_json(record))
+    assert parsed == {"step": 3, "loss": 2.5, "grad_norm": None, "nested": [{"x": None, "null_because": {
+        "x": "not a finite number (nan)"}}], "null_because": {"grad_norm": "not a finite number (inf)"}}
+    with pytest.raises(ValueError):
+        strict_load(json.dumps(record))  # what the standard library writes by default is not JSON
 
 
 def test_sigint_stops_a_run_with_a_checkpoint_even_when_started_with_sigint_ignored(tmp_path: Path) -> None:

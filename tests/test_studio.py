@@ -158,7 +158,7 @@ def test_data_preview_shows_the_first_rows_and_the_task(client: Client, api: dic
     ("presets/data/missing.jsonl", "cannot read data file"),
 ])
 def test_bad_dataset_is_a_message_not_a_traceback(client: Client, api: dict, data: str, expected: str) -> None:
-    message, _, _ = call(client, api, "/preview_data", Dataset=data)
+    _, message, _ = call(client, api, "/preview_data", Dataset=data)  # beside the Dataset field, in its preview
     assert expected in message.replace("&#x27;", "'") and "gn-error" in message
     assert "Traceback" not in message
     message = call(client, api, "/start", **{"Dataset": data})[0]

@@ -12,7 +12,7 @@ from typing import Any
 import gradio as gr
 
 from gnlorp.config import RunConfig
-from gnlorp.memory import PARTS, Plan, compare, devices, estimate, fit, plan
+from gnlorp.memory import PARTS, Plan, compare, devices, fit, plan
 
 from .charts import budget_figure, compare_figure, human_bytes
 from .context import Studio
@@ -56,6 +56,18 @@ def plan_message(result: Plan) -> str:
               f"{result.time_factor:.2f}x the unconstrained run's. Changed: {changed}.")
 
 
+def chosen_figure(cfg: RunConfig, device_name: str) -> Any:
+    """This run's parts as one bar; on a GPU the CUDA context is a part of its own, so the bar adds up to the
+    verdict's "needs" (the context is the GPU runtime's, a fixed cost before the first tensor)."""
+    result = fit(cfg, device_name)
+    parts = {**result.estimate, "cuda_context": result.total_bytes - result.estimate["total"],
+             "total": result.total_bytes}
+    order = (*PARTS, "cuda_context") if parts["cuda_context"] else PARTS
+    title = (f"{cfg.method}: {human_bytes(result.total_bytes)}, {parts['trainable_params']:,} trainable parameters"
+             + (f" (CUDA context {human_bytes(parts['cuda_context'])} included)" if parts["cuda_context"] else ""))
+    return budget_figure(parts, order, result.device.capacity_bytes, title)
+
+
 def device_rows(cfg: RunConfig) -> list[list[Any]]:
     """Every device with its memory and whether this run fits there at its batch size."""
     rows = []
@@ -77,25 +89,22 @@ def build_budget(studio: Studio, setup: SetupTab, page: gr.Blocks) -> BudgetPane
     device = gr.Dropdown(choices, value=DEFAULT_DEVICE, label="Device", elem_id="budget-device")
     verdict_md = gr.Markdown(elem_id="budget-verdict")
     chosen = gr.Plot(label="This run", elem_id="budget-chosen")
-    table = gr.Dataframe(headers=["device", "memory", "this run needs", "fits"], label="Devices",
-                         interactive=False, elem_id="budget-devices")
+    table = gr.Dataframe(headers=["device", "memory", "needs", "fits"], label="Devices", interactive=False,
+                         elem_id="budget-devices", wrap=True, column_widths=["46%", "20%", "20%", "14%"])
     fit_button = gr.Button("Fit to device", size="sm", elem_id="budget-fit")
     plan_md = gr.Markdown(elem_id="budget-plan")
     everything = gr.Plot(label="All methods", elem_id="budget-compare")
     cache: dict[tuple, dict[str, dict[str, int]]] = {}
     lock = threading.Lock()
 
-    @guarded(3, 0, studio.error_log)
+    @guarded(3, 0, studio.error_log, cleared={1: None, 2: []})  # no figures of the last model under its error
     def update(*values: Any) -> tuple:
         *form, device_name = values
         cfg = values_to_config(form)
         studio.check_model(cfg)
-        parts = estimate(cfg, device_name)
-        capacity = devices()[device_name].capacity_bytes
-        title = f"{cfg.method}: {human_bytes(parts['total'])}, {parts['trainable_params']:,} trainable parameters"
-        return verdict(cfg, device_name), budget_figure(parts, PARTS, capacity, title), device_rows(cfg)
+        return verdict(cfg, device_name), chosen_figure(cfg, device_name), device_rows(cfg)
 
-    @guarded(2, 0, studio.error_log)
+    @guarded(2, 0, studio.error_log, cleared={1: None})
     def update_all(*values: Any) -> tuple:
         *form, device_name = values
         cfg = values_to_config(form)

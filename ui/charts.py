@@ -8,9 +8,10 @@ import plotly.graph_objects as go
 from plotly.colors import qualitative
 
 PART_LABELS = {"weights": "weights", "gradients": "gradients", "optimizer_states": "optimizer states",
-               "projectors": "projectors", "activations": "activations", "overhead": "overhead"}
+               "projectors": "projectors", "activations": "activations", "overhead": "overhead",
+               "cuda_context": "CUDA context"}
 PART_COLORS = {"weights": "#4C78A8", "gradients": "#F58518", "optimizer_states": "#E45756",
-               "projectors": "#72B7B2", "activations": "#54A24B", "overhead": "#B0B0B0"}
+               "projectors": "#72B7B2", "activations": "#54A24B", "overhead": "#B0B0B0", "cuda_context": "#6B4C9A"}
 PALETTE = qualitative.Plotly
 UNITS = ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB"), (1, "B"))
 

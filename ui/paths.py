@@ -32,5 +32,6 @@ class PathPolicy:
                 raise ConfigError(f"{what} {text.strip()!r} is a link to {path}, outside the folders the studio may "
                                   f"use ({allowed}); copy the file into one of them instead of linking it")
             raise ConfigError(f"{what} {text.strip()!r} is outside the folders the studio may use ({allowed}); "
-                              "move it into one of them or start the studio with --allow-dir FOLDER")
+                              "copy it into one of them, or restart the studio with that folder "
+                              "allowed (python app.py --allow-dir FOLDER)")
         return path

@@ -93,7 +93,7 @@ def build_setup(studio: Studio, page: gr.Blocks) -> SetupTab:
     tab = SetupTab({f.name: form[f.name] for f in form_fields()}, message)
     log = studio.error_log
 
-    @guarded(3, 0, log)
+    @guarded(3, 1, log, cleared={2: gr.update(value=[], headers=["(no file)"])})  # the error beside the field
     def preview(*values: Any) -> tuple[str, Any, Any]:
         cfg = values_to_config(values)
         path = studio.policy.resolve(cfg.data, "Dataset")

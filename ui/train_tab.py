@@ -13,8 +13,9 @@ from typing import Any
 
 import gradio as gr
 
-from gnlorp.config import ConfigError
+from gnlorp.config import ConfigError, RunConfig
 from gnlorp.memory import estimate, gpu_count
+from gnlorp.methods import METHODS, ProjectedMethod
 from gnlorp.runs import ACTIVE, MetricsReader, Snapshot, list_runs
 from gnlorp.train import spectrum_log
 
@@ -24,6 +25,7 @@ from .feedback import guarded, ok, problem
 from .setup_tab import SetupTab
 from .widgets import values_to_config
 
+NO_SPECTRUM = "The share of each gradient's energy the rank keeps appears at the first refresh."
 REFRESH_S = 1.0  # the issue asks for at least every 2 s
 LOG_SHOWN = 60
 
@@ -70,6 +72,19 @@ def spectrum_text(lines: list[dict[str, Any]]) -> str:
     return line or "No projector refresh yet."
 
 
+def projects(snap: Snapshot) -> bool:
+    """Whether the job's method refreshes projectors (GaLore, GradNormLoRP), the only ones with a spectrum to show.
+
+    A new run's config is the one its command names (the run folder's own copy appears only once it has started);
+    a resumed run's is in its folder."""
+    command = snap.state.command
+    path = command[command.index("--config") + 1] if "--config" in command else Path(snap.state.run_dir) / "config.yaml"
+    try:
+        return isinstance(METHODS.get(RunConfig.from_yaml(path).method), ProjectedMethod)
+    except (ConfigError, OSError):
+        return True  # unreadable: keep the panel rather than hide a spectrum that may come
+
+
 def predicted_peak(snap: Snapshot) -> int | None:
     """The run's own predicted peak once its summary has one, else the estimate taken when it started."""
     summary = Path(snap.state.run_dir) / "summary.json"
@@ -107,9 +122,9 @@ def build_train(studio: Studio, setup: SetupTab) -> TrainTab:
     with gr.Row():
         loss_plot = gr.Plot(label="Loss", elem_id="chart-loss")
         memory_plot = gr.Plot(label="Memory", elem_id="chart-memory")
-    with gr.Accordion("Gradient spectrum (galore, gradnormlorp): which rank?", open=True):
-        advice = gr.Markdown("The share of each gradient's energy the rank keeps appears at the first refresh.",
-                             elem_id="spectrum-advice")
+    with gr.Accordion("Gradient spectrum (galore, gradnormlorp): which rank?", open=True,
+                      elem_id="spectrum-panel") as spectrum_panel:
+        advice = gr.Markdown(NO_SPECTRUM, elem_id="spectrum-advice")
         with gr.Row():
             energy_plot = gr.Plot(label="Energy kept", elem_id="chart-energy")
             heat_plot = gr.Plot(label="Energy kept per matrix", elem_id="chart-spectrum")
@@ -156,7 +171,7 @@ def build_train(studio: Studio, setup: SetupTab) -> TrainTab:
 
     def refresh(seen_key: Any) -> tuple:
         job = studio.jobs.current()
-        unchanged = (gr.skip(),) * 7
+        unchanged = (gr.skip(),) * 8
         if job is None:
             return *unchanged, seen_key
         snap = job.snapshot()
@@ -168,13 +183,19 @@ def build_train(studio: Studio, setup: SetupTab) -> TrainTab:
             spectra[snap.state.run_dir] = MetricsReader(Path(snap.state.run_dir) / spectrum_log.FILE)
         reader = spectra[snap.state.run_dir]
         fresh_page = seen_key is None or seen_key[0] != key[0]
-        spectrum = (spectrum_text(reader.records), energy_figure(snap.steps), spectrum_heatmap(reader.records)) \
-            if (reader.read() or fresh_page) and reader.records else (gr.skip(),) * 3
+        grew = reader.read()
+        if reader.records and (grew or fresh_page):
+            spectrum = (spectrum_text(reader.records), energy_figure(snap.steps), spectrum_heatmap(reader.records))
+        else:  # another run than the page last drew, with no spectrum yet: nothing of the last run's stays
+            spectrum = (NO_SPECTRUM, None, None) if fresh_page else (gr.skip(),) * 3
+        panel = gr.update(visible=projects(snap)) if fresh_page else gr.skip()
         return (progress_text(snap), loss_figure(snap.steps, snap.evals),
-                memory_figure(snap.steps, predicted_peak(snap)), "\n".join(snap.log[-LOG_SHOWN:]), *spectrum, key)
+                memory_figure(snap.steps, predicted_peak(snap)), "\n".join(snap.log[-LOG_SHOWN:]), *spectrum, panel,
+                key)
 
     timer.tick(refresh, inputs=seen, outputs=[progress, loss_plot, memory_plot, log, advice, energy_plot, heat_plot,
-                                              seen], api_name="refresh", show_progress="hidden", concurrency_limit=None)
+                                              spectrum_panel, seen], api_name="refresh", show_progress="hidden",
+               concurrency_limit=None)
 
     def status() -> dict:
         """The current job (status, step, points in each chart, ETA, last log lines) as plain data."""

@@ -20,16 +20,26 @@ from gradio.context import Context
 
 from gnlorp.config import ConfigError
 from gnlorp.export import infer
+from gnlorp.models import is_random_init
 from gnlorp.runs import JobError, list_runs
 
 from .context import Studio
 from .feedback import guarded, ok, problem
 
 OUTPUTS = 4  # message, trained answer, base answer, probability chart
-BASE_INFO = "The run's untrained starting point answers the same input, same seed."
+BASE_INFO = "The run's starting point, before training, answers the same input, same seed."
 NO_BASE = "An exported folder does not record its base model; pick its run to compare with the base."
 TEXT_LABELS = {"causal-lm": ("Prompt", "Text for the model to continue"),
                "seq-cls": ("Sentence to classify", "A sentence for the classifier to label")}
+
+
+def base_name(found: infer.Source) -> str:
+    """What a run started from, as the base answer's label names it: a preset's random start or real weights."""
+    if found.kind != "run":
+        return "before training"
+    if is_random_init(found.cfg.model):
+        return f"random start, seed {found.cfg.seed}: what training began from"
+    return "pretrained weights: what training began from"
 
 
 def has_weights(run: Path) -> bool:
@@ -119,14 +129,14 @@ def build_try(studio: Studio, tab: gr.Tab) -> None:
     message = gr.Markdown(elem_id="try-message")
     with gr.Row():
         trained = gr.Textbox(label="Trained model", lines=6, interactive=False, elem_id="try-trained")
-        base = gr.Textbox(label="Base model (untrained start)", lines=6, interactive=False, elem_id="try-base")
+        base = gr.Textbox(label="Base model (before training)", lines=6, interactive=False, elem_id="try-base")
     chart = gr.Plot(label="Class probabilities", elem_id="try-chart", visible=False)
     errors = studio.error_log
 
-    @guarded(6, 0, errors)
+    @guarded(7, 0, errors)
     def describe(chosen: str | None) -> tuple:
         if not chosen:
-            return "", "", gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            return "", "", gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
         found = resolve(studio, chosen)
         classifier = found.task == "seq-cls"
         label, placeholder = TEXT_LABELS[found.task]
@@ -140,10 +150,11 @@ def build_try(studio: Studio, tab: gr.Tab) -> None:
         base_update = (gr.update(interactive=True, info=BASE_INFO) if found.kind == "run"
                        else gr.update(value=False, interactive=False, info=NO_BASE))
         return ("", f"`{found.path}` is {what}, {task}.", gr.update(label=label, placeholder=placeholder),
-                gr.update(visible=not classifier), base_update, gr.update(visible=classifier))
+                gr.update(visible=not classifier), base_update, gr.update(visible=classifier),
+                gr.update(label=f"Base model ({base_name(found)})"))
 
     gr.on([source.change, tab.select], describe, inputs=source,
-          outputs=[message, about, text, sampling, with_base, chart], api_name="try_source",
+          outputs=[message, about, text, sampling, with_base, chart, base], api_name="try_source",
           trigger_mode="always_last", show_progress="hidden")
 
     def offer(chosen: str | None) -> Any:

@@ -22,7 +22,7 @@ def follow(run: TrainingRun) -> int:
     # training children with SIGINT, so a run started that way must still hear it.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     thread = run.start()
-    bar = None
+    bar, saved = None, None
     try:
         while True:
             try:
@@ -43,13 +43,18 @@ def follow(run: TrainingRun) -> int:
                 (bar.write if bar else print)(f"step {event.step}: eval_loss {event.eval_loss:.4f}{accuracy}")
             elif isinstance(event, WarningEvent):  # e.g. a damaged checkpoint skipped on resume
                 (bar.write if bar else print)(f"warning: {event.message}", file=sys.stderr)
-            elif isinstance(event, CheckpointEvent) and bar is not None:
-                bar.set_description(f"train (saved step {event.step})")
+            elif isinstance(event, CheckpointEvent):
+                saved = event
+                if bar is not None:
+                    bar.set_description(f"train (saved step {event.step})")
             elif isinstance(event, DoneEvent):
                 _close(bar)
                 thread.join()  # exiting under a live torch thread can abort the process (rc 134)
                 print(f"{event.status}: {event.summary['steps']} steps, final loss {event.summary['final_loss']:.4f}, "
                       f"run folder {run.run_dir}")
+                if event.status == "stopped" and saved is not None:  # what the person who stopped it needs next
+                    print(f"checkpoint saved at step {saved.step} ({saved.path}); to go on: python -m gnlorp train "
+                          f"--resume --output {run.run_dir}")
                 advice = spectrum_log.advice_line(event.summary, run.cfg.rank)
                 if advice is not None:
                     print(advice)

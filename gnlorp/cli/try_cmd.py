@@ -22,7 +22,8 @@ def add_try(commands: argparse._SubParsersAction) -> None:
     given.add_argument("--prompt", help="text for a causal LM to continue (or to answer, with a chat template)")
     given.add_argument("--text", help="a sentence for a classifier to label")
     parser.add_argument("--base", action="store_true",
-                        help="try the run's untrained starting point instead, to compare with the same prompt and seed")
+                        help="try the run's starting point before training instead, to compare with the same prompt "
+                        "and seed")
     parser.add_argument("--max-new-tokens", type=int_in_range(1, infer.MAX_NEW_TOKENS),
                         default=infer.DEFAULT_MAX_NEW_TOKENS, help="tokens to generate (%(default)s)")
     parser.add_argument("--temperature", type=float, default=infer.DEFAULT_TEMPERATURE,

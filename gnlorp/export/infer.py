@@ -2,7 +2,7 @@
 
 A run folder is rebuilt the way the engine built it (base model from config.yaml, the method's `prepare`,
 then the trained tensors) and merged the way the export merges it, in float32, so a run and its export
-give the same text for the same prompt and seed. `base=True` gives the run's untrained starting point
+give the same text for the same prompt and seed. `base=True` gives the run's starting point before training
 instead (a preset's seeded random init, or the local folder it started from), for side-by-side answers.
 Only safetensors are read and `trust_remote_code` stays as the run had it (off for exported folders).
 torch and transformers are imported where they are used, so the CLI refuses bad input before loading them.
@@ -263,7 +263,8 @@ def load_for_try(path: str | Path, *, base: bool = False, task: str | None = Non
 
 
 def _load_run(source: Source, base: bool) -> tuple[torch.nn.Module, object, list[str] | None, str]:
-    """The run's model as export builds it (or its untrained base), its tokenizer, class names and a description."""
+    """The run's model as export builds it (or its base before training), its tokenizer, class names and a
+    description."""
     from ..methods import get_method
     from ..models.load import is_random_init, load_tokenizer
     from ..run_folder import base_model, load_run_tokenizer, load_weights, read_labels
@@ -274,9 +275,9 @@ def _load_run(source: Source, base: bool) -> tuple[torch.nn.Module, object, list
     tokenizer = (load_run_tokenizer(run / "final", cfg) if (run / "final" / "tokenizer_config.json").is_file()
                  else load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code))
     if base:
-        origin = (f"random init from seed {cfg.seed}" if is_random_init(cfg.model) else "its folder's weights"
+        origin = (f"random weights from seed {cfg.seed}" if is_random_init(cfg.model) else "its pretrained weights"
                   + (f", a new head from seed {cfg.seed}" if cfg.task == "seq-cls" else ""))
-        return model, tokenizer, labels, f"base model {cfg.model} of run {run} (untrained: {origin})"
+        return model, tokenizer, labels, f"base model {cfg.model} of run {run} (before training: {origin})"
     method = get_method(cfg.method)
     model = method.prepare(model, cfg)
     load_weights(model, source.weights, cfg)

@@ -22,7 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..atomic import write_text_atomic
-from ..checkpoint import config_hash
+from ..checkpoint import config_hash, refuse_if_finished
 from .child import ERROR_LINE, POLL_S, Child, child_env, gpu_processes, redact
 from ..config import ConfigError, RunConfig
 from .store import ACTIVE, JobState, MetricsReader, Snapshot
@@ -306,11 +306,10 @@ class JobManager:
         if not any((run_dir / "checkpoints").glob("step-*")):
             raise ConfigError(f"{run_dir.name} has no checkpoint to resume from; start a new run instead")
         cfg = RunConfig.from_yaml(config)
-        steps = cfg.max_steps
+        steps = cfg.max_steps if max_steps is None else max_steps
+        refuse_if_finished(run_dir, steps)  # before a child is started that would only say the same
         command = [*self._runner(saved_world_size(run_dir)), "train", "--resume", "--output", str(run_dir)]
-        if max_steps is not None and max_steps != steps:
-            command += ["--max-steps", str(max_steps)]
-            steps = max_steps
+        command += ["--max-steps", str(steps)] if steps != cfg.max_steps else []
         return self._launch(command, run_dir, steps, predicted_peak_bytes, config_hash(cfg))
 
     def _runner(self, processes: int) -> list[str]:

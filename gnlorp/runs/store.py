@@ -68,8 +68,10 @@ class Snapshot:
         return self.steps[-1]["step"] if self.steps else 0
 
     def eta_s(self, window: int = 20) -> float | None:
-        """Seconds left at the pace of the last `window` logged steps; None before two steps are logged."""
-        recent = self.steps[-window:]
+        """Seconds left at the pace of the last `window` steps this job logged; None before it logged two.
+
+        Steps of an earlier segment of a resumed run are left out: the pause between the segments is not training."""
+        recent = [r for r in self.steps if r.get("time", 0) >= self.state.started_at][-window:]
         if len(recent) < 2 or recent[-1]["step"] <= recent[0]["step"]:
             return None
         per_step = (recent[-1]["time"] - recent[0]["time"]) / (recent[-1]["step"] - recent[0]["step"])

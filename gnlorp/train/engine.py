@@ -28,8 +28,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import parse_flag_from_env
 
-from ..atomic import write_text_atomic
-from ..checkpoint import checkpoints
+from ..atomic import strict_json, write_text_atomic
+from ..checkpoint import checkpoints, refuse_if_finished
 from ..config import ConfigError, RunConfig
 from ..data.records import batches, collate, prepare_data
 from ..memory import MemoryMonitor, estimate, predict_optimizer_state_bytes, return_freed_memory, this_machine
@@ -44,6 +44,7 @@ from .events import CheckpointEvent, DoneEvent, ErrorEvent, EvalEvent, Event, St
 from .loss import loss_function
 from .sharding import full_state_dict, full_value, local_value, shard_model
 from .state import Position, all_finite, load_checkpoint, save_checkpoint, save_final
+from .summary import read_summary, whole_run, write_summary
 
 __all__ = ["CheckpointEvent", "DoneEvent", "ErrorEvent", "EvalEvent", "Event", "StepEvent", "TrainingRun",
            "WarningEvent", "lr_factor", "micro_batches"]
@@ -152,7 +153,7 @@ class TrainingRun:
             with self._writing():
                 cfg.to_yaml(self.run_dir / "config.yaml")
             if data.label_names:
-                write_text_atomic(self.run_dir / "labels.json", json.dumps(data.label_names))
+                write_text_atomic(self.run_dir / "labels.json", strict_json(data.label_names))
             if cfg.report_to != "none":  # after a resume's truncation: it replays metrics.jsonl
                 with self._writing():
                     self._tracker = tracking.Tracker(accelerator, self.run_dir)
@@ -160,7 +161,7 @@ class TrainingRun:
         # The loop: one optimizer step per iteration, over grad_accum micro-batches on each process.
         world, rank = accelerator.num_processes, accelerator.process_index
         stream = micro_batches(data.train, cfg, position, world, rank, tokenizer.pad_token_id)
-        started, last_loss, status = time.time(), float("nan"), "finished"
+        started, last_loss, status, first_step = time.time(), float("nan"), "finished", position.step
         names = {id(p): name for name, p in accelerator.unwrap_model(model).named_parameters()}
         order = {name: i for i, name in enumerate(names.values())}  # spectrum.jsonl lists matrices in model order
         model.train()
@@ -233,7 +234,7 @@ class TrainingRun:
 
         accelerator.wait_for_everyone()
         self.model = accelerator.unwrap_model(model)
-        summary = {
+        summary = whole_run({
             "status": status,
             "trainable_params": trainable,
             "optimizer_state_bytes": state_bytes(optimizer.optimizer),  # this rank's: 1/N of it with --fsdp
@@ -247,13 +248,13 @@ class TrainingRun:
             "final_loss": last_loss,
             "wall_s": time.time() - started,
             **(spectrum_log.advice(spectrum_log.read(self.run_dir)) if main else {}),
-        }
+        }, first_step, read_summary(self.run_dir) if self.resume else None)
         weights = full_state_dict(self.model) if cfg.fsdp else None  # every rank sends its shards to rank 0
         if main:  # every process has the same weights (or rank 0 has them gathered); one writes them
             with self._writing():
                 save_final(cfg, self.model, tokenizer, method.uses_adapter, position.step, weights)
             with self._writing():
-                write_text_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=1))
+                write_summary(self.run_dir, summary)
         self._emit(DoneEvent(status, summary))
         return summary
 
@@ -265,6 +266,8 @@ class TrainingRun:
         has_checkpoint = (self.run_dir / "checkpoints").is_dir() and any((self.run_dir / "checkpoints").iterdir())
         if self.resume and not has_checkpoint:
             raise ConfigError(f"nothing to resume in {self.run_dir}: it has no checkpoints; start without --resume")
+        if self.resume:
+            refuse_if_finished(self.run_dir, self.cfg.max_steps)
         if not self.resume and self.run_dir.exists() and any(self.run_dir.iterdir()):
             raise ConfigError(f"run folder {self.run_dir} is not empty; choose another --output or add --resume")
 
@@ -278,7 +281,7 @@ class TrainingRun:
         if not records:
             return
         with self._writing(), open(self.run_dir / name, "a", encoding="utf-8") as handle:
-            handle.write("".join(json.dumps(record) + "\n" for record in records))
+            handle.write("".join(strict_json(record) + "\n" for record in records))
 
     @contextmanager
     def _writing(self):

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_model, save_file, save_model
 
-from ..atomic import atomic_dir
+from ..atomic import atomic_dir, strict_json
 from ..checkpoint import DamagedCheckpoint, newest_good, write_manifest
 from ..config import ConfigError, RunConfig
 from .sharding import STATE_DIR, load_sharded, save_sharded, shared_atomic_dir
@@ -53,7 +53,7 @@ def save_checkpoint(cfg: RunConfig, model, optimizer, scheduler, position: Posit
             torch.save({"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all()
                         if torch.cuda.is_available() else []}, tmp / "rng.pt")
         if main:
-            (tmp / "trainer_state.json").write_text(json.dumps(state), encoding="utf-8")
+            (tmp / "trainer_state.json").write_text(strict_json(state), encoding="utf-8")
             write_manifest(tmp, step=position.step, cfg=cfg)  # last: a folder without it is incomplete
     if main:
         for old in sorted(root.glob("step-*"))[:-CHECKPOINTS_KEPT] + list(root.glob(".step-*.tmp-*")):
