@@ -19,6 +19,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, TypeVar
 
+from .atomic import strict_json
 from .config import ConfigError, RunConfig
 
 MANIFEST = "manifest.json"
@@ -63,7 +64,7 @@ def write_manifest(folder: Path, *, step: int, cfg: RunConfig) -> dict[str, Any]
              for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
     manifest = {"format": FORMAT, "step": step, "method": cfg.method, "config_sha256": config_hash(cfg),
                 "versions": library_versions(), "files": files}
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+    (folder / MANIFEST).write_text(strict_json(manifest, indent=1), encoding="utf-8")
     return manifest
 
 

@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..atomic import strict_json
 from ..config import METHOD_NAMES, ConfigError, add_config_arguments, config_from_args
 from .args import int_in_range
 
@@ -34,7 +35,6 @@ def add_estimate(commands: argparse._SubParsersAction) -> None:
 
 def _run_estimate(args: argparse.Namespace) -> int:
     import dataclasses
-    import json
 
     cfg = config_from_args(args)
     from gnlorp.memory import fit, get_device
@@ -47,7 +47,7 @@ def _run_estimate(args: argparse.Namespace) -> int:
     if args.compare:
         fits = {name: fit(dataclasses.replace(cfg, method=name), device) for name in METHOD_NAMES}
         if args.json:
-            print(json.dumps({name: _fit_json(verdict) for name, verdict in fits.items()}))
+            print(strict_json({name: _fit_json(verdict) for name, verdict in fits.items()}))
             return 0
         _print_fits("GiB", {name: name for name in fits}, fits, trainable=True)
         print(f"on {device.label}, batch {cfg.batch_size} x {cfg.seq_len} tokens")
@@ -55,7 +55,7 @@ def _run_estimate(args: argparse.Namespace) -> int:
     verdict = fit(cfg, device)
     result = verdict.estimate
     if args.json:
-        print(json.dumps({**result, "device": device.name} | _fit_json(verdict)))
+        print(strict_json({**result, "device": device.name} | _fit_json(verdict)))
         return 0
     for key, value in result.items():
         shown = f"{value:,}" if key == "trainable_params" else f"{value / 2**30:8.3f} GiB"
@@ -92,7 +92,6 @@ def _print_fits(corner: str, headers: dict[str, str], fits: dict, trainable: boo
 def _print_per_gpu(cfg, device, gpus: int, as_json: bool) -> int:
     """One GPU, then each of `gpus` data-parallel and sharded: every one holds cfg.batch_size sequences."""
     import dataclasses
-    import json
 
     from gnlorp.memory import fit
 
@@ -101,7 +100,7 @@ def _print_per_gpu(cfg, device, gpus: int, as_json: bool) -> int:
     fits = {"one": fit(cfg, device), "ddp": fit(dataclasses.replace(several, fsdp=False), device, gpus),
             "fsdp": fit(dataclasses.replace(several, fsdp=True), device, gpus)}
     if as_json:
-        print(json.dumps({"gpus": gpus, "device": device.name,
+        print(strict_json({"gpus": gpus, "device": device.name,
                           **{name: _fit_json(f) for name, f in fits.items() if name != "one"}}))
         return 0
     headers = {"one": "1 GPU", "ddp": f"DDP x{gpus}", "fsdp": f"FSDP x{gpus}"}
@@ -133,7 +132,6 @@ def add_plan(commands: argparse._SubParsersAction) -> None:
 
 
 def _run_plan(args: argparse.Namespace) -> int:
-    import json
 
     cfg = config_from_args(args)
     if args.write_config and Path(args.write_config).exists():
@@ -143,7 +141,7 @@ def _run_plan(args: argparse.Namespace) -> int:
     result = plan(cfg, args.device, search_rank=args.rank is None and args.config is None)
     gib = 2**30
     if args.json:
-        print(json.dumps(result.to_json()))
+        print(strict_json(result.to_json()))
     else:
         chosen = result.config
         print(f"{'fits' if result.fits else 'nothing fits'} on {result.device.label}: {chosen.method} rank "

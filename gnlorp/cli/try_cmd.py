@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..atomic import strict_json
 from .args import int_in_range
 
 
@@ -40,7 +41,6 @@ def add_try(commands: argparse._SubParsersAction) -> None:
 
 
 def _run_try(args: argparse.Namespace) -> int:
-    import json
 
     from gnlorp.export import infer
 
@@ -58,11 +58,11 @@ def _run_try(args: argparse.Namespace) -> int:
             pieces.append(piece)
             if not args.json:
                 print(piece, end="", flush=True)
-        print(json.dumps({"model": model.description, "text": "".join(pieces)}) if args.json else "")
+        print(strict_json({"model": model.description, "text": "".join(pieces)}) if args.json else "")
         return 0
     result = model.classify(args.text)
     if args.json:
-        print(json.dumps({"model": model.description, "label": result.label, "probabilities": result.probabilities}))
+        print(strict_json({"model": model.description, "label": result.label, "probabilities": result.probabilities}))
         return 0
     print(result.label)
     width = max(map(len, result.probabilities))

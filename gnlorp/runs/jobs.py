@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from ..atomic import write_text_atomic
+from ..atomic import strict_json, write_text_atomic
 from ..checkpoint import config_hash, refuse_if_finished
 from .child import ERROR_LINE, POLL_S, Child, child_env, gpu_processes, redact
 from ..config import ConfigError, RunConfig
@@ -271,7 +271,7 @@ class JobManager:
 
     def _save(self, state: JobState) -> None:
         write_text_atomic(self.store_dir / f"{Path(state.run_dir).name}.json",
-                          redact(json.dumps(state.to_dict(), indent=1)))
+                          redact(strict_json(state.to_dict(), indent=1)))
 
     def _reconcile(self) -> None:
         """Follow the live run again; settle the ones that ended while no studio was watching."""
