@@ -22,7 +22,7 @@ from transformers import (
     LlamaForCausalLM,
 )
 
-import gnlorp.export.hf
+import gnlorp.export.report
 from gnlorp.config import ConfigError, RunConfig
 from gnlorp.export import export_run
 from gnlorp.methods import get_method
@@ -139,7 +139,7 @@ def test_failed_check_leaves_nothing_in_place(tmp_path, lora_run, monkeypatch):
                 merged.lm_head.weight.add_(1.0)
             return merged
 
-    monkeypatch.setattr(gnlorp.export.hf, "get_method", lambda name: Broken(lora.name, lora.summary))
+    monkeypatch.setattr(gnlorp.export.report, "get_method", lambda name: Broken(lora.name, lora.summary))
     with pytest.raises(ConfigError, match="export check failed"):
         export_run(lora_run[0], tmp_path / "out")
     assert not (tmp_path / "out").exists() and not hidden_leftovers(tmp_path)
