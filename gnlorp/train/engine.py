@@ -184,8 +184,8 @@ class TrainingRun:
             if cfg.max_grad_norm > 0 and not cfg.layerwise:
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
                 grad_norm = float(full_value(grad_norm))
-            if not cfg.layerwise:
-                optimizer.step()
+            optimizer.step()  # layer-wise, the hooks stepped every weight and this finds no gradient (the scheduler
+            if not cfg.layerwise:  # then knows the optimizer stepped before it, and does not warn that it did not)
                 optimizer.zero_grad(set_to_none=True)
                 if optimizer.optimizer.skipped_steps_in_a_row >= 3:  # one bad gradient is survived; a streak is not
                     raise self._diverged(position.step + 1, "the gradients were non-finite for 3 steps in a row")
