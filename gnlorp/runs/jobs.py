@@ -23,8 +23,8 @@ from pathlib import Path
 
 from ..atomic import strict_json, write_text_atomic
 from ..checkpoint import config_hash, refuse_if_finished
-from .child import ERROR_LINE, POLL_S, Child, child_env, gpu_processes, redact
 from ..config import ConfigError, RunConfig
+from .child import ERROR_LINE, POLL_S, Child, child_env, gpu_processes, redact
 from .store import ACTIVE, JobState, MetricsReader, Snapshot
 from .try_jobs import TryChild
 
