@@ -174,7 +174,7 @@ class RunRecord:
             return str(self.summary.get("status", "ended")), None
         if job is not None:
             return job.status, job.error
-        return "no summary", None
+        return "no summary (running or ended early)", None
 
     def sort_key(self) -> float:
         return _mtime(self.path) or (self.job.started_at if self.job is not None else 0.0)
