@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from ..atomic import write_text_atomic
+from ..atomic import strict_json, write_text_atomic
 from ..config import ConfigError
 from .jobs import JobError, JobManager
 from .store import ACTIVE, JobState, read_job_states, studio_files
@@ -113,6 +113,6 @@ def rename_run(jobs: JobManager, name: str, new_name: str) -> Path:
         paths = {str(old): str(new), str(records["config"]): str(moved["config"])}
         state = replace(state, run_dir=str(new), command=[paths.get(arg, arg) for arg in state.command],
                         log_path=str(moved["log"]) if state.log_path == str(records["log"]) else state.log_path)
-        write_text_atomic(moved["state"], json.dumps(state.to_dict(), indent=1))
+        write_text_atomic(moved["state"], strict_json(state.to_dict(), indent=1))
         records["state"].unlink()
     return new

@@ -16,6 +16,9 @@ from typing import Any
 
 import yaml
 
+from ..checkpoint import refuse_if_finished
+from ..config import ConfigError
+
 ACTIVE = ("starting", "running", "stopping")
 
 
@@ -148,7 +151,14 @@ class RunRecord:
 
     @property
     def resumable(self) -> bool:
-        return not self.finished and any((self.path / "checkpoints").glob("step-*"))
+        """It has a checkpoint, did not finish, and JobManager.resume would take it at its own step count."""
+        if self.finished or not any((self.path / "checkpoints").glob("step-*")):
+            return False
+        try:
+            refuse_if_finished(self.path, int(self.config.get("max_steps") or 0))
+        except (ConfigError, ValueError):
+            return False
+        return True
 
     def outcome(self) -> tuple[str, str | None]:
         """(status, one-line error or None): a job in progress, else the newest of the summary and any failure.
