@@ -182,7 +182,7 @@ def test_get_cannot_start_stop_or_export(lab) -> None:
 def preview(client, typed: str) -> str:
     api = client.view_api(return_format="dict", print_info=False)["named_endpoints"]["/preview_data"]
     values = [typed if p["label"] == "Dataset" else p["parameter_default"] for p in api["parameters"]]
-    return client.predict(*values, api_name="/preview_data")[0]
+    return client.predict(*values, api_name="/preview_data")[1]  # the error shows beside the Dataset field
 
 
 def test_a_dataset_outside_the_roots_is_a_clear_error(lab) -> None:
