@@ -1,7 +1,8 @@
 """Start the gnlorp studio in a browser: `python app.py`, then open http://127.0.0.1:7860 and press Start.
 
 It binds 127.0.0.1 and makes no share link unless asked. Every file it writes goes under its runs folder
-(uploads, run folders, exports, its own logs and Gradio's temp files) or presets/ when a preset is saved.
+(uploads, run folders, exports, its own logs and Gradio's temp files) or presets/ when a preset is saved. Of the
+runs folder it serves only exports/ (the Export tab's Download) and Gradio's own temp files.
 """
 
 from __future__ import annotations
@@ -54,10 +55,16 @@ def main(argv: list[str] | None = None) -> int:
     # Gradio reads these when it is imported: its uploads and caches stay in the runs folder, and no telemetry.
     os.environ["GRADIO_TEMP_DIR"] = str(runs_dir / ".studio" / "gradio")
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    from gradio import set_static_paths
+
     from gnlorp.runs import add_secret
     from ui import CSS, Studio, build_studio, warm_up
 
     studio = Studio.create(runs_dir, PROJECT, [Path(d) for d in args.allow_dir], Path.cwd())
+    # The Export tab's Download sends files from exports/ where they lie (a multi-GB GGUF is not copied into
+    # Gradio's cache); nothing else of the runs folder is served, and links out of exports/ are refused.
+    studio.exports_dir.mkdir(parents=True, exist_ok=True)
+    set_static_paths([studio.exports_dir])
     page = build_studio(studio)
     # SIGTERM ends the studio like Ctrl-C, so a running training is stopped with a checkpoint, not orphaned.
     signal.signal(signal.SIGTERM, signal.default_int_handler)

@@ -98,6 +98,11 @@ def lab(tmp_path_factory) -> tuple[str, Path]:
     runs = tmp_path_factory.mktemp("secure") / "runs"
     (runs / "uploads").mkdir(parents=True)
     (runs / "uploads" / "passwd").symlink_to("/etc/passwd")
+    (runs / "exports" / "demo-hf").mkdir(parents=True)  # what the Export tab's Download serves, and a planted link
+    (runs / "exports" / "demo-hf.zip").write_bytes(b"PK exported by the lab")
+    (runs / "exports" / "passwd").symlink_to("/etc/passwd")
+    (runs / "demo" / "final").mkdir(parents=True)  # a run folder: not served
+    (runs / "demo" / "config.yaml").write_text("model: tiny\n")
     os.environ["HF_TOKEN"] = TOKEN  # studio_process.ENV was copied at import; the studio gets it below
     ENV["HF_TOKEN"] = TOKEN
     try:
@@ -144,6 +149,21 @@ def test_file_routes_refuse_traversal(lab) -> None:
                 assert response.status_code in (400, 403, 404), (route, attack, response.status_code)
 
 
+def test_only_exports_are_downloadable_from_the_runs_folder(lab) -> None:
+    url, runs = lab
+    client = login(url)
+    served = client.get(f"gradio_api/file={runs / 'exports' / 'demo-hf.zip'}")  # the control: an export is served
+    assert served.status_code == 200 and served.content == b"PK exported by the lab"
+    with httpx.Client(base_url=url, timeout=60) as anonymous:  # not without the password
+        assert anonymous.get(f"gradio_api/file={runs / 'exports' / 'demo-hf.zip'}").status_code == 401
+    for path in (runs / "exports" / "passwd", runs / "demo" / "config.yaml", runs / "exports" / ".." / "demo" /
+                 "config.yaml", runs / ".studio" / "gradio" / ".." / "jobs", runs / "exports" / "demo-hf"):
+        for route in ("gradio_api/file=", "file="):
+            response = client.get(f"{route}{path}")
+            assert response.status_code in (400, 403, 404), (path, response.status_code)
+            assert LEAKED not in response.text and "model: tiny" not in response.text
+
+
 def test_get_cannot_start_stop_or_export(lab) -> None:
     url, runs = lab
     client = login(url)
@@ -162,7 +182,7 @@ def test_get_cannot_start_stop_or_export(lab) -> None:
 def preview(client, typed: str) -> str:
     api = client.view_api(return_format="dict", print_info=False)["named_endpoints"]["/preview_data"]
     values = [typed if p["label"] == "Dataset" else p["parameter_default"] for p in api["parameters"]]
-    return client.predict(*values, api_name="/preview_data")[0]
+    return client.predict(*values, api_name="/preview_data")[1]  # the error shows beside the Dataset field
 
 
 def test_a_dataset_outside_the_roots_is_a_clear_error(lab) -> None:

@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -224,11 +225,15 @@ def test_train_refuse_second_stop_resume_export(client: Client, api: dict, tmp_p
              if "loss" in json.loads(line)]
     assert steps == list(range(1, steps_at_stop + 3))
 
-    message, result, files, command = client.predict(run.name, "", False, api_name="/export")
+    message, result, files, download, command = client.predict(run.name, "", False, api_name="/export")
     assert "done" in message, message
     output = Path(result.split(" to ", 1)[1].split("; reloaded", 1)[0])
+    assert output == run.parent / "exports" / f"{run.name}-hf"  # each run and format has its own default folder
     assert command.endswith(f"--output {output}") and f"--run {run}" in command
     assert {row[0] for row in files["data"]} >= {"config.json", "model.safetensors"}
+    with zipfile.ZipFile(download["value"]) as bundle:  # the Download: the folder as one zip, as the client got it
+        assert {name: bundle.read(name) for name in bundle.namelist()} == {
+            f"{output.name}/{p.name}": p.read_bytes() for p in output.iterdir()}
     model = AutoModelForCausalLM.from_pretrained(output, local_files_only=True)
     trained = load_file(run / "final" / "model.safetensors")
     for name, tensor in model.state_dict().items():  # gradnormlorp keeps plain weights: nothing to merge
@@ -238,13 +243,16 @@ def test_train_refuse_second_stop_resume_export(client: Client, api: dict, tmp_p
     again = client.predict(run.name, "", False, api_name="/export")[0]
     assert "not empty" in again and "Replace a non-empty output folder" in again
 
-    # GGUF q8_0 in place of the folder (Replace ticked): read back by transformers' GGUF loader, near the folder's.
-    message, result, files, command = client.predict(run.name, "", True, "GGUF q8_0 (llama.cpp, Ollama; half the size)",
-                                                     api_name="/export")
+    # GGUF q8_0 into its own default folder, beside the HF one: read back by transformers' GGUF loader.
+    message, result, files, download, command = client.predict(
+        run.name, "", False, "GGUF q8_0 (llama.cpp, Ollama; half the size)", api_name="/export")
     assert "done" in message and "as GGUF" in result and "16 of 16 greedy tokens equal" in result, result
     assert {row[0] for row in files["data"]} == {"Modelfile", "model-q8_0.gguf"}
-    assert command.endswith(f"--output {output} --format gguf --gguf-type q8_0 --force")
-    from_gguf = AutoModelForCausalLM.from_pretrained(output, gguf_file="model-q8_0.gguf", local_files_only=True)
+    gguf_output = output.with_name(f"{run.name}-gguf-q8_0")
+    assert command.endswith(f"--output {gguf_output} --format gguf --gguf-type q8_0")
+    assert Path(download["value"]).read_bytes() == (gguf_output / "model-q8_0.gguf").read_bytes()
+    assert (output / "model.safetensors").is_file()  # the HF export is untouched
+    from_gguf = AutoModelForCausalLM.from_pretrained(gguf_output, gguf_file="model-q8_0.gguf", local_files_only=True)
     with torch.no_grad():
         gguf_logits = from_gguf(torch.tensor([[1, 5, 9, 13]])).logits
     logits = logits.detach()

@@ -37,7 +37,14 @@ class TrainTab:
 
 
 def resumable_runs(studio: Studio) -> list[str]:
-    return [r.name for r in list_runs(studio.runs_dir) if any((r.path / "checkpoints").glob("step-*"))]
+    """Runs with a checkpoint that have not finished (a finished run has nothing left to train)."""
+    return [r.name for r in list_runs(studio.runs_dir) if r.resumable]
+
+
+def stoppable(studio: Studio) -> bool:
+    """A run is going and has not been asked to stop yet."""
+    job = studio.jobs.current()
+    return job is not None and job.snapshot().state.status in ("starting", "running")
 
 
 def _clock(seconds: float | None) -> str:
@@ -112,10 +119,11 @@ def build_train(studio: Studio, setup: SetupTab) -> TrainTab:
                          elem_id="train-gpus", info="Processes torchrun starts, one a GPU: data-parallel, or "
                          "sharded with 'Sharded over the GPUs' (Advanced).")
         start = gr.Button("Start", variant="primary", elem_id="train-start", scale=1)
-        stop = gr.Button("Stop", variant="stop", elem_id="train-stop", scale=1)
+        stop = gr.Button("Stop", variant="stop", elem_id="train-stop", scale=1, interactive=False)
     with gr.Row():
         resume_run = gr.Dropdown(resumable_runs(studio), value=None, label="Run to resume", allow_custom_value=True,
-                                 info="Continues from its last checkpoint, to Steps if you raised it.", scale=2)
+                                 info="Runs with a checkpoint that did not finish. Continues from its last "
+                                 "checkpoint, to Steps if you raised it.", scale=2)
         resume = gr.Button("Resume", elem_id="train-resume", scale=1)
     message = gr.Markdown(elem_id="train-message")
     progress = gr.Markdown("No training yet: set it up on the Setup tab and press Start.", elem_id="train-progress")
@@ -201,6 +209,14 @@ def build_train(studio: Studio, setup: SetupTab) -> TrainTab:
         """The current job (status, step, points in each chart, ETA, last log lines) as plain data."""
         job = studio.jobs.current()
         return status_dict(job.snapshot() if job else None)
+
+    def stop_enabled(shown: bool | None) -> tuple[Any, bool]:
+        going = stoppable(studio)
+        return (gr.skip() if going == shown else gr.update(interactive=going)), going
+
+    stop_shown = gr.State(None)
+    timer.tick(stop_enabled, inputs=stop_shown, outputs=[stop, stop_shown], api_visibility="private",
+               show_progress="hidden", concurrency_limit=None)
 
     gr.api(status, api_name="status")
     return TrainTab(start, progress)

@@ -23,9 +23,9 @@ from pathlib import Path
 
 from ..atomic import strict_json, write_text_atomic
 from ..checkpoint import config_hash, refuse_if_finished
-from .child import ERROR_LINE, POLL_S, Child, child_env, gpu_processes, redact
 from ..config import ConfigError, RunConfig
-from .store import ACTIVE, JobState, MetricsReader, Snapshot
+from .child import ERROR_LINE, POLL_S, Child, child_env, gpu_processes, redact
+from .store import ACTIVE, JobState, MetricsReader, Snapshot, read_job_states, studio_dir
 from .try_jobs import TryChild
 
 LOG_LINES = 400
@@ -249,7 +249,7 @@ class JobManager:
     @property
     def studio_dir(self) -> Path:
         """The studio's own files (configs it hands to runs, their logs), kept out of the runs list."""
-        return self.runs_dir / ".studio"
+        return studio_dir(self.runs_dir)
 
     @property
     def store_dir(self) -> Path:
@@ -261,13 +261,7 @@ class JobManager:
 
     def stored(self) -> list[JobState]:
         """Every job in the run store, newest first (unreadable entries are left out)."""
-        states = []
-        for path in self.store_dir.glob("*.json"):
-            try:
-                states.append(JobState.from_dict(json.loads(path.read_text(encoding="utf-8"))))
-            except (OSError, ValueError, TypeError):
-                continue
-        return sorted(states, key=lambda s: s.started_at, reverse=True)
+        return read_job_states(self.store_dir)
 
     def _save(self, state: JobState) -> None:
         write_text_atomic(self.store_dir / f"{Path(state.run_dir).name}.json",

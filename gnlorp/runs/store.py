@@ -16,6 +16,9 @@ from typing import Any
 
 import yaml
 
+from ..checkpoint import refuse_if_finished
+from ..config import ConfigError
+
 ACTIVE = ("starting", "running", "stopping")
 
 
@@ -123,12 +126,14 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
 
 @dataclass
 class RunRecord:
-    """A run folder as the runs table shows it: its config, its summary (once it ended) and its metrics."""
+    """A run as the runs table shows it: its config, its summary (once it ended), its metrics and the studio's record
+    of its last job (None for a run the studio did not start)."""
 
     path: Path
     config: dict[str, Any]
     summary: dict[str, Any] | None
     metrics: list[dict[str, Any]]
+    job: JobState | None = None
 
     @property
     def name(self) -> str:
@@ -138,22 +143,126 @@ class RunRecord:
     def exportable(self) -> bool:
         return (self.path / "final" / "model.safetensors").is_file()
 
+    @property
+    def finished(self) -> bool:
+        """Trained to its last step: a resume would have nothing left to do."""
+        summary = self.summary or {}
+        return summary.get("status") == "finished" and summary.get("steps") == self.config.get("max_steps")
+
+    @property
+    def resumable(self) -> bool:
+        """It has a checkpoint, did not finish, and JobManager.resume would take it at its own step count."""
+        if self.finished or not any((self.path / "checkpoints").glob("step-*")):
+            return False
+        try:
+            refuse_if_finished(self.path, int(self.config.get("max_steps") or 0))
+        except (ConfigError, ValueError):
+            return False
+        return True
+
+    def outcome(self) -> tuple[str, str | None]:
+        """(status, one-line error or None): a job in progress, else the newest of the summary and any failure.
+
+        A failure is the studio's job error or, for a run started from the CLI, the last line of its error.log; a
+        summary written after it (the run was resumed and ended) wins.
+        """
+        job = self.job
+        if job is not None and job.status in ACTIVE:
+            return job.status, None
+        failures = []
+        if job is not None and job.status == "failed":
+            failures.append((job.ended_at or job.started_at, job.error or "the run failed; see its log"))
+        log = self.path / "error.log"
+        last = _last_line(log)
+        if last:
+            failures.append((_mtime(log), f"{last} (traceback in {log})"))
+        failed_at, error = max(failures, key=lambda f: f[0], default=(None, None))
+        summary_at = _mtime(self.path / "summary.json") if self.summary is not None else None
+        if failed_at is not None and (summary_at is None or failed_at >= summary_at):
+            return "failed", error
+        if self.summary is not None:
+            return str(self.summary.get("status", "ended")), None
+        if job is not None:
+            return job.status, job.error
+        return "no summary (running or ended early)", None
+
+    def sort_key(self) -> float:
+        return _mtime(self.path) or (self.job.started_at if self.job is not None else 0.0)
+
+
+def _mtime(path: Path) -> float | None:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return None
+
+
+def _last_line(path: Path) -> str | None:
+    """The last non-empty line of a small text file (a traceback's ends with the exception), else None."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(max(0, handle.seek(0, os.SEEK_END) - 4096))
+            lines = handle.read().decode("utf-8", errors="replace").splitlines()
+    except OSError:
+        return None
+    return next((line.strip()[:300] for line in reversed(lines) if line.strip()), None)
+
+
+def studio_dir(runs_dir: str | os.PathLike) -> Path:
+    """The studio's own files in a runs folder (its run store, the configs it hands runs, their logs)."""
+    return Path(runs_dir) / ".studio"
+
+
+def studio_files(runs_dir: str | os.PathLike, name: str) -> dict[str, Path]:
+    """The studio's own files about the run `name`: its job state, the config it handed the run, and its log."""
+    studio = studio_dir(runs_dir)
+    return {"state": studio / "jobs" / f"{name}.json", "config": studio / "configs" / f"{name}.yaml",
+            "log": studio / "logs" / f"{name}.log"}
+
+
+def read_job_states(store_dir: Path) -> list[JobState]:
+    """Every job in a run store, newest first (unreadable entries are left out)."""
+    states = []
+    for path in store_dir.glob("*.json"):
+        try:
+            states.append(JobState.from_dict(json.loads(path.read_text(encoding="utf-8"))))
+        except (OSError, ValueError, TypeError):
+            continue
+    return sorted(states, key=lambda s: s.started_at, reverse=True)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    return loaded if isinstance(loaded, dict) else {}
+
 
 def list_runs(runs_dir: str | os.PathLike) -> list[RunRecord]:
-    """Every run folder (one holding config.yaml) directly under `runs_dir`, newest first."""
+    """Every run directly under `runs_dir`, newest first: each folder holding config.yaml, and each job of the run
+    store whose folder has none yet (a run that failed or is still starting before its config was written)."""
     root = Path(runs_dir)
     if not root.is_dir():
         return []
+    jobs = {Path(s.run_dir).name: s for s in reversed(read_job_states(studio_dir(root) / "jobs"))
+            if Path(s.run_dir).parent == root.resolve()}  # the newest job of each run
     found = []
     for path in root.iterdir():
         config = path / "config.yaml"
         if path.name.startswith(".") or not config.is_file():
             continue
         try:
-            loaded = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
+            loaded = _read_yaml(config)
             summary_path = path / "summary.json"
             summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else None
         except (OSError, ValueError, yaml.YAMLError):
             continue  # a folder being written or damaged is left out rather than breaking the table
-        found.append(RunRecord(path, loaded if isinstance(loaded, dict) else {}, summary, read_metrics(path)))
-    return sorted(found, key=lambda r: r.path.stat().st_mtime, reverse=True)
+        found.append(RunRecord(path, loaded, summary, read_metrics(path), jobs.pop(path.name, None)))
+    for name, state in jobs.items():
+        if state.status == "finished":
+            continue  # its folder was removed by hand: nothing is left to show
+        handed = studio_files(root, name)["config"]
+        try:
+            loaded = _read_yaml(handed) if handed.is_file() else {}
+        except (OSError, yaml.YAMLError):
+            loaded = {}
+        found.append(RunRecord(root / name, loaded, None, read_metrics(root / name), state))
+    return sorted(found, key=RunRecord.sort_key, reverse=True)
