@@ -63,8 +63,7 @@ def chosen_figure(cfg: RunConfig, device_name: str) -> Any:
     parts = {**result.estimate, "cuda_context": result.total_bytes - result.estimate["total"],
              "total": result.total_bytes}
     order = (*PARTS, "cuda_context") if parts["cuda_context"] else PARTS
-    title = (f"{cfg.method}: {human_bytes(result.total_bytes)}, {parts['trainable_params']:,} trainable parameters"
-             + (f" (CUDA context {human_bytes(parts['cuda_context'])} included)" if parts["cuda_context"] else ""))
+    title = f"{cfg.method}: {human_bytes(result.total_bytes)}, {parts['trainable_params']:,} trainable parameters"
     return budget_figure(parts, order, result.device.capacity_bytes, title)
 
 
