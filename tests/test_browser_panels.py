@@ -6,9 +6,7 @@ when a LoRA run (which has none) starts. Skipped where Chromium is missing, exce
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,18 +14,9 @@ from pathlib import Path
 import pytest
 
 from studio_process import ENV, ROOT, studio
+from test_browser import ARGS, CHROMIUM, sync_api  # skips this module too where Chromium is missing
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 SHORT = {"Steps": "6", "Batch size": "2", "Sequence length": "32"}
-
-if not Path(CHROMIUM).exists():
-    if os.environ.get("CI") == "true":
-        pytest.fail("Chromium is missing: CI must install it (apt-get install chromium chromium-driver)",
-                    pytrace=False)
-    pytest.skip("Chromium is not installed (apt-get install chromium chromium-driver)", allow_module_level=True)
-sync_api = pytest.importorskip("playwright.sync_api", reason="pip install -e '.[test]' installs playwright")
-sync_api.expect.set_options(timeout=30_000)
 
 
 @pytest.fixture(scope="module")
