@@ -104,11 +104,13 @@ def checkpoints(run_dir: Path) -> list[Path]:
     return sorted((run_dir / "checkpoints").glob("step-*"), reverse=True)
 
 
-def refuse_if_finished(run_dir: Path, max_steps: int) -> None:
-    """Resuming a run whose newest checkpoint already reached `max_steps` would train nothing and overwrite its
-    record: refuse it in one line that says how to go on."""
-    found = checkpoints(run_dir)
-    step = int(found[0].name.removeprefix("step-")) if found and found[0].name[5:].isdigit() else None
+def refuse_if_finished(run_dir: Path, max_steps: int, step: int | None = None) -> None:
+    """Resuming a run that already reached `max_steps` would train nothing and overwrite its record: refuse it in
+    one line that says how to go on. `step` is where the resume would start (the newest intact checkpoint's);
+    without it the newest checkpoint's name tells, which costs no read (the studio asks before starting a child)."""
+    if step is None:
+        found = checkpoints(run_dir)
+        step = int(found[0].name.removeprefix("step-")) if found and found[0].name[5:].isdigit() else None
     if step is not None and step >= max_steps:
         raise ConfigError(f"run {run_dir.name} finished at step {step} of {max_steps}, so there is nothing to resume "
                           f"(it is left as it was); to train on, resume with a higher --max-steps, e.g. "

@@ -143,6 +143,7 @@ class TrainingRun:
         position = Position()
         if self.resume:
             position, skipped = load_checkpoint(cfg, accelerator.unwrap_model(model), optimizer, scheduler)
+            refuse_if_finished(self.run_dir, cfg.max_steps, position.step)  # before anything in the run is written
             if main:
                 for name in ("metrics.jsonl", spectrum_log.FILE):
                     self._truncate(name, position.step)
@@ -266,8 +267,6 @@ class TrainingRun:
         has_checkpoint = (self.run_dir / "checkpoints").is_dir() and any((self.run_dir / "checkpoints").iterdir())
         if self.resume and not has_checkpoint:
             raise ConfigError(f"nothing to resume in {self.run_dir}: it has no checkpoints; start without --resume")
-        if self.resume:
-            refuse_if_finished(self.run_dir, self.cfg.max_steps)
         if not self.resume and self.run_dir.exists() and any(self.run_dir.iterdir()):
             raise ConfigError(f"run folder {self.run_dir} is not empty; choose another --output or add --resume")
 
