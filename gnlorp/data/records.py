@@ -59,7 +59,7 @@ def resolve_data_path(path: str | os.PathLike) -> Path:
 def read_records(path: str | os.PathLike, cfg: RunConfig) -> list[dict[str, Any]]:
     """Records with canonical keys for cfg.task: {"text"}, {"prompt", "response"} or {"text", "label"}."""
     resolved = resolve_data_path(path)
-    rows = _read_rows(resolved, cfg)
+    rows = read_rows(resolved, cfg)
     if not rows:
         raise ConfigError(f"{resolved} holds no records (empty or only blank lines); "
                           "add data or pick another file")
@@ -72,11 +72,11 @@ def read_records(path: str | os.PathLike, cfg: RunConfig) -> list[dict[str, Any]
 def read_table(path: str | os.PathLike, cfg: RunConfig) -> tuple[list[str], list[dict[str, Any]]]:
     """The file's columns (in order of first appearance) and its records as read, before any mapping: what a
     preview shows so a person can pick the columns."""
-    rows = _read_rows(resolve_data_path(path), cfg)
+    rows = read_rows(resolve_data_path(path), cfg)
     return _columns(rows), [row for _, row in rows]
 
 
-def _read_rows(path: Path, cfg: RunConfig) -> list[Row]:
+def read_rows(path: Path, cfg: RunConfig) -> list[Row]:
     if not path.exists():
         raise ConfigError(f"cannot read data file {path}: {os.strerror(errno.ENOENT)}; check the path")
     if path.is_dir():
