@@ -15,7 +15,6 @@ import os
 import random
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
 from typing import Any
@@ -23,27 +22,12 @@ from typing import Any
 import torch
 
 from gnlorp.config import ConfigError, RunConfig
+from gnlorp.data.examples import IGNORE_INDEX, Example, TokenizedData
 
 SUPPORTED = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".txt")
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
-IGNORE_INDEX = -100
 
 Row = tuple[str, dict[str, Any]]  # (where it came from, e.g. "line 3", the record as read)
-
-
-@dataclass
-class Example:
-    """One training sequence: token ids and either per-token labels (causal LM) or one class id (seq-cls)."""
-
-    input_ids: list[int]
-    labels: list[int] | int
-
-
-@dataclass
-class TokenizedData:
-    train: list[Example]
-    eval: list[Example]
-    label_names: list[str] | None = None
 
 
 def resolve_data_path(path: str | os.PathLike) -> Path:
