@@ -18,8 +18,8 @@ from typing import Any
 from jinja2 import TemplateError
 
 from gnlorp.config import ConfigError, RunConfig
-from gnlorp.data.examples import IGNORE_INDEX, Example
-from gnlorp.data.formats import Message
+from gnlorp.data.examples import IGNORE_INDEX, Example, TokenizedData
+from gnlorp.data.formats import Conversations, Message
 
 # ChatML, for tokenizers that ship no template (the random-init presets): plain, and every turn only appends.
 CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
@@ -135,3 +135,19 @@ def encode_chats(conversations: list[list[Message]], tokenizer: Any, cfg: RunCon
         if example is not None:
             examples.append(example)
     return examples, counts
+
+
+def chat_data(found: Conversations, train: list[tuple[str, list[Message]]], held: list[tuple[str, list[Message]]],
+              tokenizer: Any, cfg: RunConfig) -> TokenizedData:
+    """Both parts of a split chat file encoded, with a report of what became of its records."""
+    train_examples, counts = encode_chats([messages for _, messages in train], tokenizer, cfg)
+    eval_examples, held_counts = encode_chats([messages for _, messages in held], tokenizer, cfg)
+    counts.update(held_counts)
+    if not train_examples:
+        summary = ", ".join(f"{n} {status}" for status, n in counts.items())
+        raise ConfigError(f"{cfg.data}: no training conversation fits seq_len {cfg.seq_len} ({summary}); "
+                          "raise --seq-len")
+    skipped = {kind: len(where) for kind, where in found.bad.items()}
+    report = {"format": found.format, "records": len(found.items) + sum(skipped.values()), "skipped": skipped,
+              "examples": dict(counts)}
+    return TokenizedData(train_examples, eval_examples, report=report)
