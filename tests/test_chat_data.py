@@ -108,3 +108,30 @@ def test_gnlorp_train_refuses_a_file_with_no_conversation(tmp_path: Path) -> Non
     done = run_cli("train", "--model", "tiny", "--data", data, "--max-steps", "1", "--output", tmp_path / "run")
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and "no usable messages conversation among 1 record(s)" in done.stderr
+
+
+def test_gnlorp_data_json_counts_what_train_would_see(tiny, tmp_path: Path, capsys) -> None:
+    from gnlorp.cli.main import main as cli
+
+    path = messages_file(tmp_path / "m.jsonl", [{"messages": [{"role": "user", "content": "alone"}]}])
+    assert cli(["data", "--data", str(path), "--model", "tiny", "--eval-fraction", "0", "--show", "2", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    rendered = [tiny(chatml(q, a), add_special_tokens=False)["input_ids"] for q, a in PAIRS]
+    assert {k: result[k] for k in ("format", "records", "examples", "dropped")} == {
+        "format": "messages", "records": 11, "examples": 10, "dropped": {"no assistant turn": 1}}
+    assert result["tokens"] == sum(map(len, rendered))
+    assert result["trained_tokens"] == sum(len(tiny(a + END, add_special_tokens=False)["input_ids"]) for _, a in PAIRS)
+    assert [row["input_ids"] for row in result["preview"]] == rendered[:2]
+    assert [row["position_ids"] for row in result["preview"]] == [list(range(len(ids))) for ids in rendered[:2]]
+    assert [tiny.decode([t for t in row["labels"] if t != IGNORE_INDEX]) for row in result["preview"]] == [
+        a + END for _, a in PAIRS[:2]]
+
+
+def test_gnlorp_data_text_marks_the_trained_stretches(tmp_path: Path, capsys) -> None:
+    from gnlorp.cli.main import main as cli
+
+    path = messages_file(tmp_path / "m.jsonl")
+    assert cli(["data", "--data", str(path), "--model", "tiny", "--eval-fraction", "0", "--show", "1"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("format: messages, 10 record(s) -> 10 example(s)")
+    assert f"<|im_start|>assistant\n[[{PAIRS[0][1]}{END}]]\n" in out
