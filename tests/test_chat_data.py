@@ -50,7 +50,8 @@ def test_messages_file_becomes_masked_examples(tiny, tmp_path: Path) -> None:
         assert tiny.decode(trained) == answer + END
         head = len(tiny(chatml(prompt, answer).split(answer)[0], add_special_tokens=False)["input_ids"])
         assert example.labels[:head] == [IGNORE_INDEX] * head
-    assert data.report == {"format": "messages", "records": 10, "skipped": {}, "examples": {"kept": 10}}
+    assert data.report == {"format": "messages", "records": 10, "skipped": {}, "examples": {"kept": 10},
+                           "warnings": []}
 
 
 def test_every_chat_format_gives_the_same_examples(tiny, tmp_path: Path) -> None:
@@ -72,6 +73,8 @@ def test_skipped_records_are_reported(tiny, tmp_path: Path) -> None:
     report = prepare_data(RunConfig(data=str(path), eval_fraction=0.0), tiny).report
     assert report["records"] == 12
     assert report["skipped"] == {"no assistant turn": 1, "messages not a list": 1}
+    assert report["warnings"] == [f"skipped 2 of 12 record(s) of {path}: 1 with no assistant turn (first at line 11); "
+                                  "1 with messages not a list (first at line 12); fix them to train on them"]
 
 
 def test_no_conversation_fits_is_one_line(tiny, tmp_path: Path) -> None:
@@ -93,14 +96,17 @@ def run_cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=300)
 
 
-def test_gnlorp_train_on_a_messages_file(tmp_path: Path) -> None:
-    data, out = messages_file(tmp_path / "m.jsonl"), tmp_path / "run"
+def test_gnlorp_train_on_a_messages_file_warns_of_skipped_records(tmp_path: Path) -> None:
+    data = messages_file(tmp_path / "m.jsonl", [{"messages": [{"role": "user", "content": "alone"}]}])
+    out = tmp_path / "run"
     done = run_cli("train", "--model", "tiny", "--data", data, "--max-steps", "3", "--seq-len", "64",
                    "--batch-size", "4", "--warmup-steps", "1", "--output", out)
     assert done.returncode == 0, done.stderr
-    losses = [row["loss"] for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
-              if "loss" in row]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [row["loss"] for row in rows if "loss" in row]
     assert len(losses) == 3 and all(math.isfinite(loss) for loss in losses)
+    warning = "skipped 1 of 11 record(s)"
+    assert warning in done.stderr and any(warning in row.get("warning", "") for row in rows)
 
 
 def test_gnlorp_train_refuses_a_file_with_no_conversation(tmp_path: Path) -> None:

@@ -148,6 +148,11 @@ def chat_data(found: Conversations, train: list[tuple[str, list[Message]]], held
         raise ConfigError(f"{cfg.data}: no training conversation fits seq_len {cfg.seq_len} ({summary}); "
                           "raise --seq-len")
     skipped = {kind: len(where) for kind, where in found.bad.items()}
-    report = {"format": found.format, "records": len(found.items) + sum(skipped.values()), "skipped": skipped,
-              "examples": dict(counts)}
+    records = len(found.items) + sum(skipped.values())
+    warnings = [f"skipped {sum(skipped.values())} of {records} record(s) of {cfg.data}: {found.bad_summary()}; "
+                "fix them to train on them"] if skipped else []
+    warnings += [f"{n} conversation(s) {status}; raise --seq-len to keep them" for status, n in counts.items()
+                 if status.startswith("dropped")]
+    report = {"format": found.format, "records": records, "skipped": skipped, "examples": dict(counts),
+              "warnings": warnings}
     return TokenizedData(train_examples, eval_examples, report=report)

@@ -19,8 +19,8 @@ class Example:
 
 @dataclass
 class TokenizedData:
-    """`report` says what was read and kept (format, records, skipped records and examples by reason), so a run
-    or `gnlorp data` can tell a person what became of their file."""
+    """`report` says what was read and kept (format, records, skipped records and examples by reason, and
+    `warnings` a run shows), so a run or `gnlorp data` can tell a person what became of their file."""
 
     train: list[Example]
     eval: list[Example]
