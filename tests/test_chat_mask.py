@@ -129,6 +129,16 @@ def test_too_long_keeps_the_first_whole_turns_that_fit(tiny) -> None:
     assert status == "shortened"
     assert example.input_ids == tiny(chatml(CHAT[:3]), add_special_tokens=False)["input_ids"]
     assert trained_runs(tiny, example) == ["Four." + END]
+    # the next user turn would fit too, but it teaches nothing without its answer
+    example, status = encode(tiny, CHAT, seq_len=length(tiny, CHAT[:4]) + 1)
+    assert status == "shortened"
+    assert example.input_ids == tiny(chatml(CHAT[:3]), add_special_tokens=False)["input_ids"]
+    # with only the last turn trained, the earlier whole turns are no place to cut: its start is kept
+    start = length(tiny, CHAT[:6]) + len(tiny("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"])
+    last, status = encode(tiny, CHAT, seq_len=start + 2, train_on="last")
+    full = tiny(chatml(CHAT), add_special_tokens=False)["input_ids"]
+    assert status == "truncated"
+    assert last.labels == [IGNORE_INDEX] * start + full[start:start + 2]
 
 
 def test_an_assistant_turn_alone_too_long_is_cut(tiny) -> None:

@@ -32,11 +32,12 @@ NOT_PREFIX = ("the chat template renders the first {n} message(s) of a conversat
 
 @dataclass
 class Rendered:
-    """A rendered conversation: its text, the character spans that carry the loss, and where each message ends."""
+    """A rendered conversation: its text, the character spans that carry the loss, and where each trained turn
+    ends (the places a too-long conversation may be cut without leaving a turn that teaches nothing)."""
 
     text: str
     trained: list[tuple[int, int]]
-    turn_ends: list[int]
+    cuts: list[int]
 
 
 def chat_template(tokenizer: Any, path: str) -> str | None:
@@ -85,20 +86,21 @@ def render(tokenizer: Any, template: str | None, messages: list[Message], train_
     if train_on == "all":  # no turn boundaries needed, so any template works; too long is cut at seq_len
         return Rendered(text, [(0, len(text))], [len(text)])
     ends = [prefix(n, False) for n in range(1, len(messages) + 1)]
-    spans = []
+    spans, cuts = [], []
     for i, trained in enumerate(trained_turns(messages, train_on)):
         if trained:
             start = prefix(i, True)
             spans.append((start, start + len(text[start:ends[i]].rstrip())))
-    return Rendered(text, spans, ends)
+            cuts.append(ends[i])
+    return Rendered(text, spans, cuts)
 
 
-def _fit(mask: list[bool], turn_ends: list[int], seq_len: int) -> tuple[int, str]:
-    """How many tokens to keep, and how: all; the first whole turns that fit and hold a trained token; or, when
-    no trained turn fits whole, the first seq_len tokens if a trained one is among them."""
+def _fit(mask: list[bool], cuts: list[int], seq_len: int) -> tuple[int, str]:
+    """How many tokens to keep, and how: all; the first whole turns that fit, up to the end of a trained one; or,
+    when no trained turn fits whole, the first seq_len tokens if a trained one is among them."""
     if len(mask) <= seq_len:
         return len(mask), "kept"
-    whole = [end for end in turn_ends if end <= seq_len and any(mask[:end])]
+    whole = [end for end in cuts if end <= seq_len]
     if whole:
         return max(whole), "shortened"
     first = next((i for i, trained in enumerate(mask) if trained), len(mask))
@@ -113,8 +115,8 @@ def encode(tokenizer: Any, rendered: Rendered, seq_len: int) -> tuple[Example | 
     ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
     starts = [start for start, _ in offsets]
     mask = [any(s < b and max(e, s + 1) > a for a, b in rendered.trained) for s, e in offsets]
-    turn_ends = [bisect.bisect_left(starts, end) for end in rendered.turn_ends]
-    keep, status = _fit(mask, turn_ends, seq_len)
+    cuts = [bisect.bisect_left(starts, end) for end in rendered.cuts]
+    keep, status = _fit(mask, cuts, seq_len)
     if not keep:
         return None, status
     labels = [token if trained else IGNORE_INDEX for token, trained in zip(ids, mask, strict=True)]
