@@ -125,6 +125,7 @@ def test_gnlorp_data_json_counts_what_train_would_see(tiny, tmp_path: Path, caps
     rendered = [tiny(chatml(q, a), add_special_tokens=False)["input_ids"] for q, a in PAIRS]
     assert {k: result[k] for k in ("format", "records", "examples", "dropped")} == {
         "format": "messages", "records": 11, "examples": 10, "dropped": {"no assistant turn": 1}}
+    assert "1 with no assistant turn (first at line 11)" in result["warnings"][0]
     assert result["tokens"] == sum(map(len, rendered))
     assert result["trained_tokens"] == sum(len(tiny(a + END, add_special_tokens=False)["input_ids"]) for _, a in PAIRS)
     assert [row["input_ids"] for row in result["preview"]] == rendered[:2]

@@ -40,7 +40,7 @@ def summary(data: Any, show: int) -> dict[str, Any]:
         "tokens": sum(len(e.input_ids) for e in examples),
         "trained_tokens": sum(label != IGNORE_INDEX for e in examples for label in e.labels) if per_token else None,
         "outcomes": {status: n for status, n in report.get("examples", {}).items() if not status.startswith("dropped")},
-        "dropped": dropped,
+        "dropped": dropped, "warnings": report.get("warnings", []),
         "preview": [{"input_ids": e.input_ids, "labels": e.labels, "position_ids": list(range(len(e.input_ids)))}
                     for e in data.train[:show]],
     }
@@ -80,6 +80,8 @@ def _run_data(args: argparse.Namespace) -> int:
         print(f"  {status}: {n}")
     for reason, n in result["dropped"].items():
         print(f"  dropped, {reason}: {n}")
+    for message in result["warnings"]:
+        print(f"warning: {message}")
     for i, row in enumerate(result["preview"], start=1):
         print(f"--- example {i} ([[ ]] carries the loss)\n{_marked(tokenizer, row)}")
     return 0
