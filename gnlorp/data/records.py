@@ -70,6 +70,7 @@ def read_table(path: str | os.PathLike, cfg: RunConfig) -> tuple[list[str], list
 
 
 def read_rows(path: Path, cfg: RunConfig) -> list[Row]:
+    """The records as read, each with where it came from, so a skipped one can be pointed to."""
     if not path.exists():
         raise ConfigError(f"cannot read data file {path}: {os.strerror(errno.ENOENT)}; check the path")
     if path.is_dir():
