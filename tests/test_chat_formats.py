@@ -102,6 +102,18 @@ def test_bad_records_are_counted_by_kind_with_their_first_line(tmp_path: Path) -
                           "messages not a list": ["line 6"]}
 
 
+def test_an_opening_assistant_turn_is_context(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "g.jsonl", [
+        {"messages": [{"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Hi"},
+                      {"role": "assistant", "content": "How can I help?"}]},
+        {"messages": [{"role": "assistant", "content": "Hello!"}]},
+    ])
+    result = conversations(read(path)[1], "messages", path)
+    assert result.items == [("line 1", [Message("assistant", "Hello!"), Message("user", "Hi"),
+                                        Message("assistant", "How can I help?", True)])]
+    assert result.bad == {"no assistant turn": ["line 2"]}
+
+
 def test_sharegpt_unknown_speaker_is_counted(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "s.jsonl", [
         {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]},

@@ -90,6 +90,17 @@ def test_smollm2_template_with_and_without_its_default_system_prompt(smollm2) ->
     assert "You are a helpful AI assistant named SmolLM" in smollm2.decode(injected.input_ids)
     last, _ = encode(smollm2, CHAT, train_on="last")
     assert trained_runs(smollm2, last) == ["Sunny and 21 degrees." + END]
+    greeting = [Message("assistant", "Hello!"), *NO_SYSTEM]  # untrained: there is no turn before it
+    opened, _ = encode(smollm2, greeting)
+    assert trained_runs(smollm2, opened) == ["Four." + END]
+
+
+def test_a_template_that_raises_is_one_line(tiny, tmp_path: Path) -> None:
+    template = tmp_path / "strict.jinja"
+    template.write_text("{% for m in messages %}{% if m.role == 'system' %}{{ raise_exception('no system role') }}"
+                        "{% endif %}{{ m.content }}\n{% endfor %}", encoding="utf-8")
+    with pytest.raises(ConfigError, match="the chat template fails on a conversation \\(no system role\\)"):
+        encode(tiny, CHAT, chat_template=str(template))
 
 
 def test_a_template_file_is_used(tiny, tmp_path: Path) -> None:

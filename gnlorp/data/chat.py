@@ -56,7 +56,7 @@ def _render(tokenizer: Any, template: str | None, messages: list[Message], gener
     try:
         return tokenizer.apply_chat_template(turns, chat_template=template, tokenize=False,
                                              add_generation_prompt=generation)
-    except TemplateError as exc:
+    except (TemplateError, ValueError) as exc:  # a template's raise_exception, or transformers refusing
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"the chat template fails on a conversation ({first}); fix the template or give "
                           "another with --chat-template FILE") from None

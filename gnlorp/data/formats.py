@@ -28,7 +28,7 @@ NOT_A_LIST = "messages not a list"
 
 @dataclass(frozen=True)
 class Message:
-    """One turn; `trained` marks the turns whose tokens carry the loss (the assistant's, by default)."""
+    """One turn; `trained` marks the turns whose tokens carry the loss (the assistant's answers)."""
 
     role: str
     content: str
@@ -81,7 +81,8 @@ def _turns(value: Any, role_key: str, content_key: str, roles: dict[str, str]) -
         if not isinstance(turn, dict) or turn.get(role_key) not in roles:
             raise BadRecord(UNKNOWN_ROLE)
         role = roles[turn[role_key]]
-        messages.append(Message(role, _text(turn.get(content_key)), role == "assistant"))
+        # an opening assistant turn (a greeting) answers nothing and has no header to mask: context only
+        messages.append(Message(role, _text(turn.get(content_key)), role == "assistant" and bool(messages)))
     return messages
 
 
@@ -109,9 +110,10 @@ NORMALISERS: dict[str, Callable[[dict[str, Any]], list[Message]]] = {
 
 
 def normalise(record: dict[str, Any], fmt: str) -> list[Message]:
-    """The record as messages; raises BadRecord with the kind of problem."""
+    """The record as messages; raises BadRecord with the kind of problem (no assistant turn: none after the
+    first message, so nothing to learn)."""
     messages = NORMALISERS[fmt](record)
-    if not any(m.role == "assistant" for m in messages):
+    if not any(m.trained for m in messages):
         raise BadRecord(NO_ASSISTANT)
     return messages
 
