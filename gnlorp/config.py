@@ -18,6 +18,7 @@ from .atomic import write_text_atomic
 
 METHOD_NAMES = ("full", "lora", "dora", "vera", "galore", "gradnormlorp")
 TASKS = ("causal-lm", "seq-cls")
+DATA_FORMATS = ("auto", "text", "prompt-response", "alpaca", "messages", "sharegpt")
 
 
 class ConfigError(ValueError):
@@ -51,6 +52,13 @@ class RunConfig:
                               group="data")
     response_column: str = knob("response", "Column holding the response.", group="data")
     label_column: str = knob("label", "Column holding the class label (seq-cls).", group="data")
+    data_format: str = knob("auto", "Layout of the records: auto detects it from the columns (messages, conversations, "
+                            "instruction+output, prompt+response, else text).", choices=DATA_FORMATS, group="data")
+    train_on: str = knob("assistant", "Chat formats: which tokens carry the loss: every assistant turn (its text and "
+                         "end-of-turn marker), only the last one, or all tokens.",
+                         choices=("assistant", "last", "all"), group="data")
+    chat_template: str = knob("", "Chat formats: a Jinja chat template file to render conversations with (empty = "
+                              "the tokenizer's own, or ChatML where it has none).", group="data")
     eval_fraction: float = knob(0.1, "Share of the data held out for evaluation.", min=0.0, max=0.5, group="data")
     warmup_steps: int = knob(10, "Linear warm-up steps before the cosine decay.", min=0, max=10**9, group="advanced")
     grad_accum: int = knob(1, "Micro-batches per optimizer step.", min=1, max=4096, group="advanced")
@@ -125,6 +133,9 @@ class RunConfig:
                               "set one of them off")
         if self.chunked_loss and self.task != "causal-lm":
             raise ConfigError("chunked_loss applies to causal-lm only (a classifier's logits are small): set it off")
+        if self.task == "seq-cls" and self.data_format not in ("auto", "text"):
+            raise ConfigError(f"data_format {self.data_format} applies to causal-lm; seq-cls reads text and label "
+                              "columns: set data_format to auto")
         if self.layerwise and self.method not in ("full", "galore", "gradnormlorp"):
             raise ConfigError(f"layerwise applies to full, galore and gradnormlorp, not {self.method}")
         return self

@@ -233,7 +233,7 @@ def test_bad_input_is_one_line_and_writes_nothing(args: str, named: list[str], t
     assert not (tmp_path / "out").exists() and not any((tmp_path / "empty").iterdir())
 
 
-@pytest.mark.parametrize("command", ["train", "estimate", "plan", "export", "try", "demo"])
+@pytest.mark.parametrize("command", ["train", "data", "estimate", "plan", "export", "try", "demo"])
 def test_every_command_prints_its_help(command):
     """--help renders every flag's help text (argparse formats it with %, so a knob's "30%" once crashed it)."""
     proc = gnlorp(command, "--help")

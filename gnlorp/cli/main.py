@@ -1,8 +1,8 @@
 """Command-line entry point: ``python -m gnlorp <command>``.
 
-Each subcommand is registered by a small ``add_<name>`` function (here, or in memory.py and try_cmd.py for the
-larger ones) listed in ``_COMMANDS``. The modules they name keep torch out of their import path, so ``--help`` and
-bad input answer at once.
+Each subcommand is registered by a small ``add_<name>`` function (here, or in memory.py, try_cmd.py and
+data_cmd.py for the larger ones) listed in ``_COMMANDS``. The modules they name keep torch out of their import
+path, so ``--help`` and bad input answer at once.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from pathlib import Path
 from .. import __version__, demo
 from ..config import ConfigError, add_config_arguments, config_from_args
 from .args import Parser, int_in_range
+from .data_cmd import add_data
 from .memory import add_estimate, add_plan
 from .try_cmd import add_try
 
@@ -114,7 +115,7 @@ def _run_methods(args: argparse.Namespace) -> int:
 
 
 _COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
-    _add_train, add_estimate, add_plan, _add_export, add_try, _add_methods, _add_demo,
+    _add_train, add_data, add_estimate, add_plan, _add_export, add_try, _add_methods, _add_demo,
 )
 
 

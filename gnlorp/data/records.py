@@ -15,7 +15,6 @@ import os
 import random
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
 from typing import Any
@@ -23,27 +22,14 @@ from typing import Any
 import torch
 
 from gnlorp.config import ConfigError, RunConfig
+from gnlorp.data.chat import chat_data
+from gnlorp.data.examples import IGNORE_INDEX, Example, TokenizedData
+from gnlorp.data.formats import CHAT_FORMATS, conversations, detect_format
 
 SUPPORTED = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".txt")
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
-IGNORE_INDEX = -100
 
 Row = tuple[str, dict[str, Any]]  # (where it came from, e.g. "line 3", the record as read)
-
-
-@dataclass
-class Example:
-    """One training sequence: token ids and either per-token labels (causal LM) or one class id (seq-cls)."""
-
-    input_ids: list[int]
-    labels: list[int] | int
-
-
-@dataclass
-class TokenizedData:
-    train: list[Example]
-    eval: list[Example]
-    label_names: list[str] | None = None
 
 
 def resolve_data_path(path: str | os.PathLike) -> Path:
@@ -59,24 +45,32 @@ def resolve_data_path(path: str | os.PathLike) -> Path:
 def read_records(path: str | os.PathLike, cfg: RunConfig) -> list[dict[str, Any]]:
     """Records with canonical keys for cfg.task: {"text"}, {"prompt", "response"} or {"text", "label"}."""
     resolved = resolve_data_path(path)
-    rows = _read_rows(resolved, cfg)
+    return _records(_rows(resolved, cfg), resolved, cfg)
+
+
+def _rows(path: Path, cfg: RunConfig) -> list[Row]:
+    rows = read_rows(path, cfg)
     if not rows:
-        raise ConfigError(f"{resolved} holds no records (empty or only blank lines); "
-                          "add data or pick another file")
-    records = _map_columns(rows, resolved, cfg)
+        raise ConfigError(f"{path} holds no records (empty or only blank lines); add data or pick another file")
+    return rows
+
+
+def _records(rows: list[Row], path: Path, cfg: RunConfig) -> list[dict[str, Any]]:
+    records = _map_columns(rows, path, cfg)
     if cfg.task == "seq-cls":
-        label_ids(records, resolved, cfg.label_column)
+        label_ids(records, path, cfg.label_column)
     return records
 
 
 def read_table(path: str | os.PathLike, cfg: RunConfig) -> tuple[list[str], list[dict[str, Any]]]:
     """The file's columns (in order of first appearance) and its records as read, before any mapping: what a
     preview shows so a person can pick the columns."""
-    rows = _read_rows(resolve_data_path(path), cfg)
+    rows = read_rows(resolve_data_path(path), cfg)
     return _columns(rows), [row for _, row in rows]
 
 
-def _read_rows(path: Path, cfg: RunConfig) -> list[Row]:
+def read_rows(path: Path, cfg: RunConfig) -> list[Row]:
+    """The records as read, each with where it came from, so a skipped one can be pointed to."""
     if not path.exists():
         raise ConfigError(f"cannot read data file {path}: {os.strerror(errno.ENOENT)}; check the path")
     if path.is_dir():
@@ -223,7 +217,7 @@ def _map_columns(rows: list[Row], path: Path, cfg: RunConfig) -> list[dict[str, 
     columns = _columns(rows)
     if cfg.task == "seq-cls":
         wanted = {"text": cfg.text_column, "label": cfg.label_column}
-    elif cfg.prompt_column in columns and cfg.response_column in columns:
+    elif detect_format(columns, cfg) == "prompt-response":
         wanted = {"prompt": cfg.prompt_column, "response": cfg.response_column}
     else:
         wanted = {"text": cfg.text_column}
@@ -269,8 +263,8 @@ def label_ids(records: list[dict[str, Any]], path: str | os.PathLike, column: st
     return [index[v] for v in values], [str(c) for c in classes]
 
 
-def split_records(records: list[dict[str, Any]], fraction: float, seed: int, path: str | os.PathLike,
-                  ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def split_records(records: list[Any], fraction: float, seed: int, path: str | os.PathLike,
+                  ) -> tuple[list[Any], list[Any]]:
     """Seeded held-out split of whole records (before packing, so no text is both trained and evaluated on);
     at least one record is held out when fraction > 0. Both parts keep the file's order."""
     if fraction <= 0:
@@ -288,8 +282,13 @@ def split_records(records: list[dict[str, Any]], fraction: float, seed: int, pat
 
 def prepare_data(cfg: RunConfig, tokenizer: Any) -> TokenizedData:
     """Read cfg.data, hold out cfg.eval_fraction (seeded by cfg.seed) and tokenize both parts for cfg.task."""
-    records = read_records(cfg.data, cfg)
     path = resolve_data_path(cfg.data)
+    rows = _rows(path, cfg)
+    fmt = detect_format(_columns(rows), cfg)
+    if cfg.task == "causal-lm" and fmt in CHAT_FORMATS:
+        found = conversations(rows, fmt, path)
+        return chat_data(found, *split_records(found.items, cfg.eval_fraction, cfg.seed, path), tokenizer, cfg)
+    records = _records(rows, path, cfg)
     names = None
     if cfg.task == "seq-cls":
         ids, names = label_ids(records, path, cfg.label_column)
@@ -298,7 +297,8 @@ def prepare_data(cfg: RunConfig, tokenizer: Any) -> TokenizedData:
     else:
         encode = _instructions if "prompt" in records[0] else pack
     train, held = split_records(records, cfg.eval_fraction, cfg.seed, path)
-    data = TokenizedData(encode(train, tokenizer, cfg.seq_len), encode(held, tokenizer, cfg.seq_len), names)
+    data = TokenizedData(encode(train, tokenizer, cfg.seq_len), encode(held, tokenizer, cfg.seq_len), names,
+                         {"format": "text" if cfg.task == "seq-cls" else fmt, "records": len(records)})
     if not data.train:  # only prompt/response data can lose every record (see _instructions)
         raise ConfigError(f"{path}: every prompt fills the whole seq_len {cfg.seq_len}, "
                           "leaving no response to learn; raise --seq-len")

@@ -153,6 +153,9 @@ class TrainingRun:
         if main:
             with self._writing():
                 cfg.to_yaml(self.run_dir / "config.yaml")
+            for message in data.report.get("warnings", []):  # records the data reader could not use
+                self._append_metrics({"step": position.step, "warning": message})
+                self._emit(WarningEvent(position.step, message))
             if data.label_names:
                 write_text_atomic(self.run_dir / "labels.json", strict_json(data.label_names))
             if cfg.report_to != "none":  # after a resume's truncation: it replays metrics.jsonl

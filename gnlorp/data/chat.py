@@ -1,0 +1,160 @@
+"""Conversations to training examples: render with the chat template, mark the tokens that carry the loss.
+
+The mask comes from rendering the conversation turn by turn (each prefix of its messages, and each prefix with
+the generation cue) and taking the differences, never from searching the rendered text: what a template adds
+before the first turn (a default system prompt, a date) or around a turn then lands on the right side of a
+boundary by construction. A template that rewrites earlier turns when later ones follow has no such
+boundaries, and is refused in one line rather than masked wrongly.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from jinja2 import TemplateError
+
+from gnlorp.config import ConfigError, RunConfig
+from gnlorp.data.examples import IGNORE_INDEX, Example, TokenizedData
+from gnlorp.data.formats import Conversations, Message
+
+# ChatML, for tokenizers that ship no template (the random-init presets): plain, and every turn only appends.
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+          "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+PROMPT_FILLS = "the turns before the first trained one fill seq_len"
+NOT_PREFIX = ("the chat template renders the first {n} message(s) of a conversation as text that does not start the "
+              "whole conversation's rendering (it rewrites earlier turns), so the assistant's tokens cannot be "
+              "told apart; use --train-on all, or --chat-template FILE with a template that only appends turns")
+
+
+@dataclass
+class Rendered:
+    """A rendered conversation: its text, the character spans that carry the loss, and where each trained turn
+    ends (the places a too-long conversation may be cut without leaving a turn that teaches nothing)."""
+
+    text: str
+    trained: list[tuple[int, int]]
+    cuts: list[int]
+
+
+def chat_template(tokenizer: Any, path: str) -> str | None:
+    """The template to render with: the file given, else None (the tokenizer's own), else ChatML."""
+    if path:
+        try:
+            return Path(path).expanduser().read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = getattr(exc, "strerror", None) or "not UTF-8 text"
+            raise ConfigError(f"cannot read chat template {path} ({reason}); check the path") from None
+    return None if tokenizer.chat_template else CHATML
+
+
+def _render(tokenizer: Any, template: str | None, messages: list[Message], generation: bool) -> str:
+    turns = [{"role": m.role, "content": m.content} for m in messages]
+    try:
+        return tokenizer.apply_chat_template(turns, chat_template=template, tokenize=False,
+                                             add_generation_prompt=generation)
+    except (TemplateError, ValueError) as exc:  # a template's raise_exception, or transformers refusing
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"the chat template fails on a conversation ({first}); fix the template or give "
+                          "another with --chat-template FILE") from None
+
+
+def trained_turns(messages: list[Message], train_on: str) -> list[bool]:
+    """Which messages carry the loss: each marked one (the assistant's), or only the last of them."""
+    if train_on != "last":
+        return [m.trained for m in messages]
+    last = max(i for i, m in enumerate(messages) if m.trained)
+    return [i == last for i in range(len(messages))]
+
+
+def render(tokenizer: Any, template: str | None, messages: list[Message], train_on: str) -> Rendered:
+    """The conversation's text and its trained spans: a trained turn runs from the end of the rendered prefix
+    with the generation cue (after the role header) to the end of the rendered turn, less trailing whitespace
+    (what separates it from the next header), so its content and end-of-turn marker carry the loss. With
+    train_on all the whole text is one span."""
+    text = _render(tokenizer, template, messages, False)
+
+    def prefix(n: int, generation: bool) -> int:
+        head = _render(tokenizer, template, messages[:n], generation)
+        if not text.startswith(head):
+            raise ConfigError(NOT_PREFIX.format(n=n))
+        return len(head)
+
+    if train_on == "all":  # no turn boundaries needed, so any template works; too long is cut at seq_len
+        return Rendered(text, [(0, len(text))], [len(text)])
+    ends = [prefix(n, False) for n in range(1, len(messages) + 1)]
+    spans, cuts = [], []
+    for i, trained in enumerate(trained_turns(messages, train_on)):
+        if trained:
+            start = prefix(i, True)
+            spans.append((start, start + len(text[start:ends[i]].rstrip())))
+            cuts.append(ends[i])
+    return Rendered(text, spans, cuts)
+
+
+def _fit(mask: list[bool], cuts: list[int], seq_len: int) -> tuple[int, str]:
+    """How many tokens to keep, and how: all; the first whole turns that fit, up to the end of a trained one; or,
+    when no trained turn fits whole, the first seq_len tokens if a trained one is among them."""
+    if len(mask) <= seq_len:
+        return len(mask), "kept"
+    whole = [end for end in cuts if end <= seq_len]
+    if whole:
+        return max(whole), "shortened"
+    first = next((i for i, trained in enumerate(mask) if trained), len(mask))
+    return (seq_len, "truncated") if first < seq_len else (0, f"dropped: {PROMPT_FILLS}")
+
+
+def encode(tokenizer: Any, rendered: Rendered, seq_len: int) -> tuple[Example | None, str]:
+    """Token ids of the whole rendered text (as the tokenizer reads it at inference) with labels on every token
+    that overlaps a trained span, so a token merged across a header's last space and the reply's first word is
+    learned; cut to seq_len; None when nothing trainable fits."""
+    encoded = tokenizer(rendered.text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+    ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
+    starts = [start for start, _ in offsets]
+    mask = [any(s < b and max(e, s + 1) > a for a, b in rendered.trained) for s, e in offsets]
+    cuts = [bisect.bisect_left(starts, end) for end in rendered.cuts]
+    keep, status = _fit(mask, cuts, seq_len)
+    if not keep:
+        return None, status
+    labels = [token if trained else IGNORE_INDEX for token, trained in zip(ids, mask, strict=True)]
+    return Example(ids[:keep], labels[:keep]), status
+
+
+def encode_chats(conversations: list[list[Message]], tokenizer: Any, cfg: RunConfig,
+                 ) -> tuple[list[Example], Counter[str]]:
+    """One example per conversation (no packing) and how many were kept, shortened, truncated or dropped."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise ConfigError("chat data needs a fast tokenizer (its offsets place the loss mask); give a model folder "
+                          "with a tokenizer.json")
+    template = chat_template(tokenizer, cfg.chat_template)
+    examples, counts = [], Counter()
+    for messages in conversations:
+        example, status = encode(tokenizer, render(tokenizer, template, messages, cfg.train_on), cfg.seq_len)
+        counts[status] += 1
+        if example is not None:
+            examples.append(example)
+    return examples, counts
+
+
+def chat_data(found: Conversations, train: list[tuple[str, list[Message]]], held: list[tuple[str, list[Message]]],
+              tokenizer: Any, cfg: RunConfig) -> TokenizedData:
+    """Both parts of a split chat file encoded, with a report of what became of its records."""
+    train_examples, counts = encode_chats([messages for _, messages in train], tokenizer, cfg)
+    eval_examples, held_counts = encode_chats([messages for _, messages in held], tokenizer, cfg)
+    counts.update(held_counts)
+    if not train_examples:
+        summary = ", ".join(f"{n} {status}" for status, n in counts.items())
+        raise ConfigError(f"{cfg.data}: no training conversation fits seq_len {cfg.seq_len} ({summary}); "
+                          "raise --seq-len")
+    skipped = {kind: len(where) for kind, where in found.bad.items()}
+    records = len(found.items) + sum(skipped.values())
+    warnings = [f"skipped {sum(skipped.values())} of {records} record(s) of {cfg.data}: {found.bad_summary()}; "
+                "fix them to train on them"] if skipped else []
+    warnings += [f"{n} conversation(s) {status}; raise --seq-len to keep them" for status, n in counts.items()
+                 if status.startswith("dropped")]
+    report = {"format": found.format, "records": records, "skipped": skipped, "examples": dict(counts),
+              "warnings": warnings}
+    return TokenizedData(train_examples, eval_examples, report=report)

@@ -1,0 +1,28 @@
+"""What tokenized data looks like, shared by the readers (records) and the chat renderer (chat) without either
+importing the other."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Example:
+    """One training sequence: token ids and either per-token labels (causal LM) or one class id (seq-cls)."""
+
+    input_ids: list[int]
+    labels: list[int] | int
+
+
+@dataclass
+class TokenizedData:
+    """`report` says what was read and kept (format, records, skipped records and examples by reason, and
+    `warnings` a run shows), so a run or `gnlorp data` can tell a person what became of their file."""
+
+    train: list[Example]
+    eval: list[Example]
+    label_names: list[str] | None = None
+    report: dict[str, Any] = field(default_factory=dict)
