@@ -22,7 +22,6 @@ import functools
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from ..config import METHOD_NAMES, RunConfig
@@ -38,12 +37,11 @@ MIB = 2**20
 # Measured with benchmarks/memory_peak.py (see docs/BENCHMARKS.md): backward through the loss holds two fp32
 # logit-sized gradients beside the saved log-probabilities (counted in the activations), and a CPU process holds
 # CPU_OVERHEAD beyond its tensors through a whole run (oneDNN's caches, the data, Python objects: 48 MiB at step 3,
-# and 6 more by the end of the 200-step default run, most of it in the first 20 steps), plus CPU_THREAD_OVERHEAD for
-# each intra-op thread beyond the first (the default run peaks 4 MiB higher at 2 threads than at 1; measured at 1
-# and 2 only, taken as linear). docs/BENCHMARKS.md, "The default run's peak".
+# and 6-10 more by the end of the 200-step default run, most of it in the first 20 steps; the top of that range with
+# two intra-op threads, the bottom with one, so the middle: the estimate does not depend on the process that makes
+# it). docs/BENCHMARKS.md, "The default run's peak".
 LOGIT_GRADIENTS = 2
-CPU_OVERHEAD = 54 * MIB
-CPU_THREAD_OVERHEAD = 4 * MIB
+CPU_OVERHEAD = 56 * MIB
 # Not measured here (no GPU in the session that wrote this): cuBLAS's default workspace, which the allocator
 # counts, and the CUDA context, which it does not (so it is added for the fit verdict only).
 CUDA_OVERHEAD = 32 * MIB
@@ -57,11 +55,6 @@ class Fit:
     total_bytes: int  # the estimate's peak, plus the CUDA context on a GPU
     fits: bool
     max_batch_size: int  # the largest batch that fits at this sequence length; 0 when not even one does
-
-
-def cpu_overhead() -> int:
-    """What a CPU training process holds beyond its tensors, with as many intra-op threads as this one has."""
-    return CPU_OVERHEAD + CPU_THREAD_OVERHEAD * max(0, torch.get_num_threads() - 1)
 
 
 @dataclass(frozen=True)
@@ -307,7 +300,7 @@ def _budget(cfg: RunConfig, device: Device, gpus: int = 1) -> _Budget:
             "weights": weights,
             "optimizer_states": counts.states,
             "projectors": counts.projectors,
-            "overhead": CUDA_OVERHEAD if device.kind == "cuda" else cpu_overhead(),
+            "overhead": CUDA_OVERHEAD if device.kind == "cuda" else CPU_OVERHEAD,
         },
         gradients=gradients,
         head_gradient=min(gradients, counts.head * weight_bytes) if not cfg.layerwise else 0,
