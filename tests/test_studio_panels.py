@@ -43,7 +43,7 @@ def test_messages_name_the_form_fields_not_the_flags() -> None:
 def test_this_runs_bar_names_the_cuda_context_and_adds_up_to_what_the_verdict_needs() -> None:
     cfg = RunConfig(model="tiny")
     for device, context in (("rtx-4090", CUDA_CONTEXT), ("this-machine", 0)):
-        figure = json.loads(chosen_figure(cfg, device).to_json())
+        figure = json.loads(chosen_figure(cfg, fit(cfg, device)).to_json())
         bars = {trace["name"]: trace["x"][0] for trace in figure["data"]}
         total = fit(cfg, device).total_bytes
         scale = total / sum(bars.values())  # the bars are in the chart's unit

@@ -12,7 +12,7 @@ from typing import Any
 import gradio as gr
 
 from gnlorp.config import RunConfig
-from gnlorp.memory import PARTS, Plan, compare, devices, fit, plan
+from gnlorp.memory import PARTS, Fit, Plan, compare, devices, fit, plan
 
 from .charts import budget_figure, compare_figure, human_bytes
 from .context import Studio
@@ -29,9 +29,8 @@ class BudgetPanel:
     verdict: gr.Markdown
 
 
-def verdict(cfg: RunConfig, device_name: str) -> str:
+def verdict(cfg: RunConfig, result: Fit) -> str:
     """Fits or not on the device, with the numbers and, when it does not fit, what to change."""
-    result = fit(cfg, device_name)
     need, have = human_bytes(result.total_bytes), human_bytes(result.device.capacity_bytes)
     share = result.total_bytes / result.device.capacity_bytes
     largest = (f"Largest batch that fits at sequence length {cfg.seq_len}: {result.max_batch_size}."
@@ -56,10 +55,9 @@ def plan_message(result: Plan) -> str:
               f"{result.time_factor:.2f}x the unconstrained run's. Changed: {changed}.")
 
 
-def chosen_figure(cfg: RunConfig, device_name: str) -> Any:
+def chosen_figure(cfg: RunConfig, result: Fit) -> Any:
     """This run's parts as one bar; on a GPU the CUDA context is a part of its own, so the bar adds up to the
     verdict's "needs" (the context is the GPU runtime's, a fixed cost before the first tensor)."""
-    result = fit(cfg, device_name)
     parts = {**result.estimate, "cuda_context": result.total_bytes - result.estimate["total"],
              "total": result.total_bytes}
     order = (*PARTS, "cuda_context") if parts["cuda_context"] else PARTS
@@ -101,7 +99,8 @@ def build_budget(studio: Studio, setup: SetupTab, page: gr.Blocks) -> BudgetPane
         *form, device_name = values
         cfg = values_to_config(form)
         studio.check_model(cfg)
-        return verdict(cfg, device_name), chosen_figure(cfg, device_name), device_rows(cfg)
+        result = fit(cfg, device_name)  # one verdict for the line and the bar
+        return verdict(cfg, result), chosen_figure(cfg, result), device_rows(cfg)
 
     @guarded(2, 0, studio.error_log, cleared={1: None})
     def update_all(*values: Any) -> tuple:

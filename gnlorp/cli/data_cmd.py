@@ -4,9 +4,9 @@ so a person sees the detected format, the records skipped and where the loss fal
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
 
+from ..atomic import strict_json
 from ..config import add_config_arguments, config_from_args
 from .args import int_in_range
 
@@ -71,7 +71,7 @@ def _run_data(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(cfg.model)
     result = summary(prepare_data(cfg, tokenizer), args.show)
     if args.json:
-        print(json.dumps(result))
+        print(strict_json(result))
         return 0
     print(f"format: {result['format']}, {result['records']} record(s) -> {result['examples']} example(s), "
           f"{result['tokens']} token(s)" + (f", {result['trained_tokens']} trained" if result["trained_tokens"]
