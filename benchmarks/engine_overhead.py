@@ -16,11 +16,13 @@ import time
 import torch
 
 from gnlorp.config import RunConfig
-from gnlorp.data.records import batches, collate, prepare_data
+from gnlorp.data.batches import batches, collate
+from gnlorp.data.records import prepare_data
 from gnlorp.methods import get_method
 from gnlorp.models.load import load_model, load_tokenizer
 from gnlorp.optim import ProjectedAdamW
-from gnlorp.train.engine import StepEvent, TrainingRun, lr_factor
+from gnlorp.train.engine import StepEvent, TrainingRun
+from gnlorp.train.schedule import lr_factor
 
 
 def bare_loop(cfg: RunConfig) -> float:

@@ -40,7 +40,8 @@ def train(preset: str, output: Path, steps: int | None):
 def heldout(models: list, cfg, tokenizer) -> tuple[list[float], float]:
     """Each model's mean next-token cross-entropy over the run's held-out labels, and the largest |logit difference|
     between the first two per unit of the first's largest |logit| (over those labelled positions)."""
-    from gnlorp.data.records import IGNORE_INDEX, collate, prepare_data
+    from gnlorp.data.batches import collate
+    from gnlorp.data.records import IGNORE_INDEX, prepare_data
 
     examples = prepare_data(cfg, tokenizer).eval
     totals, count, worst, largest = [0.0] * len(models), 0, 0.0, 1.0

@@ -42,21 +42,18 @@ def heldout_loss_before(method: str, output: Path) -> float:
     import torch
 
     from gnlorp.config import RunConfig
-    from gnlorp.data.records import collate, prepare_data
+    from gnlorp.data.records import prepare_data
     from gnlorp.models.load import load_model, load_tokenizer
+    from gnlorp.train.evaluate import held_out
+    from gnlorp.train.loss import loss_function
 
     cfg = RunConfig.from_yaml(output / "config.yaml")
     tokenizer = load_tokenizer(cfg.model)
     examples = prepare_data(cfg, tokenizer).eval
-    model = load_model(cfg.model, cfg.task).eval()
-    total, weight = 0.0, 0
-    with torch.no_grad():
-        for start in range(0, len(examples), cfg.batch_size):
-            batch = collate(examples[start:start + cfg.batch_size], tokenizer.pad_token_id)
-            count = int((batch["labels"][:, 1:] != -100).sum())
-            total += model(**batch).loss.item() * count
-            weight += count
-    return total / weight
+    model = load_model(cfg.model, cfg.task)
+    loss, _ = held_out(model, loss_function(model, model, False), examples, cfg, tokenizer.pad_token_id,
+                       torch.device("cpu"))
+    return loss
 
 
 def row(method: str, output: Path, wall_s: float, before: float) -> str:

@@ -28,9 +28,11 @@ CASES = [("llama-60m", "presets/llama-60m-galore.yaml"), ("smollm2", "presets/sm
 def gradients(model_name: str, preset: str, batches: int) -> dict[str, torch.Tensor]:
     """Each target weight's gradient over `batches` micro-batches of the preset's data."""
     from gnlorp.config import RunConfig
-    from gnlorp.data.records import collate, prepare_data
+    from gnlorp.data.batches import collate
+    from gnlorp.data.records import prepare_data
     from gnlorp.methods.base import resolve_targets
     from gnlorp.models.load import load_model, load_tokenizer
+    from gnlorp.train.loss import packed_options
 
     cfg = RunConfig.from_yaml(ROOT / preset, model=model_name, batch_size=4, seq_len=256)
     cfg.data = str(ROOT / cfg.data)  # the presets name their data from the repository's root
@@ -39,7 +41,7 @@ def gradients(model_name: str, preset: str, batches: int) -> dict[str, torch.Ten
     model = load_model(cfg.model, "causal-lm", dtype=torch.float32, seed=0)
     for i in range(batches):
         batch = collate(examples[i * cfg.batch_size:(i + 1) * cfg.batch_size], tokenizer.pad_token_id)
-        model(**batch).loss.backward()
+        model(**batch, **packed_options(batch)).loss.backward()
     return {name: model.get_submodule(name).weight.grad for name in resolve_targets(model, cfg)}
 
 

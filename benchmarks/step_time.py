@@ -36,7 +36,8 @@ import torch
 
 from common import add_output_arguments, device, machine, save_png, write_section
 from gnlorp.config import RunConfig
-from gnlorp.data.records import batches, collate, prepare_data
+from gnlorp.data.batches import batches, collate
+from gnlorp.data.records import prepare_data
 from gnlorp.methods import GALORE, get_method
 from gnlorp.models.load import load_model, load_tokenizer
 from gnlorp.optim import ProjectedAdamW, state_bytes

@@ -59,6 +59,9 @@ class RunConfig:
                          choices=("assistant", "last", "all"), group="data")
     chat_template: str = knob("", "Chat formats: a Jinja chat template file to render conversations with (empty = "
                               "the tokenizer's own, or ChatML where it has none).", group="data")
+    packing: bool = knob(True, "Put several prompt-response or chat examples in each sequence (their position ids "
+                         "restart and no attention crosses between them), so little compute goes to padding; "
+                         "pre-training text is one stream cut into full sequences either way.", group="data")
     eval_fraction: float = knob(0.1, "Share of the data held out for evaluation.", min=0.0, max=0.5, group="data")
     warmup_steps: int = knob(10, "Linear warm-up steps before the cosine decay.", min=0, max=10**9, group="advanced")
     grad_accum: int = knob(1, "Micro-batches per optimizer step.", min=1, max=4096, group="advanced")

@@ -41,7 +41,8 @@ def tiny():
 
 
 def test_messages_file_becomes_masked_examples(tiny, tmp_path: Path) -> None:
-    data = prepare_data(RunConfig(data=str(messages_file(tmp_path / "m.jsonl")), eval_fraction=0.0), tiny)
+    cfg = RunConfig(data=str(messages_file(tmp_path / "m.jsonl")), eval_fraction=0.0, packing=False)
+    data = prepare_data(cfg, tiny)
     assert len(data.train) == len(PAIRS) and not data.eval
     for example, (prompt, answer) in zip(data.train, PAIRS, strict=True):
         assert example.input_ids == tiny(chatml(prompt, answer), add_special_tokens=False)["input_ids"]
@@ -50,19 +51,19 @@ def test_messages_file_becomes_masked_examples(tiny, tmp_path: Path) -> None:
         assert tiny.decode(trained) == answer + END
         head = len(tiny(chatml(prompt, answer).split(answer)[0], add_special_tokens=False)["input_ids"])
         assert example.labels[:head] == [IGNORE_INDEX] * head
-    assert data.report == {"format": "messages", "records": 10, "skipped": {}, "examples": {"kept": 10},
-                           "warnings": []}
+    assert data.report == {"format": "messages", "records": 10, "skipped": {}, "outcomes": {"kept": 10}, "first": {},
+                           "examples": 10, "rows": 10, "warnings": []}
 
 
 def test_every_chat_format_gives_the_same_examples(tiny, tmp_path: Path) -> None:
     alpaca = write_jsonl(tmp_path / "a.jsonl", [{"instruction": q, "input": "", "output": a} for q, a in PAIRS])
     sharegpt = write_jsonl(tmp_path / "s.jsonl", [
         {"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]} for q, a in PAIRS])
-    cfg = RunConfig(data=str(messages_file(tmp_path / "m.jsonl")), eval_fraction=0.2, seed=3)
+    cfg = RunConfig(data=str(messages_file(tmp_path / "m.jsonl")), eval_fraction=0.2, seed=3, packing=False)
     reference = prepare_data(cfg, tiny)
     assert len(reference.train) == 8 and len(reference.eval) == 2
     for path, fmt in ((alpaca, "alpaca"), (sharegpt, "sharegpt")):
-        data = prepare_data(RunConfig(data=str(path), eval_fraction=0.2, seed=3), tiny)
+        data = prepare_data(RunConfig(data=str(path), eval_fraction=0.2, seed=3, packing=False), tiny)
         assert data.report["format"] == fmt
         assert (data.train, data.eval) == (reference.train, reference.eval)
 
@@ -120,7 +121,8 @@ def test_gnlorp_data_json_counts_what_train_would_see(tiny, tmp_path: Path, caps
     from gnlorp.cli.main import main as cli
 
     path = messages_file(tmp_path / "m.jsonl", [{"messages": [{"role": "user", "content": "alone"}]}])
-    assert cli(["data", "--data", str(path), "--model", "tiny", "--eval-fraction", "0", "--show", "2", "--json"]) == 0
+    assert cli(["data", "--data", str(path), "--model", "tiny", "--eval-fraction", "0", "--show", "2", "--json",
+                "--no-packing"]) == 0
     result = json.loads(capsys.readouterr().out)
     rendered = [tiny(chatml(q, a), add_special_tokens=False)["input_ids"] for q, a in PAIRS]
     assert {k: result[k] for k in ("format", "records", "examples", "dropped")} == {
@@ -140,5 +142,25 @@ def test_gnlorp_data_text_marks_the_trained_stretches(tmp_path: Path, capsys) ->
     path = messages_file(tmp_path / "m.jsonl")
     assert cli(["data", "--data", str(path), "--model", "tiny", "--eval-fraction", "0", "--show", "1"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("format: messages, 10 record(s) -> 10 example(s)")
-    assert f"<|im_start|>assistant\n[[{PAIRS[0][1]}{END}]]\n" in out
+    assert out.startswith("data: messages, 10 record(s) -> 10 example(s) packed in ")
+    shown = [a for _, a in PAIRS if f"<|im_start|>assistant\n[[{a}{END}]]\n" in out]
+    assert shown and out.count("<|im_start|>assistant\n") == out.count("<|im_start|>assistant\n[[") == len(shown)
+
+
+def test_gnlorp_data_json_preview_shows_packed_rows_with_restarting_positions(tiny, tmp_path: Path, capsys) -> None:
+    from gnlorp.cli.main import main as cli
+
+    path = messages_file(tmp_path / "m.jsonl")
+    assert cli(["data", "--data", str(path), "--model", "tiny", "--eval-fraction", "0", "--seq-len", "128",
+                "--show", "100", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    rendered = [tiny(chatml(q, a), add_special_tokens=False)["input_ids"] for q, a in PAIRS]
+    assert result["examples"] == 10 and result["rows"] == len(result["preview"]) < 10
+    segments = []
+    for row in result["preview"]:
+        assert len(row["input_ids"]) <= 128
+        starts = [i for i, p in enumerate(row["position_ids"]) if p == 0]
+        for start, end in zip(starts, [*starts[1:], len(row["input_ids"])], strict=True):
+            assert row["position_ids"][start:end] == list(range(end - start))
+            segments.append(row["input_ids"][start:end])
+    assert sorted(segments) == sorted(rendered)

@@ -10,7 +10,7 @@ import pytest
 
 from gnlorp.config import ConfigError, RunConfig
 from gnlorp.data.formats import Message, conversations, detect_format
-from gnlorp.data.records import read_rows
+from gnlorp.data.readers import read_rows
 
 CHAT = [("system", "Be brief."), ("user", "Hi?"), ("assistant", "Hello."), ("user", "Weather?"),
         ("assistant", "Let me look."), ("tool", "sunny"), ("assistant", "It is sunny.")]

@@ -43,8 +43,8 @@ def trained_runs(tokenizer, example: Example) -> list[str]:
 
 
 def encode(tokenizer, messages: list[Message], **overrides) -> tuple[Example, str]:
-    examples, counts = encode_chats([messages], tokenizer, RunConfig(**{"seq_len": 512, **overrides}))
-    [status] = counts
+    examples, outcomes = encode_chats([("line 1", messages)], tokenizer, RunConfig(**{"seq_len": 512, **overrides}))
+    [status] = outcomes
     return (examples[0] if examples else None), status
 
 
@@ -166,6 +166,8 @@ def test_a_prompt_that_fills_seq_len_is_dropped_with_its_reason(tiny) -> None:
     wordy = [Message("user", "word " * 50), Message("assistant", "Yes.", True)]
     short = [Message("user", "Hi"), Message("assistant", "Yes.", True)]
     assert length(tiny, wordy[:1]) > length(tiny, short)
-    examples, counts = encode_chats([wordy, short, wordy], tiny, RunConfig(seq_len=length(tiny, short)))
-    assert counts == {"dropped: the turns before the first trained one fill seq_len": 2, "kept": 1}
+    examples, outcomes = encode_chats([("line 1", wordy), ("line 2", short), ("line 3", wordy)], tiny,
+                                      RunConfig(seq_len=length(tiny, short)))
+    assert outcomes == {"dropped: the turns before the first trained one fill seq_len": ["line 1", "line 3"],
+                        "kept": ["line 2"]}
     assert [trained_runs(tiny, e) for e in examples] == [["Yes." + END]]

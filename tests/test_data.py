@@ -13,16 +13,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import PreTrainedTokenizerFast
 
 from gnlorp.config import ConfigError, RunConfig
-from gnlorp.data.records import (
-    IGNORE_INDEX,
-    Example,
-    batches,
-    collate,
-    label_ids,
-    prepare_data,
-    read_records,
-    split_records,
-)
+from gnlorp.data.batches import batches, collate
+from gnlorp.data.examples import IGNORE_INDEX, Example
+from gnlorp.data.records import label_ids, prepare_data, read_records, split_records
 
 SHIPPED = Path(__file__).resolve().parents[1] / "presets" / "data"
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}<eos>{% endfor %}"
@@ -53,7 +46,8 @@ def chat_tokenizer(tokenizer: PreTrainedTokenizerFast) -> PreTrainedTokenizerFas
 
 
 def config(path: Path | str, **overrides) -> RunConfig:
-    return RunConfig(data=str(path), **overrides)
+    """Unpacked unless asked, so each example can be checked by itself (tests/test_packing.py packs them)."""
+    return RunConfig(data=str(path), **{"packing": False, **overrides})
 
 
 def write_jsonl(path: Path, records: list[dict]) -> Path:

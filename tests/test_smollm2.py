@@ -19,7 +19,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from gnlorp.cli.main import main as cli
 from gnlorp.config import ConfigError, RunConfig
-from gnlorp.data.records import IGNORE_INDEX, collate, prepare_data
+from gnlorp.data.batches import collate
+from gnlorp.data.records import IGNORE_INDEX, prepare_data
 from gnlorp.models import gguf_cache
 from gnlorp.models import load as models
 

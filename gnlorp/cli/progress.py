@@ -9,7 +9,16 @@ import sys
 from tqdm import tqdm
 
 from ..train import spectrum_log
-from ..train.engine import CheckpointEvent, DoneEvent, ErrorEvent, EvalEvent, StepEvent, TrainingRun, WarningEvent
+from ..train.engine import (
+    CheckpointEvent,
+    DataEvent,
+    DoneEvent,
+    ErrorEvent,
+    EvalEvent,
+    StepEvent,
+    TrainingRun,
+    WarningEvent,
+)
 
 
 def follow(run: TrainingRun) -> int:
@@ -41,6 +50,8 @@ def follow(run: TrainingRun) -> int:
             elif isinstance(event, EvalEvent):
                 accuracy = "" if event.eval_accuracy is None else f", eval_accuracy {event.eval_accuracy:.3f}"
                 (bar.write if bar else print)(f"step {event.step}: eval_loss {event.eval_loss:.4f}{accuracy}")
+            elif isinstance(event, DataEvent):
+                print(event.summary, file=sys.stderr)
             elif isinstance(event, WarningEvent):  # e.g. a damaged checkpoint skipped on resume
                 (bar.write if bar else print)(f"warning: {event.message}", file=sys.stderr)
             elif isinstance(event, CheckpointEvent):

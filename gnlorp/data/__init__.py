@@ -1,5 +1,8 @@
 """Data: read a file or folder of records, detect its columns, tokenize, split off the held-out part, and batch."""
 
-from .records import IGNORE_INDEX, SUPPORTED, prepare_data, read_records, read_table, resolve_data_path
+from .preview import describe, summary_line, trained_pieces
+from .readers import SUPPORTED, resolve_data_path
+from .records import IGNORE_INDEX, prepare_data, read_records, read_table
 
-__all__ = ["IGNORE_INDEX", "SUPPORTED", "prepare_data", "read_records", "read_table", "resolve_data_path"]
+__all__ = ["IGNORE_INDEX", "SUPPORTED", "describe", "prepare_data", "read_records", "read_table",
+           "resolve_data_path", "summary_line", "trained_pieces"]

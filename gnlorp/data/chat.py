@@ -10,7 +10,6 @@ boundaries, and is refused in one line rather than masked wrongly.
 from __future__ import annotations
 
 import bisect
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -123,38 +122,58 @@ def encode(tokenizer: Any, rendered: Rendered, seq_len: int) -> tuple[Example | 
     return Example(ids[:keep], labels[:keep]), status
 
 
-def encode_chats(conversations: list[list[Message]], tokenizer: Any, cfg: RunConfig,
-                 ) -> tuple[list[Example], Counter[str]]:
-    """One example per conversation (no packing) and how many were kept, shortened, truncated or dropped."""
+def encode_chats(conversations: list[tuple[str, list[Message]]], tokenizer: Any, cfg: RunConfig,
+                 ) -> tuple[list[Example], dict[str, list[str]]]:
+    """One example per conversation (before any packing) and, for each outcome (kept, shortened, truncated or
+    dropped with its reason), where the conversations it befell came from."""
     if not getattr(tokenizer, "is_fast", False):
         raise ConfigError("chat data needs a fast tokenizer (its offsets place the loss mask); give a model folder "
                           "with a tokenizer.json")
     template = chat_template(tokenizer, cfg.chat_template)
-    examples, counts = [], Counter()
-    for messages in conversations:
+    examples: list[Example] = []
+    outcomes: dict[str, list[str]] = {}
+    for where, messages in conversations:
         example, status = encode(tokenizer, render(tokenizer, template, messages, cfg.train_on), cfg.seq_len)
-        counts[status] += 1
+        outcomes.setdefault(status, []).append(where)
         if example is not None:
             examples.append(example)
-    return examples, counts
+    return examples, outcomes
 
 
 def chat_data(found: Conversations, train: list[tuple[str, list[Message]]], held: list[tuple[str, list[Message]]],
               tokenizer: Any, cfg: RunConfig) -> TokenizedData:
     """Both parts of a split chat file encoded, with a report of what became of its records."""
-    train_examples, counts = encode_chats([messages for _, messages in train], tokenizer, cfg)
-    eval_examples, held_counts = encode_chats([messages for _, messages in held], tokenizer, cfg)
-    counts.update(held_counts)
+    train_examples, outcomes = encode_chats(train, tokenizer, cfg)
+    eval_examples, held_outcomes = encode_chats(held, tokenizer, cfg)
+    for status, where in held_outcomes.items():
+        outcomes[status] = sorted([*outcomes.get(status, []), *where], key=_line_order)
     if not train_examples:
-        summary = ", ".join(f"{n} {status}" for status, n in counts.items())
+        summary = ", ".join(f"{len(where)} {status}" for status, where in outcomes.items())
         raise ConfigError(f"{cfg.data}: no training conversation fits seq_len {cfg.seq_len} ({summary}); "
                           "raise --seq-len")
-    skipped = {kind: len(where) for kind, where in found.bad.items()}
-    records = len(found.items) + sum(skipped.values())
-    warnings = [f"skipped {sum(skipped.values())} of {records} record(s) of {cfg.data}: {found.bad_summary()}; "
+    records = len(found.items) + sum(len(where) for where in found.bad.values())
+    return TokenizedData(train_examples, eval_examples,
+                         report=data_report(found.format, records, found.bad, outcomes, cfg.data))
+
+
+def _line_order(where: str) -> tuple[str, int]:
+    kind, _, number = where.rpartition(" ")
+    return kind, int(number) if number.isdigit() else 0
+
+
+def data_report(fmt: str, records: int, bad: dict[str, list[str]], outcomes: dict[str, list[str]], source: str,
+                ) -> dict[str, Any]:
+    """What became of every record: skipped (by kind) and each outcome (kept, shortened, truncated, dropped by
+    reason), with where each kind first happened, and the warnings a run shows for anything lost or cut."""
+    skipped = {kind: len(where) for kind, where in bad.items()}
+    first = {kind: where[0] for kind, where in bad.items()} | {
+        status: where[0] for status, where in outcomes.items() if status != "kept"}
+    listed = "; ".join(f"{len(where)} with {kind} (first at {where[0]})" for kind, where in bad.items())
+    warnings = [f"skipped {sum(skipped.values())} of {records} record(s) of {source}: {listed}; "
                 "fix them to train on them"] if skipped else []
-    warnings += [f"{n} conversation(s) {status}; raise --seq-len to keep them" for status, n in counts.items()
-                 if status.startswith("dropped")]
-    report = {"format": found.format, "records": records, "skipped": skipped, "examples": dict(counts),
-              "warnings": warnings}
-    return TokenizedData(train_examples, eval_examples, report=report)
+    warnings += [f"{len(where)} example(s) {status} (first at {where[0]}); raise --seq-len to keep them whole"
+                 for status, where in outcomes.items() if status != "kept"]
+    return {"format": fmt, "records": records, "skipped": skipped,
+            "outcomes": {status: len(where) for status, where in outcomes.items()}, "first": first,
+            "warnings": warnings}
+

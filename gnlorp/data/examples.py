@@ -11,10 +11,12 @@ IGNORE_INDEX = -100
 
 @dataclass
 class Example:
-    """One training sequence: token ids and either per-token labels (causal LM) or one class id (seq-cls)."""
+    """One training sequence: token ids and either per-token labels (causal LM) or one class id (seq-cls); a
+    packed row also has position ids, which restart at each example it holds."""
 
     input_ids: list[int]
     labels: list[int] | int
+    position_ids: list[int] | None = None
 
 
 @dataclass

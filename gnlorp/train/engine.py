@@ -31,7 +31,7 @@ from accelerate.utils import parse_flag_from_env
 from ..atomic import strict_json, write_text_atomic
 from ..checkpoint import checkpoints, refuse_if_finished
 from ..config import ConfigError, RunConfig
-from ..data.records import batches, collate, prepare_data
+from ..data import describe, prepare_data, summary_line
 from ..memory import MemoryMonitor, estimate, predict_optimizer_state_bytes, return_freed_memory, this_machine
 from ..methods import get_method
 from ..models.load import enable_checkpointing, load_tokenizer
@@ -40,14 +40,16 @@ from ..optim import build_optimizer, state_bytes
 from ..optim.build import optimizer_settings
 from ..optim.sharded import any_rank
 from . import spectrum_log, tracking
-from .events import CheckpointEvent, DoneEvent, ErrorEvent, EvalEvent, Event, StepEvent, WarningEvent
+from .evaluate import held_out
+from .events import CheckpointEvent, DataEvent, DoneEvent, ErrorEvent, EvalEvent, Event, StepEvent, WarningEvent
 from .loss import loss_function
+from .schedule import lr_factor, micro_batches
 from .sharding import full_state_dict, full_value, local_value, shard_model
 from .state import Position, all_finite, load_checkpoint, save_checkpoint, save_final
 from .summary import read_summary, whole_run, write_summary
 
-__all__ = ["CheckpointEvent", "DoneEvent", "ErrorEvent", "EvalEvent", "Event", "StepEvent", "TrainingRun",
-           "WarningEvent", "lr_factor", "micro_batches"]
+__all__ = ["CheckpointEvent", "DataEvent", "DoneEvent", "ErrorEvent", "EvalEvent", "Event", "StepEvent",
+           "TrainingRun", "WarningEvent"]
 
 DISK_FULL_FREE_BYTES = 1 << 20  # a failed write with less than this left free is a full disk (torch.save hides ENOSPC)
 
@@ -139,7 +141,7 @@ class TrainingRun:
             optimizer = accelerator.prepare(optimizer)
         else:
             model, optimizer = accelerator.prepare(model, optimizer)
-        loss_of = self._loss_of = loss_function(model, accelerator.unwrap_model(model), cfg.chunked_loss)
+        loss_of = loss_function(model, accelerator.unwrap_model(model), cfg.chunked_loss)
         position = Position()
         if self.resume:
             position, skipped = load_checkpoint(cfg, accelerator.unwrap_model(model), optimizer, scheduler)
@@ -153,6 +155,7 @@ class TrainingRun:
         if main:
             with self._writing():
                 cfg.to_yaml(self.run_dir / "config.yaml")
+            self._emit(DataEvent(summary_line(describe(data, 0))))
             for message in data.report.get("warnings", []):  # records the data reader could not use
                 self._append_metrics({"step": position.step, "warning": message})
                 self._emit(WarningEvent(position.step, message))
@@ -173,14 +176,14 @@ class TrainingRun:
             tick = time.perf_counter()
             loss_sum, tokens = 0.0, 0
             for i in range(cfg.grad_accum):
-                batch, position.epoch, position.batch_index = next(stream)
+                batch, real, position.epoch, position.batch_index = next(stream)
                 batch = {k: v.to(accelerator.device) for k, v in batch.items()}
                 sync = nullcontext() if i == cfg.grad_accum - 1 else accelerator.no_sync(model)
                 with sync:
                     loss = loss_of(batch) / cfg.grad_accum
                     accelerator.backward(loss)
                 loss_sum += loss.item()
-                tokens += int(batch["attention_mask"].sum())
+                tokens += real
             loss_value = accelerator.reduce(torch.tensor(loss_sum, device=accelerator.device), "mean").item()
             if not math.isfinite(loss_value):
                 raise self._diverged(position.step + 1, f"the loss became {loss_value}")
@@ -216,8 +219,15 @@ class TrainingRun:
                 for message in optimizer.optimizer.pop_incidents():
                     self._append_metrics({"step": position.step, "warning": message})
                     self._emit(WarningEvent(position.step, message))
-            if position.step % cfg.eval_every == 0 or position.step == cfg.max_steps:
-                self._evaluate(model, data.eval, tokenizer.pad_token_id, accelerator, position.step, main)
+            if data.eval and (position.step % cfg.eval_every == 0 or position.step == cfg.max_steps):
+                eval_loss, accuracy = held_out(model, loss_of, data.eval, cfg, tokenizer.pad_token_id,
+                                               accelerator.device)
+                if cfg.fsdp:
+                    model.reshard()  # a forward with no backward after it leaves the root's weights gathered
+                if main:
+                    self._append_metrics({"step": position.step, "eval_loss": eval_loss, "time": time.time()}
+                                         | ({} if accuracy is None else {"eval_accuracy": accuracy}))
+                    self._emit(EvalEvent(position.step, eval_loss, accuracy))
             stopping = self._stop.is_set()
             if world > 1:  # a stop reaches each process at its own moment: they agree on the step to stop after
                 stopping = any_rank(stopping, accelerator.device)
@@ -312,35 +322,6 @@ class TrainingRun:
                     continue  # a line cut short when the process died or the disk filled up
             write_text_atomic(metrics, "".join(line + "\n" for line in kept))
 
-    @torch.no_grad()
-    def _evaluate(self, model, examples, pad_id: int, accelerator: Accelerator, step: int, main: bool) -> None:
-        if not examples:
-            return
-        model.eval()
-        loss_total, weight_total, correct = 0.0, 0, 0
-        for start in range(0, len(examples), self.cfg.batch_size):
-            batch = collate(examples[start:start + self.cfg.batch_size], pad_id)
-            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-            labels = batch["labels"]
-            weight = int((labels[:, 1:] != -100).sum()) if self.cfg.task == "causal-lm" else labels.numel()
-            if self.cfg.task == "seq-cls":
-                out = model(**batch)
-                loss_total += out.loss.item() * weight
-                correct += int((out.logits.argmax(-1) == labels).sum())
-            else:
-                loss_total += self._loss_of(batch).item() * weight
-            weight_total += weight
-        if self.cfg.fsdp:
-            model.reshard()  # a forward with no backward after it leaves the root's weights gathered
-        model.train()
-        accuracy = correct / len(examples) if self.cfg.task == "seq-cls" else None
-        event = EvalEvent(step, loss_total / max(weight_total, 1), accuracy)
-        if main:
-            record = {"step": step, "eval_loss": event.eval_loss, "time": time.time()}
-            if accuracy is not None:
-                record["eval_accuracy"] = accuracy
-            self._append_metrics(record)
-            self._emit(event)
 
 def _disk_full(exc: BaseException, folder: Path) -> bool:
     """ENOSPC/EDQUOT anywhere in the chain, or any failed write with (almost) nothing left free on that disk."""
@@ -364,31 +345,3 @@ def warm_imports(cfg: RunConfig) -> None:
         import bitsandbytes  # noqa: F401
     if cfg.report_to == "tensorboard":
         import torch.utils.tensorboard  # noqa: F401
-
-
-def lr_factor(step: int, cfg: RunConfig) -> float:
-    """Linear warm-up, then cosine decay to 10% of the peak (GaLore's schedule)."""
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def micro_batches(examples, cfg: RunConfig, position: Position, world: int, rank: int, pad_id: int):
-    """Endless micro-batches for this process, starting at `position`, each with the position after it.
-
-    Every process walks the same global order of batches of batch_size × world and takes its own slice,
-    which is what makes data-parallel training and resuming both exact.
-    """
-    if len(examples) < cfg.batch_size * world:
-        raise ConfigError(f"only {len(examples)} training examples for a global batch of {cfg.batch_size * world}; "
-                          "lower --batch-size or add data")
-    epoch, index = position.epoch, position.batch_index
-    while True:
-        global_size = cfg.batch_size * world
-        epoch_batches = [b for b in batches(examples, global_size, cfg.seed, epoch) if len(b) == global_size]
-        for i in range(index, len(epoch_batches)):
-            shard = epoch_batches[i][rank * cfg.batch_size:(rank + 1) * cfg.batch_size]
-            following = (epoch, i + 1) if i + 1 < len(epoch_batches) else (epoch + 1, 0)
-            yield collate(shard, pad_id), *following
-        epoch, index = epoch + 1, 0

@@ -44,10 +44,16 @@ class ErrorEvent:
 
 
 @dataclass
+class DataEvent:
+    """What the run trains on, in one line: the data's format and what became of its records."""
+    summary: str
+
+
+@dataclass
 class WarningEvent:
     """Something the run survived but should be seen: a skipped non-finite update, an SVD fallback."""
     step: int
     message: str
 
 
-Event = StepEvent | EvalEvent | CheckpointEvent | DoneEvent | ErrorEvent | WarningEvent
+Event = StepEvent | EvalEvent | CheckpointEvent | DoneEvent | ErrorEvent | WarningEvent | DataEvent

@@ -91,18 +91,24 @@ def chunked_causal_lm_loss(model: nn.Module, head: nn.Module, batch: dict[str, t
     """
     labels = batch["labels"]
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    out = model(**inputs, logits_to_keep=1, output_hidden_states=True)
+    out = model(**inputs, **packed_options(batch), logits_to_keep=1, output_hidden_states=True)
     hidden = out.hidden_states[-1]
     shifted = nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
     return LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), head.weight, head.bias,
                                     shifted.reshape(-1), chunk or chunk_tokens(head.weight.shape[0]))
 
 
+def packed_options(batch: dict[str, torch.Tensor]) -> dict[str, bool]:
+    """A packed batch (position ids, no attention mask) must run without a KV cache: transformers looks for
+    restarting position ids, and so keeps attention inside each example, only when it has no cache."""
+    return {"use_cache": False} if "position_ids" in batch else {}
+
+
 def loss_function(model: nn.Module, unwrapped: nn.Module, chunked: bool) -> Callable[[dict], torch.Tensor]:
     """batch -> mean loss: the model's own, or (`chunked`) `chunked_causal_lm_loss`, for the architectures whose
     logits are just the head applied to the final hidden states."""
     if not chunked:
-        return lambda batch: model(**batch).loss
+        return lambda batch: model(**batch, **packed_options(batch)).loss
     model_type = unwrapped.config.model_type
     if model_type not in SUPPORTED:
         raise ConfigError(f"chunked_loss supports {', '.join(sorted(SUPPORTED))} models, not {model_type}: "
