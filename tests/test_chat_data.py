@@ -78,6 +78,22 @@ def test_skipped_records_are_reported(tiny, tmp_path: Path) -> None:
                                   "1 with messages not a list (first at line 12); fix them to train on them"]
 
 
+def test_a_cut_conversation_is_counted_with_where_it_first_happened(tiny, tmp_path: Path) -> None:
+    from gnlorp.data import describe, summary_line
+
+    turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+             {"role": "user", "content": "word " * 80}, {"role": "assistant", "content": "Long indeed."}]
+    path = messages_file(tmp_path / "m.jsonl", [{"messages": turns}, {"messages": turns}])
+    seq_len = max(len(tiny(chatml(q, a), add_special_tokens=False)["input_ids"]) for q, a in PAIRS)
+    data = prepare_data(RunConfig(data=str(path), eval_fraction=0.0, seq_len=seq_len, packing=False), tiny)
+    assert data.report["outcomes"] == {"kept": 10, "shortened": 2} and data.report["first"] == {"shortened": "line 11"}
+    kept = [e for e in data.train if tiny.decode(e.input_ids).startswith("<|im_start|>user\nHi<")]
+    assert len(kept) == 2 and all(tiny.decode(e.input_ids) == chatml("Hi", "Hello.") for e in kept)
+    line = summary_line(describe(data, 0))
+    assert line.startswith("data: messages, 12 record(s) -> 12 example(s), ")
+    assert "2 shortened (first at line 11)" in line
+
+
 def test_no_conversation_fits_is_one_line(tiny, tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "long.jsonl", [{"messages": [{"role": "user", "content": "word " * 40},
                                                                {"role": "assistant", "content": "ok"}]}])
@@ -107,6 +123,7 @@ def test_gnlorp_train_on_a_messages_file_warns_of_skipped_records(tmp_path: Path
     losses = [row["loss"] for row in rows if "loss" in row]
     assert len(losses) == 3 and all(math.isfinite(loss) for loss in losses)
     warning = "skipped 1 of 11 record(s)"
+    assert "data: messages, 11 record(s) -> 10 example(s)" in done.stderr
     assert warning in done.stderr and any(warning in row.get("warning", "") for row in rows)
 
 

@@ -137,3 +137,33 @@ def test_nothing_usable_is_one_config_error_line(tmp_path: Path) -> None:
 def test_chat_format_with_seq_cls_is_refused() -> None:
     with pytest.raises(ConfigError, match="data_format messages applies to causal-lm"):
         RunConfig(task="seq-cls", data_format="messages").validate()
+
+
+def test_csv_column_holding_messages_as_json(tmp_path: Path) -> None:
+    import csv
+
+    path = tmp_path / "m.csv"
+    with path.open("w", encoding="utf-8", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["messages"])
+        writer.writerow([json.dumps([{"role": r, "content": c} for r, c in CHAT])])
+        writer.writerow(["not json"])
+    fmt, rows = read(path)
+    assert fmt == "messages"
+    found = conversations(rows, fmt, path)
+    assert found.items == [("line 2", EXPECTED)] and found.bad == {"messages not a list": ["line 3"]}
+
+
+CALL = {"type": "function", "function": {"name": "weather", "arguments": {"city": "Paris"}}}
+
+
+def test_tool_calls_travel_with_their_assistant_turn(tmp_path: Path) -> None:
+    turns = [{"role": "user", "content": "Weather?"}, {"role": "assistant", "tool_calls": [CALL]},
+             {"role": "tool", "content": "sunny"}, {"role": "assistant", "content": "Sunny."}]
+    bad = [{"role": "user", "content": "Weather?"}, {"role": "assistant", "tool_calls": "weather(Paris)"}]
+    path = write_jsonl(tmp_path / "m.jsonl", [{"messages": turns}, {"messages": bad}])
+    found = conversations(read(path)[1], "messages", path)
+    assert found.items == [("line 1", [Message("user", "Weather?"), Message("assistant", "", True, [CALL]),
+                                       Message("tool", "sunny"), Message("assistant", "Sunny.", True)])]
+    assert found.bad == {"tool_calls not a list of objects": ["line 2"]}
+    assert found.items[0][1][1].as_turn() == {"role": "assistant", "content": "", "tool_calls": [CALL]}

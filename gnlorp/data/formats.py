@@ -8,6 +8,7 @@ needs to know how many records were skipped and where to look first.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,15 +25,23 @@ NO_ASSISTANT = "no assistant turn"
 UNKNOWN_ROLE = "unknown role"
 BAD_CONTENT = "empty or non-string content"
 NOT_A_LIST = "messages not a list"
+BAD_TOOL_CALLS = "tool_calls not a list of objects"
 
 
 @dataclass(frozen=True)
 class Message:
-    """One turn; `trained` marks the turns whose tokens carry the loss (the assistant's answers)."""
+    """One turn; `trained` marks the turns whose tokens carry the loss (the assistant's answers). An assistant
+    turn may call tools (OpenAI `tool_calls`), which the chat template renders where it knows how."""
 
     role: str
     content: str
     trained: bool = False
+    tool_calls: list[dict[str, Any]] | None = None
+
+    def as_turn(self) -> dict[str, Any]:
+        """The turn as chat templates take it."""
+        turn: dict[str, Any] = {"role": self.role, "content": self.content}
+        return turn | {"tool_calls": self.tool_calls} if self.tool_calls else turn
 
 
 class BadRecord(ValueError):
@@ -74,6 +83,11 @@ def _text(value: Any) -> str:
 
 
 def _turns(value: Any, role_key: str, content_key: str, roles: dict[str, str]) -> list[Message]:
+    if isinstance(value, str):  # a CSV cell (or any text column) holding the list as JSON
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise BadRecord(NOT_A_LIST) from None
     if not isinstance(value, list):
         raise BadRecord(NOT_A_LIST)
     messages = []
@@ -81,8 +95,13 @@ def _turns(value: Any, role_key: str, content_key: str, roles: dict[str, str]) -
         if not isinstance(turn, dict) or turn.get(role_key) not in roles:
             raise BadRecord(UNKNOWN_ROLE)
         role = roles[turn[role_key]]
+        calls = turn.get("tool_calls") if role == "assistant" else None
+        if calls is not None and (not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls)):
+            raise BadRecord(BAD_TOOL_CALLS)
+        content = turn.get(content_key)
+        content = "" if calls and content in (None, "") else _text(content)  # a turn may only call tools
         # an opening assistant turn (a greeting) answers nothing and has no header to mask: context only
-        messages.append(Message(role, _text(turn.get(content_key)), role == "assistant" and bool(messages)))
+        messages.append(Message(role, content, role == "assistant" and bool(messages), calls or None))
     return messages
 
 
