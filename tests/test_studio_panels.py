@@ -130,6 +130,12 @@ def test_the_preview_of_a_chat_file_follows_train_on_and_the_template(client: Cl
                                        api_name="/preview_data")
     text, trained, context = highlighted(rows[0])
     assert "Capital of country" in trained and context == {"<"}  # all but each example's first token: never predicted
+    alone = runs / "uploads" / "alone.jsonl"
+    alone.write_text(json.dumps({"messages": [{"role": "user", "content": "no answer"}]}) + "\n", encoding="utf-8")
+    _, info, table, *rows = client.predict(*form(client, "/preview_data", Dataset=str(alone)),
+                                           api_name="/preview_data")
+    assert "no usable messages conversation among 1 record(s)" in info and "gn-error" in info
+    assert len(table["value"]["data"]) == 1 and all(row["visible"] is False for row in rows)  # the file as read
     for template, expected in [(str(runs / "uploads" / "none.jinja"), "cannot read chat template"),
                                ("/etc/passwd", "Chat template '/etc/passwd' is outside the folders")]:
         _, info, _, *rows = client.predict(*form(client, "/preview_data", Dataset=data,

@@ -71,11 +71,11 @@ def build_setup(studio: Studio, page: gr.Blocks) -> SetupTab:
         extras["upload"] = gr.UploadButton("Upload a data file", file_types=list(SUPPORTED), size="sm")
         with gr.Accordion("Dataset preview", open=True):
             extras["preview_info"] = gr.Markdown(elem_id="data-preview-info")
-            extras["preview_table"] = gr.Dataframe(label="First rows", interactive=False, wrap=True, max_height=260)
             extras["preview_rows"] = [
                 gr.HighlightedText(label=f"Training row {i} (green carries the loss)", color_map=COLOR_MAP,
                                    show_legend=True, visible=False, elem_id=f"data-preview-row-{i}")
                 for i in range(1, SHOWN_ROWS + 1)]
+            extras["preview_table"] = gr.Dataframe(label="First rows", interactive=False, wrap=True, max_height=260)
         return dropdown
 
     def method_picker(common: dict) -> gr.Component:
