@@ -13,12 +13,15 @@ from gnlorp.config import RunConfig
 from gnlorp.data import describe, prepare_data, summary_line, trained_pieces
 from gnlorp.models import load_tokenizer
 
+from .widgets import form_fields, group_of
+
 SHOWN_ROWS = 3  # training rows rendered with their trained tokens highlighted
 TRAINED = "trained"  # the HighlightedText label of tokens that carry the loss; context has none
 COLOR_MAP = {TRAINED: "#34a853"}
-# The form fields whose change changes what training would see (the preview recomputes on each).
-FIELDS = ("model", "data", "task", "seq_len", "seed", "trust_remote_code", "text_column", "prompt_column",
-          "response_column", "label_column", "data_format", "train_on", "chat_template", "packing", "eval_fraction")
+# The form fields whose change changes what training would see (the preview recomputes on each): a few basic
+# ones and every knob of RunConfig's "data" group, so a new data knob is followed without a change here.
+FIELDS = ("model", "data", "task", "seq_len", "seed", "trust_remote_code",
+          *(f.name for f in form_fields() if group_of(f) == "data"))
 
 
 @functools.lru_cache(maxsize=4)
