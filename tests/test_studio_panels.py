@@ -7,16 +7,19 @@ that a failure must clear are checked through the running studio's API, as the p
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
 from gradio_client import Client
 
 from gnlorp.config import RunConfig
+from gnlorp.data.chat import CHATML
 from gnlorp.memory import CUDA_CONTEXT, fit
-from gnlorp.runs import Snapshot
+from gnlorp.runs import ACTIVE, Snapshot
 from gnlorp.runs.store import JobState
 from studio_process import studio
+from test_try_chat import write_folder
 from ui.budget import chosen_figure
 from ui.feedback import in_form_words
 from ui.train_tab import projects
@@ -142,3 +145,20 @@ def test_the_preview_of_a_chat_file_follows_train_on_and_the_template(client: Cl
                                                  **{"Chat template": template}), api_name="/preview_data")
         assert expected in info.replace("&#x27;", "'") and "gn-error" in info and "root:" not in info
         assert all(row["visible"] is False for row in rows)
+
+
+def test_a_refused_chat_turn_is_taken_back_with_its_message(client: Client, runs: Path) -> None:
+    folder = write_folder(runs / "exports" / "chat-tiny", CHATML)
+    assert "a chat model" in client.predict(str(folder), api_name="/try_source")[1]
+    busy = {"Steps": 100_000, "Batch size": 2, "Sequence length": 32, "Run name": "busy"}
+    assert "started" in client.predict(*form(client, "/start", **busy), api_name="/start")[0]
+    said = "Are you there?"
+    message, conversation, box = client.predict(
+        *form(client, "/try_chat", **{"Model to try": str(folder), "Your message": said}), api_name="/try_chat")
+    assert "a training run is going" in message and "gn-error" in message, message
+    assert conversation == [] and box == said
+    assert "stopping" in client.predict(api_name="/stop")
+    deadline = time.monotonic() + 240
+    while client.predict(api_name="/status")["status"] in ACTIVE:
+        assert time.monotonic() < deadline
+        time.sleep(0.5)

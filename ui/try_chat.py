@@ -15,6 +15,7 @@ import gradio as gr
 
 from gnlorp.config import ConfigError
 from gnlorp.export import chat, infer
+from gnlorp.runs import JobError
 
 from .context import Studio
 from .feedback import guarded, ok, problem
@@ -72,11 +73,15 @@ def build_chat(studio: Studio, source: gr.Component, sampling: list[gr.Component
         argv = chat_arguments(str(found.path), [*before, {"role": "user", "content": typed}], *settings)
         shown = [*before, {"role": "user", "content": typed}, {"role": "assistant", "content": ""}]
         yield "loading the model…", shown, ""
-        with closing(stream_try(studio, argv, request.session_hash if request else None)) as stream:
-            for output, result in stream:
-                shown[-1] = {"role": "assistant", "content": output.removesuffix("\n")}
-                if result is None:
-                    yield "the model is writing…", shown, gr.skip()
+        try:
+            with closing(stream_try(studio, argv, request.session_hash if request else None)) as stream:
+                for output, result in stream:
+                    shown[-1] = {"role": "assistant", "content": output.removesuffix("\n")}
+                    if result is None:
+                        yield "the model is writing…", shown, gr.skip()
+        except JobError as exc:  # refused (a training runs, or another try): the turn is taken back
+            yield problem(str(exc)), before, typed
+            return
         if result.stopped:
             yield ok("stopped; the answer so far is kept"), shown, gr.skip()
         elif result.error:  # the turn is taken back, the message left to send again
