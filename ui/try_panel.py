@@ -1,5 +1,6 @@
 """The Try panel (Export tab): a run or an exported folder continues a prompt, streamed, or labels a sentence with
 its class probabilities; beside it the run's base model answers the same input with the same seed and settings.
+A model whose tokenizer has a chat template gets the chat mode instead (try_chat.py).
 
 Each answer comes from a `gnlorp try` child started through the job manager, so a large model cannot take the
 studio down and never runs beside a training (or another try); its stdout streams into the page as it is written.
