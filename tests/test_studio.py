@@ -146,11 +146,12 @@ def test_budget_compares_all_six_methods(client: Client, api: dict) -> None:
 
 def test_data_preview_shows_the_first_rows_and_the_task(client: Client, api: dict) -> None:
     path = ROOT / "presets" / "data" / "riddles-qa.jsonl"
-    _, info, table = call(client, api, "/preview_data", Dataset="presets/data/riddles-qa.jsonl")
+    _, info, table, *rows = call(client, api, "/preview_data", Dataset="presets/data/riddles-qa.jsonl")
     first = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()[:5]]
     assert table["headers"] == ["prompt", "response"]
     assert table["value"]["data"] == [[r["prompt"], r["response"]] for r in first]
-    assert "instructions" in info and "104 records" in info
+    assert "data: prompt-response, 104 record(s)" in info and "104 records" in info
+    assert {piece["class_or_confidence"] for piece in rows[0]["value"]} == {None, "trained"}  # loss on responses
 
 
 @pytest.mark.parametrize(("data", "expected"), [
@@ -159,7 +160,7 @@ def test_data_preview_shows_the_first_rows_and_the_task(client: Client, api: dic
     ("presets/data/missing.jsonl", "cannot read data file"),
 ])
 def test_bad_dataset_is_a_message_not_a_traceback(client: Client, api: dict, data: str, expected: str) -> None:
-    _, message, _ = call(client, api, "/preview_data", Dataset=data)  # beside the Dataset field, in its preview
+    _, message, *_ = call(client, api, "/preview_data", Dataset=data)  # beside the Dataset field, in its preview
     assert expected in message.replace("&#x27;", "'") and "gn-error" in message
     assert "Traceback" not in message
     message = call(client, api, "/start", **{"Dataset": data})[0]

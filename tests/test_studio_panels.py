@@ -7,16 +7,19 @@ that a failure must clear are checked through the running studio's API, as the p
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
 from gradio_client import Client
 
 from gnlorp.config import RunConfig
+from gnlorp.data.chat import CHATML
 from gnlorp.memory import CUDA_CONTEXT, fit
-from gnlorp.runs import Snapshot
+from gnlorp.runs import ACTIVE, Snapshot
 from gnlorp.runs.store import JobState
 from studio_process import studio
+from test_try_chat import write_folder
 from ui.budget import chosen_figure
 from ui.feedback import in_form_words
 from ui.train_tab import projects
@@ -65,8 +68,12 @@ def test_the_spectrum_panel_shows_for_the_methods_that_refresh_projectors(method
 
 
 @pytest.fixture(scope="module")
-def client(tmp_path_factory) -> Client:
-    runs = tmp_path_factory.mktemp("panels") / "runs"
+def runs(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("panels") / "runs"
+
+
+@pytest.fixture(scope="module")
+def client(runs: Path) -> Client:
     with studio(runs) as url:
         yield Client(url, verbose=False)
 
@@ -90,10 +97,68 @@ def test_the_budget_shows_only_the_error_when_the_model_cannot_be_read(client: C
 
 
 def test_a_refused_dataset_path_clears_the_preview_and_says_so_beside_the_field(client: Client) -> None:
-    _, info, table = client.predict(*form(client, "/preview_data"), api_name="/preview_data")
+    _, info, table, *rows = client.predict(*form(client, "/preview_data"), api_name="/preview_data")
     assert "records" in info and len(table["value"]["data"]) == 5  # the shipped default file
-    message, info, table = client.predict(*form(client, "/preview_data", Dataset="/etc/passwd"),
+    assert rows[0]["visible"] is True
+    message, info, table, *rows = client.predict(*form(client, "/preview_data", Dataset="/etc/passwd"),
                                           api_name="/preview_data")
     assert "outside the folders the studio may use" in info and "--allow-dir" in info
     assert table["value"] == {"headers": ["(no file)"], "data": [], "metadata": None}
+    assert all(row["visible"] is False for row in rows)
 
+
+
+def write_messages(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    records = [{"messages": [{"role": "user", "content": f"Capital of country {i}?"},
+                             {"role": "assistant", "content": f"City {i}."}]} for i in range(6)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def highlighted(row: dict) -> tuple[str, str, set[str]]:
+    """The whole row's text, the text of its trained stretches and the context stretches, from a HighlightedText."""
+    pieces = [(p["token"], p["class_or_confidence"]) for p in row["value"]]
+    return ("".join(t for t, _ in pieces), "".join(t for t, label in pieces if label == "trained"),
+            {t for t, label in pieces if label is None})
+
+
+def test_the_preview_of_a_chat_file_follows_train_on_and_the_template(client: Client, runs: Path) -> None:
+    data = str(write_messages(runs / "uploads" / "chat.jsonl"))
+    _, info, table, *rows = client.predict(*form(client, "/preview_data", Dataset=data), api_name="/preview_data")
+    assert "data: messages, 6 record(s)" in info and "gn-error" not in info
+    text, trained, _ = highlighted(rows[0])
+    assert "Capital of country" in text and "Capital" not in trained and "City" in trained
+    _, info, _, *rows = client.predict(*form(client, "/preview_data", Dataset=data, **{"Train on": "all"}),
+                                       api_name="/preview_data")
+    text, trained, context = highlighted(rows[0])
+    assert "Capital of country" in trained and context == {"<"}  # all but each example's first token: never predicted
+    alone = runs / "uploads" / "alone.jsonl"
+    alone.write_text(json.dumps({"messages": [{"role": "user", "content": "no answer"}]}) + "\n", encoding="utf-8")
+    _, info, table, *rows = client.predict(*form(client, "/preview_data", Dataset=str(alone)),
+                                           api_name="/preview_data")
+    assert "no usable messages conversation among 1 record(s)" in info and "gn-error" in info
+    assert len(table["value"]["data"]) == 1 and all(row["visible"] is False for row in rows)  # the file as read
+    for template, expected in [(str(runs / "uploads" / "none.jinja"), "cannot read chat template"),
+                               ("/etc/passwd", "Chat template '/etc/passwd' is outside the folders")]:
+        _, info, _, *rows = client.predict(*form(client, "/preview_data", Dataset=data,
+                                                 **{"Chat template": template}), api_name="/preview_data")
+        assert expected in info.replace("&#x27;", "'") and "gn-error" in info and "root:" not in info
+        assert all(row["visible"] is False for row in rows)
+
+
+def test_a_refused_chat_turn_is_taken_back_with_its_message(client: Client, runs: Path) -> None:
+    folder = write_folder(runs / "exports" / "chat-tiny", CHATML)
+    assert "a chat model" in client.predict(str(folder), api_name="/try_source")[1]
+    busy = {"Steps": 100_000, "Batch size": 2, "Sequence length": 32, "Run name": "busy"}
+    assert "started" in client.predict(*form(client, "/start", **busy), api_name="/start")[0]
+    said = "Are you there?"
+    message, conversation, box = client.predict(
+        *form(client, "/try_chat", **{"Model to try": str(folder), "Your message": said}), api_name="/try_chat")
+    assert "a training run is going" in message and "gn-error" in message, message
+    assert conversation == [] and box == said
+    assert "stopping" in client.predict(api_name="/stop")
+    deadline = time.monotonic() + 240
+    while client.predict(api_name="/status")["status"] in ACTIVE:
+        assert time.monotonic() < deadline
+        time.sleep(0.5)

@@ -53,10 +53,12 @@ class Studio:
             self.policy.resolve(cfg.model, "Model folder")
 
     def check_inputs(self, cfg: RunConfig) -> RunConfig:
-        """The config with its dataset (and model folder) as checked absolute paths, for a run in another process."""
+        """The config with its dataset, model folder and chat template as checked absolute paths, for a run in
+        another process (a template is read and rendered into the preview, so it is a path like any other)."""
         data = self.policy.resolve(cfg.data, "Dataset")
         model = cfg.model if cfg.model in preset_names() else str(self.policy.resolve(cfg.model, "Model folder"))
-        return replace(cfg, data=str(data), model=model)
+        template = str(self.policy.resolve(cfg.chat_template, "Chat template")) if cfg.chat_template else ""
+        return replace(cfg, data=str(data), model=model, chat_template=template)
 
     def run_dir(self, name: str) -> Path:
         """The existing run folder called `name` directly under the runs folder."""

@@ -18,7 +18,8 @@ from gnlorp.methods import METHODS
 from gnlorp.models import describe_origin, preset_names
 
 from .context import NAME, Studio
-from .feedback import guarded, ok
+from .data_preview import COLOR_MAP, FIELDS, SHOWN_ROWS, training_view
+from .feedback import guarded, in_form_words, ok, problem
 from .widgets import config_to_values, config_widgets, form_fields, preset_files, values_to_config
 
 DEFAULT_PRESET = "tiny-gradnormlorp.yaml"
@@ -70,6 +71,10 @@ def build_setup(studio: Studio, page: gr.Blocks) -> SetupTab:
         extras["upload"] = gr.UploadButton("Upload a data file", file_types=list(SUPPORTED), size="sm")
         with gr.Accordion("Dataset preview", open=True):
             extras["preview_info"] = gr.Markdown(elem_id="data-preview-info")
+            extras["preview_rows"] = [
+                gr.HighlightedText(label=f"Training row {i} (green carries the loss)", color_map=COLOR_MAP,
+                                   show_legend=True, visible=False, elem_id=f"data-preview-row-{i}")
+                for i in range(1, SHOWN_ROWS + 1)]
             extras["preview_table"] = gr.Dataframe(label="First rows", interactive=False, wrap=True, max_height=260)
         return dropdown
 
@@ -93,25 +98,32 @@ def build_setup(studio: Studio, page: gr.Blocks) -> SetupTab:
     tab = SetupTab({f.name: form[f.name] for f in form_fields()}, message)
     log = studio.error_log
 
-    @guarded(3, 1, log, cleared={2: gr.update(value=[], headers=["(no file)"])})  # the error beside the field
-    def preview(*values: Any) -> tuple[str, Any, Any]:
-        cfg = values_to_config(values)
-        path = studio.policy.resolve(cfg.data, "Dataset")
-        columns, rows = read_table(path, cfg)
-        shown = [[_cell(row.get(c)) for c in columns] for row in rows[:PREVIEW_ROWS]]
-        info = f"{len(rows):,} records · columns: {', '.join(map(str, columns))} · {detect(columns, cfg)}"
-        try:
-            read_records(path, cfg)
-            status = ok(info)
-        except ConfigError as exc:
-            status = ok(info) + f'<div class="gn-error">⚠ with the current settings: {exc}</div>'
-        return gr.skip(), status, gr.update(value=shown, headers=[str(c) for c in columns])
+    hidden_rows = [gr.update(value=None, visible=False)] * SHOWN_ROWS
+    cleared = {2: gr.update(value=[], headers=["(no file)"])} | {3 + i: row for i, row in enumerate(hidden_rows)}
 
-    preview_inputs = [form[n] for n in ("data", "task", "text_column", "prompt_column", "response_column",
-                                        "label_column")]
-    gr.on([page.load, *(c.change for c in preview_inputs)], preview, inputs=tab.inputs,
-          outputs=[message, preview_info, preview_table], api_name="preview_data", trigger_mode="always_last",
-          show_progress="hidden")
+    @guarded(3 + SHOWN_ROWS, 1, log, cleared=cleared)  # the error beside the field
+    def preview(*values: Any) -> tuple:
+        cfg = studio.check_inputs(values_to_config(values))
+        columns, rows = read_table(cfg.data, cfg)
+        shown = [[_cell(row.get(c)) for c in columns] for row in rows[:PREVIEW_ROWS]]
+        info = f"{len(rows):,} records · columns: {', '.join(map(str, columns))}"
+        training = hidden_rows
+        try:
+            if cfg.task == "seq-cls":
+                read_records(cfg.data, cfg)
+                status = ok(f"{info} · {detect(columns, cfg)}")
+            else:
+                summary, warnings, pieces = training_view(cfg)
+                status = ok(info) + ok(summary) + "".join(problem(w) for w in warnings)
+                training = [gr.update(value=row, visible=True) for row in pieces]
+                training += hidden_rows[len(training):]
+        except ConfigError as exc:
+            status = ok(info) + problem(f"with the current settings: {in_form_words(str(exc))}")
+        return gr.skip(), status, gr.update(value=shown, headers=[str(c) for c in columns]), *training
+
+    gr.on([page.load, *(form[name].change for name in FIELDS)], preview, inputs=tab.inputs,
+          outputs=[message, preview_info, preview_table, *extras["preview_rows"]], api_name="preview_data",
+          trigger_mode="always_last", show_progress="hidden")
 
     def origin(model: str) -> str:
         return describe_origin(model) if model else ""

@@ -1,5 +1,6 @@
 """The Try panel (Export tab): a run or an exported folder continues a prompt, streamed, or labels a sentence with
 its class probabilities; beside it the run's base model answers the same input with the same seed and settings.
+A model whose tokenizer has a chat template gets the chat mode instead (try_chat.py).
 
 Each answer comes from a `gnlorp try` child started through the job manager, so a large model cannot take the
 studio down and never runs beside a training (or another try); its stdout streams into the page as it is written.
@@ -7,10 +8,9 @@ studio down and never runs beside a training (or another try); its stdout stream
 
 from __future__ import annotations
 
-import codecs
-import functools
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,8 @@ from gnlorp.runs import JobError, list_runs
 
 from .context import Studio
 from .feedback import guarded, ok, problem
+from .try_chat import build_chat
+from .try_stream import guarded_stream, stream_try
 
 OUTPUTS = 4  # message, trained answer, base answer, probability chart
 BASE_INFO = "The run's starting point, before training, answers the same input, same seed."
@@ -82,25 +84,6 @@ def try_arguments(source: infer.Source, text: str, max_new_tokens: int, temperat
             "--temperature", repr(temperature), "--top-p", repr(top_p), "--seed", str(seed)]
 
 
-def guarded_stream(log: Path) -> Callable[[Callable[..., Iterator]], Callable[..., Iterator]]:
-    """`guarded` for a generator handler: a failure mid-stream becomes its last update, a message in the page."""
-
-    def wrap(fn: Callable[..., Iterator]) -> Callable[..., Iterator]:
-        @functools.wraps(fn)
-        def run(*args: Any) -> Iterator:
-            updates = fn(*args)
-            advance = guarded(OUTPUTS, 0, log)(functools.wraps(fn)(lambda: next(updates, None)))
-            try:
-                while (values := advance()) is not None:
-                    yield values
-            finally:
-                updates.close()  # the page went away or the stream ended: its child is stopped
-
-        return run
-
-    return wrap
-
-
 def build_try(studio: Studio, tab: gr.Tab) -> None:
     """Render the Try panel (call inside the Export tab, below the export result)."""
     gr.Markdown("### Try the model", elem_id="try-heading")
@@ -123,22 +106,25 @@ def build_try(studio: Studio, tab: gr.Tab) -> None:
                           info="keep the likeliest tokens up to this probability", elem_id="try-top-p")
         seed = gr.Number(infer.DEFAULT_SEED, label="Seed", precision=0, minimum=0,
                          info="the same input and seed give the same answer", elem_id="try-seed")
+    message = gr.Markdown(elem_id="try-message", render=False)  # rendered below the buttons, used by the chat too
+    chat = build_chat(studio, source, [max_new_tokens, temperature, top_p, seed], message)
     with gr.Row():
         go_button = gr.Button("Try", variant="primary", elem_id="try-button")
         stop = gr.Button("Stop", variant="stop", elem_id="try-stop")
-    message = gr.Markdown(elem_id="try-message")
-    with gr.Row():
+    message.render()
+    with gr.Row() as answers:
         trained = gr.Textbox(label="Trained model", lines=6, interactive=False, elem_id="try-trained")
         base = gr.Textbox(label="Base model (before training)", lines=6, interactive=False, elem_id="try-base")
     chart = gr.Plot(label="Class probabilities", elem_id="try-chart", visible=False)
     errors = studio.error_log
 
-    @guarded(7, 0, errors)
+    @guarded(10, 0, errors)
     def describe(chosen: str | None) -> tuple:
         if not chosen:
-            return "", "", gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            return "", "", *[gr.skip()] * 8
         found = resolve(studio, chosen)
         classifier = found.task == "seq-cls"
+        chatting = infer.can_chat(found)
         label, placeholder = TEXT_LABELS[found.task]
         if found.kind == "run":
             folder = found.weights.parent.name
@@ -146,15 +132,19 @@ def build_try(studio: Studio, tab: gr.Tab) -> None:
             what = f"a run ({found.cfg.method} on {found.cfg.model}, {weights})"
         else:
             what = "a model folder"
-        task = "a classifier: type a sentence" if classifier else "a language model: type a prompt"
-        base_update = (gr.update(interactive=True, info=BASE_INFO) if found.kind == "run"
-                       else gr.update(value=False, interactive=False, info=NO_BASE))
-        return ("", f"`{found.path}` is {what}, {task}.", gr.update(label=label, placeholder=placeholder),
+        task = ("a chat model (its tokenizer has a chat template): talk to it below" if chatting
+                else "a classifier: type a sentence" if classifier else "a language model: type a prompt")
+        base_update = (gr.update(interactive=True, info=BASE_INFO, visible=not chatting) if found.kind == "run"
+                       else gr.update(value=False, interactive=False, info=NO_BASE, visible=not chatting))
+        plain = gr.update(visible=not chatting)
+        return ("", f"`{found.path}` is {what}, {task}.",
+                gr.update(label=label, placeholder=placeholder, visible=not chatting),
                 gr.update(visible=not classifier), base_update, gr.update(visible=classifier),
-                gr.update(label=f"Base model ({base_name(found)})"))
+                gr.update(label=f"Base model ({base_name(found)})"), plain, plain, gr.update(visible=chatting))
 
     gr.on([source.change, tab.select], describe, inputs=source,
-          outputs=[message, about, text, sampling, with_base, chart, base], api_name="try_source",
+          outputs=[message, about, text, sampling, with_base, chart, base, go_button, answers, chat],
+          api_name="try_source",
           trigger_mode="always_last", show_progress="hidden")
 
     def offer(chosen: str | None) -> Any:
@@ -167,7 +157,7 @@ def build_try(studio: Studio, tab: gr.Tab) -> None:
     tab.select(offer, inputs=source, outputs=source, api_visibility="private")
     source.focus(lambda: gr.update(choices=try_sources(studio)), outputs=source, api_visibility="private")
 
-    @guarded_stream(errors)
+    @guarded_stream(OUTPUTS, errors)
     def answer(chosen: str | None, typed: str, both: bool, tokens: float | None, temp: float | None,
                p: float | None, sampling_seed: float | None, request: gr.Request) -> Iterator[tuple]:
         found = resolve(studio, chosen)
@@ -185,18 +175,11 @@ def build_try(studio: Studio, tab: gr.Tab) -> None:
         skipped = "" if found.kind == "run" or not both else f" {NO_BASE}"
         for which, argv in runs.items():
             yield f"loading the {which} model…{skipped}", shown["trained"], shown["base"], gr.skip()
-            child = studio.jobs.start_try(argv, owner=request.session_hash if request else None)
-            decoder, output = codecs.getincrementaldecoder("utf-8")(errors="replace"), ""
-            try:
-                for chunk in child.chunks():
-                    output += decoder.decode(chunk)
-                    if generating:
+            with closing(stream_try(studio, argv, request.session_hash if request else None)) as stream:
+                for output, result in stream:
+                    if result is None and generating:
                         shown[which] = output
                         yield f"the {which} model is writing…{skipped}", shown["trained"], shown["base"], gr.skip()
-                output += decoder.decode(b"", final=True)
-            finally:
-                child.stop()  # only does something when the page stopped reading before the child ended
-            result = child.finish()
             if result.stopped:
                 yield ok(f"stopped the {which} model"), shown["trained"], shown["base"], gr.skip()
                 return

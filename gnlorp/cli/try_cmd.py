@@ -16,12 +16,15 @@ def add_try(commands: argparse._SubParsersAction) -> None:
         "try", help="generate text or classify a sentence with a run or an exported model",
         description="Load a run folder (its final weights, adapters merged in; its latest checkpoint while it has "
         "no final weights) or an exported model folder. With --prompt a causal LM streams its continuation to "
-        "stdout; with --text a classifier prints the label and every class's probability.",
+        "stdout; with --messages it streams the assistant's next turn; with --text a classifier prints the label "
+        "and every class's probability.",
     )
     parser.add_argument("--model", required=True, help="a run folder (gnlorp train) or a model folder (gnlorp export)")
     given = parser.add_mutually_exclusive_group(required=True)
     given.add_argument("--prompt", help="text for a causal LM to continue (or to answer, with a chat template)")
     given.add_argument("--text", help="a sentence for a classifier to label")
+    given.add_argument("--messages", help="a conversation as JSON, [{\"role\": \"user\", \"content\": \"Hi\"}, ...], "
+                       "for a causal LM with a chat template to answer the last user message")
     parser.add_argument("--base", action="store_true",
                         help="try the run's starting point before training instead, to compare with the same prompt "
                         "and seed")
@@ -41,11 +44,12 @@ def add_try(commands: argparse._SubParsersAction) -> None:
 
 
 def _run_try(args: argparse.Namespace) -> int:
+    from gnlorp.export import chat, infer
 
-    from gnlorp.export import infer
-
-    generating = args.prompt is not None
-    infer.check_input(args.prompt if generating else args.text, "prompt" if generating else "text")
+    generating = args.text is None
+    messages = chat.parse_messages(args.messages) if args.messages is not None else None
+    if messages is None:
+        infer.check_input(args.prompt if generating else args.text, "prompt" if generating else "text")
     if generating:
         infer.check_sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed)
     model = infer.load_for_try(args.model, base=args.base, task="causal-lm" if generating else "seq-cls")
@@ -53,8 +57,11 @@ def _run_try(args: argparse.Namespace) -> int:
         print(f"gnlorp try: {model.description}", file=sys.stderr)
     if generating:
         pieces = []
-        for piece in model.generate(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                    top_p=args.top_p, seed=args.seed, chat=args.chat):
+        sampling = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
+                    "seed": args.seed}
+        stream = (model.chat(messages, **sampling) if messages is not None
+                  else model.generate(args.prompt, chat=args.chat, **sampling))
+        for piece in stream:
             pieces.append(piece)
             if not args.json:
                 print(piece, end="", flush=True)

@@ -140,17 +140,33 @@ class TryModel:
         then answers the prompt as a user turn, as prompt/response training taught it); False never does.
         Closing the iterator early stops the generation at the next token.
         """
+        self._require("causal-lm", "generate text", "classify(text)")
+        check_sampling(max_new_tokens, temperature, top_p, seed)
+        yield from self._stream(self._encode_prompt(prompt, chat), "prompt", max_new_tokens, temperature, top_p, seed)
+
+    def chat(self, messages: list[dict[str, str]], *, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+             temperature: float = DEFAULT_TEMPERATURE, top_p: float = DEFAULT_TOP_P, seed: int = DEFAULT_SEED,
+             ) -> Iterator[str]:
+        """Yield the assistant's next turn in a conversation ({"role", "content"} dicts ending with the user's),
+        rendered with the tokenizer's chat template and its generation cue; sampling as in `generate`."""
+        from .chat import encode_messages
+
+        self._require("causal-lm", "chat", "classify(text)")
+        check_sampling(max_new_tokens, temperature, top_p, seed)
+        inputs = {k: v.to(self.model.device) for k, v in encode_messages(self.tokenizer, messages).items()}
+        yield from self._stream(inputs, "conversation", max_new_tokens, temperature, top_p, seed)
+
+    def _stream(self, inputs: dict[str, torch.Tensor], what: str, max_new_tokens: int, temperature: float,
+                top_p: float, seed: int) -> Iterator[str]:
+        """Generate from token ids in a thread, yielding the new text as it is decoded; closing stops it."""
         import torch
         from transformers import StoppingCriteriaList, TextIteratorStreamer
 
-        self._require("causal-lm", "generate text", "classify(text)")
-        check_sampling(max_new_tokens, temperature, top_p, seed)
-        inputs = self._encode_prompt(prompt, chat)
         length = inputs["input_ids"].shape[1]
         if self.max_length is not None and length + max_new_tokens > self.max_length:
             room = self.max_length - length
-            fix = f"lower max_new_tokens to {room}" if room > 0 else "shorten the prompt"
-            raise ConfigError(f"the prompt is {length} tokens and the model takes at most {self.max_length} "
+            fix = f"lower max_new_tokens to {room}" if room > 0 else f"shorten the {what}"
+            raise ConfigError(f"the {what} is {length} tokens and the model takes at most {self.max_length} "
                               f"in all; {fix}")
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, timeout=STREAM_TIMEOUT_S,
                                         skip_special_tokens=True)
@@ -227,6 +243,25 @@ def _stop_when_set(event: threading.Event):
     return StopWhenSet()
 
 
+def try_tokenizer(source: Source):
+    """The tokenizer a try of `source` uses: a folder's own; a run's saved with its final weights, else its base
+    model's. Loading it alone (no weights) is how the studio tells a model that chats from one that continues."""
+    from ..models.load import load_tokenizer
+    from ..run_folder import load_run_tokenizer
+
+    if source.kind == "folder":
+        return load_tokenizer(source.path)
+    final = source.path / "final"
+    if (final / "tokenizer_config.json").is_file():
+        return load_run_tokenizer(final, source.cfg)
+    return load_tokenizer(source.cfg.model, trust_remote_code=source.cfg.trust_remote_code)
+
+
+def can_chat(source: Source) -> bool:
+    """Whether `source` is a language model whose tokenizer has a chat template (so `TryModel.chat` works)."""
+    return source.task == "causal-lm" and bool(try_tokenizer(source).chat_template)
+
+
 def load_for_try(path: str | Path, *, base: bool = False, task: str | None = None,
                  device: str | torch.device | None = None) -> TryModel:
     """Load a run folder's trained model (adapters merged in) or an exported folder, ready to try.
@@ -244,11 +279,11 @@ def load_for_try(path: str | Path, *, base: bool = False, task: str | None = Non
                           "give the run folder, or try the base model's own folder")
     import torch
 
-    from ..models.load import load_model, load_tokenizer
+    from ..models.load import load_model
 
     if source.kind == "folder":
         model = load_model(source.path, source.task, dtype=torch.float32)
-        tokenizer = load_tokenizer(source.path)
+        tokenizer = try_tokenizer(source)
         id2label = model.config.id2label if source.task == "seq-cls" else None
         labels = [str(id2label[i]) for i in range(len(id2label))] if id2label else None
         max_length = getattr(model.config, "max_position_embeddings", None)
@@ -266,14 +301,13 @@ def _load_run(source: Source, base: bool) -> tuple[torch.nn.Module, object, list
     """The run's model as export builds it (or its base before training), its tokenizer, class names and a
     description."""
     from ..methods import get_method
-    from ..models.load import is_random_init, load_tokenizer
-    from ..run_folder import base_model, load_run_tokenizer, load_weights, read_labels
+    from ..models.load import is_random_init
+    from ..run_folder import base_model, load_weights, read_labels
 
     cfg, run = source.cfg, source.path
     labels = read_labels(run) if cfg.task == "seq-cls" else None
     model = base_model(cfg, labels)
-    tokenizer = (load_run_tokenizer(run / "final", cfg) if (run / "final" / "tokenizer_config.json").is_file()
-                 else load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code))
+    tokenizer = try_tokenizer(source)
     if base:
         origin = (f"random weights from seed {cfg.seed}" if is_random_init(cfg.model) else "its pretrained weights"
                   + (f", a new head from seed {cfg.seed}" if cfg.task == "seq-cls" else ""))
