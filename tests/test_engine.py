@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from gnlorp.config import METHOD_NAMES, RunConfig
-from gnlorp.train.engine import CheckpointEvent, DoneEvent, ErrorEvent, EvalEvent, StepEvent, TrainingRun
+from gnlorp.train.engine import CheckpointEvent, DataEvent, DoneEvent, ErrorEvent, EvalEvent, StepEvent, TrainingRun
 
 FAST = {"max_steps": 12, "batch_size": 4, "seq_len": 64, "eval_every": 6, "checkpoint_every": 6, "warmup_steps": 2}
 
@@ -110,6 +110,8 @@ def test_stop_ends_within_one_step_and_leaves_a_checkpoint(tmp_path):
     cfg = RunConfig.from_dict({**FAST, "output": str(tmp_path), "max_steps": 1000, "checkpoint_every": 1000})
     run = TrainingRun(cfg)
     thread = run.start()
+    first = run.events.get(timeout=120)
+    assert isinstance(first, DataEvent) and first.summary.startswith("data: text, ")  # what it trains on, first
     first = run.events.get(timeout=120)
     assert isinstance(first, StepEvent)
     run.stop()
