@@ -91,6 +91,8 @@ def test_smollm2_template_with_and_without_its_default_system_prompt(smollm2) ->
     assert "You are a helpful AI assistant named SmolLM" in smollm2.decode(injected.input_ids)
     last, _ = encode(smollm2, CHAT, train_on="last")
     assert trained_runs(smollm2, last) == ["Sunny and 21 degrees." + END]
+    everything, _ = encode(smollm2, NO_SYSTEM, train_on="all")
+    assert everything.labels == everything.input_ids == injected.input_ids
     greeting = [Message("assistant", "Hello!"), *NO_SYSTEM]  # untrained: there is no turn before it
     opened, _ = encode(smollm2, greeting)
     assert trained_runs(smollm2, opened) == ["Four." + END]
