@@ -272,7 +272,8 @@ def _load_run(source: Source, base: bool) -> tuple[torch.nn.Module, object, list
     cfg, run = source.cfg, source.path
     labels = read_labels(run) if cfg.task == "seq-cls" else None
     model = base_model(cfg, labels)
-    tokenizer = (load_run_tokenizer(run / "final", cfg) if (run / "final" / "tokenizer_config.json").is_file()
+    saved = source.weights.parent  # final/ or the checkpoint: the tokenizer beside the weights has the run's template
+    tokenizer = (load_run_tokenizer(saved, cfg) if (saved / "tokenizer_config.json").is_file()
                  else load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code))
     if base:
         origin = (f"random weights from seed {cfg.seed}" if is_random_init(cfg.model) else "its pretrained weights"
