@@ -34,7 +34,7 @@ def examples(tiny) -> list[Example]:
     chats = [(f"line {i}", [Message("system", "Be brief."), Message("user", q), Message("assistant", a, True)])
              for i, (q, a) in enumerate(zip(QUESTIONS, ANSWERS, strict=True), start=1)]
     found, outcomes = encode_chats(chats, tiny, RunConfig(seq_len=256))
-    assert outcomes == {"kept": ["line %d" % i for i in range(1, 7)]}
+    assert outcomes == {"kept": [f"line {i}" for i in range(1, 7)]}
     return found
 
 
