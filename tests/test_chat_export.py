@@ -12,6 +12,7 @@ import json
 import shutil
 from pathlib import Path
 
+import jinja2
 import pytest
 import torch
 from gguf import GGUFReader
@@ -64,11 +65,11 @@ def export(run: Path, output: Path, *extra: str) -> Path:
     return output
 
 
-def tried(model: Path, capsys: pytest.CaptureFixture, *extra: str) -> str:
+def tried(model: Path, capsys: pytest.CaptureFixture) -> str:
     """`gnlorp try --json` greedy text."""
     capsys.readouterr()
     assert cli(["try", "--model", str(model), "--prompt", PROMPT, "--temperature", "0", "--max-new-tokens",
-                str(GREEDY), "--json", *extra]) == 0
+                str(GREEDY), "--json"]) == 0
     return json.loads(capsys.readouterr().out)["text"]
 
 
@@ -113,8 +114,8 @@ def test_a_tiny_chat_run_saves_chatml_with_its_weights(tiny_chat) -> None:
 def test_the_hf_export_chats_in_chatml_in_try_and_transformers(tiny_chat, capsys) -> None:
     run, hf, _ = tiny_chat
     assert turn(hf) == CHATML_TURN
-    expected, tokens = reference(hf)
-    assert len(tokens) > 0
+    expected, _ = reference(hf)
+    assert expected.strip()
     assert tried(hf, capsys) == expected
     assert tried(run, capsys) == expected  # the run folder, merged as the export merges it
 
@@ -127,8 +128,8 @@ def test_a_run_tried_before_it_ends_uses_its_checkpoint_s_template(tiny_chat, tm
 
 
 def test_the_gguf_holds_chatml_and_its_modelfile_spells_it_for_ollama(tiny_chat) -> None:
-    run, _, gguf = tiny_chat
-    assert gguf_template(gguf) == AutoTokenizer.from_pretrained(run / "final").chat_template
+    _, _, gguf = tiny_chat
+    assert jinja2.Template(gguf_template(gguf)).render(messages=USER, add_generation_prompt=True) == CHATML_TURN
     name = next(gguf.glob("*.gguf")).name
     assert turn(gguf, gguf_file=name) == CHATML_TURN  # transformers' GGUF loader reads the template back
     lines = (gguf / "Modelfile").read_text(encoding="utf-8").splitlines()
@@ -184,7 +185,7 @@ def test_a_smollm2_chat_run_answers_alike_from_its_exports_in_try_and_transforme
     assert not any(line.startswith("SYSTEM") for line in (gguf / "Modelfile").read_text().splitlines())
 
     expected, tokens = reference(hf)
-    assert len(tokens) > 0
+    assert expected.strip()
     assert tried(hf, capsys) == expected
     name = next(gguf.glob("*.gguf")).name
     assert turn(gguf, gguf_file=name) == plain
