@@ -142,7 +142,8 @@ def encode_chats(conversations: list[tuple[str, list[Message]]], tokenizer: Any,
 
 def chat_data(found: Conversations, train: list[tuple[str, list[Message]]], held: list[tuple[str, list[Message]]],
               tokenizer: Any, cfg: RunConfig) -> TokenizedData:
-    """Both parts of a split chat file encoded, with a report of what became of its records."""
+    """Both parts of a split chat file encoded, with a report of what became of its records and the template they
+    were rendered with."""
     train_examples, outcomes = encode_chats(train, tokenizer, cfg)
     eval_examples, held_outcomes = encode_chats(held, tokenizer, cfg)
     for status, where in held_outcomes.items():
@@ -153,7 +154,8 @@ def chat_data(found: Conversations, train: list[tuple[str, list[Message]]], held
                           "raise --seq-len")
     records = len(found.items) + sum(len(where) for where in found.bad.values())
     return TokenizedData(train_examples, eval_examples,
-                         report=data_report(found.format, records, found.bad, outcomes, cfg.data))
+                         report=data_report(found.format, records, found.bad, outcomes, cfg.data),
+                         chat_template=chat_template(tokenizer, cfg.chat_template) or tokenizer.chat_template)
 
 
 def _line_order(where: str) -> tuple[str, int]:

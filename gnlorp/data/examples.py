@@ -22,9 +22,12 @@ class Example:
 @dataclass
 class TokenizedData:
     """`report` says what was read and kept (format, records, skipped records and examples by reason, and
-    `warnings` a run shows), so a run or `gnlorp data` can tell a person what became of their file."""
+    `warnings` a run shows), so a run or `gnlorp data` can tell a person what became of their file.
+    `chat_template` is the template the examples were rendered with (None when none was): the run saves it with its
+    tokenizer, so trying and exporting the model prompt it in the format it learned."""
 
     train: list[Example]
     eval: list[Example]
     label_names: list[str] | None = None
     report: dict[str, Any] = field(default_factory=dict)
+    chat_template: str | None = None

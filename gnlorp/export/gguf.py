@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from jinja2 import TemplateError
 
 from ..atomic import atomic_dir
 from ..config import ConfigError
@@ -27,6 +28,7 @@ from .report import ExportReport, TrainedModel, check_output, load_trained, logi
 GGUF_TOLERANCE = {"f16": 2e-2, "q8_0": 1e-1}
 WEIGHT_ROUNDING = {"f16": 1e-3, "q8_0": 1e-2}  # per tensor, x its largest |value| (1-D tensors stay float32)
 GREEDY_TOKENS = 16
+CHATML_TURN, CHATML_CUE = "<|im_start|>{role}\n{content}<|im_end|>\n", "<|im_start|>assistant\n"
 SAMPLE_TEXTS = (
     "The quick brown fox jumps over the lazy dog.",
     " A leading space, then  two,   three.\n\nA blank line and a tab\there.",
@@ -85,22 +87,41 @@ def write_verified_gguf(trained: TrainedModel, output: Path, gguf_type: str, nam
 def modelfile(filename: str, tokenizer) -> str:
     """An Ollama Modelfile: the file, and a prompt template when the model's chat format is one Ollama spells."""
     lines = ["# ollama create NAME -f Modelfile   (then: ollama run NAME)", f"FROM ./{filename}"]
-    template = tokenizer.chat_template or ""
-    if "<|im_start|>" in template:  # ChatML (SmolLM2, Qwen2): Ollama's Go template for the same turns
+    system = _chatml_system(tokenizer) if tokenizer.chat_template else None
+    if system is not None:  # ChatML (SmolLM2, Qwen2, the presets' default): Ollama's Go template for the same turns
         # .Messages holds the system message too, so the template needs no .System of its own
-        lines += ['TEMPLATE """{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}'
-                  '<|im_start|>assistant\n"""',
+        turn = CHATML_TURN.format(role="{{ .Role }}", content="{{ .Content }}")
+        lines += ['TEMPLATE """{{- range .Messages }}' + turn + "{{ end }}" + CHATML_CUE + '"""',
                   'PARAMETER stop "<|im_end|>"']
-        turn = tokenizer.apply_chat_template([{"role": "user", "content": "-"}], tokenize=False,
-                                             add_generation_prompt=True)
-        head = "<|im_start|>system\n"
-        if turn.startswith(head):  # a default system message (SmolLM2's): Ollama's SYSTEM
-            lines.append(f'SYSTEM """{turn[len(head):turn.index("<|im_end|>")]}"""')
-    elif not template:  # trained on plain text: the prompt is continued as it is
+        if system:  # a default system message (SmolLM2's): Ollama's SYSTEM, put first when a chat has none
+            lines.append(f'SYSTEM """{system}"""')
+    elif not tokenizer.chat_template:  # trained on plain text: the prompt is continued as it is
         lines.append('TEMPLATE """{{ .Prompt }}"""')
     else:
         lines.append("# the chat template is in the GGUF's metadata (tokenizer.chat_template): Ollama reads it there")
     return "\n".join(lines) + "\n"
+
+
+def _chatml_system(tokenizer) -> str | None:
+    """The default system message ("" for none) when the chat template renders every turn as the Modelfile's ChatML
+    TEMPLATE does, so Ollama prompts the model exactly as it was trained; None when it renders otherwise."""
+    def chatml(messages: list[dict[str, str]]) -> str:
+        return "".join(CHATML_TURN.format(**m) for m in messages) + CHATML_CUE
+
+    def rendered(messages: list[dict[str, str]]) -> str:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    talk = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"}]
+    try:
+        first = rendered(talk[1:2])
+        head = "<|im_start|>system\n"
+        system = first[len(head):first.find("<|im_end|>")] if first.startswith(head) else ""
+        default = [{"role": "system", "content": system}] if system else []
+        same = rendered(talk) == chatml(talk) and rendered(talk[1:]) == chatml(default + talk[1:])
+    except (TemplateError, ValueError):  # a template that refuses a system turn, say: not ChatML
+        return None
+    return system if same else None
 
 
 def _check_tokenizer(expected, actual, output: Path) -> int:

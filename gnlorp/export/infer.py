@@ -244,16 +244,17 @@ def _stop_when_set(event: threading.Event):
 
 
 def try_tokenizer(source: Source):
-    """The tokenizer a try of `source` uses: a folder's own; a run's saved with its final weights, else its base
-    model's. Loading it alone (no weights) is how the studio tells a model that chats from one that continues."""
+    """The tokenizer a try of `source` uses: a folder's own; a run's saved beside the weights it loads (final/ or
+    the checkpoint, with the run's chat template), else, for a run older than that, its base model's. Loading it
+    alone (no weights) is how the studio tells a model that chats from one that continues."""
     from ..models.load import load_tokenizer
     from ..run_folder import load_run_tokenizer
 
     if source.kind == "folder":
         return load_tokenizer(source.path)
-    final = source.path / "final"
-    if (final / "tokenizer_config.json").is_file():
-        return load_run_tokenizer(final, source.cfg)
+    saved = source.weights.parent
+    if (saved / "tokenizer_config.json").is_file():
+        return load_run_tokenizer(saved, source.cfg)
     return load_tokenizer(source.cfg.model, trust_remote_code=source.cfg.trust_remote_code)
 
 

@@ -120,6 +120,8 @@ class TrainingRun:
         # Data, model, method, optimizer, schedule.
         tokenizer = load_tokenizer(cfg.model)
         data = prepare_data(cfg, tokenizer)
+        if data.chat_template is not None:  # saved with every checkpoint and export: the format the model learns
+            tokenizer.chat_template = data.chat_template
         model = load_base_model(
             cfg.model, cfg.task, num_labels=len(data.label_names or []) or None,
             dtype=getattr(torch, cfg.dtype), trust_remote_code=cfg.trust_remote_code, seed=cfg.seed,
@@ -239,7 +241,7 @@ class TrainingRun:
                 if any_rank(damaged, accelerator.device) if cfg.fsdp else damaged:
                     raise self._diverged(position.step, "the weights became non-finite")
                 with self._writing():
-                    saved = save_checkpoint(cfg, unwrapped, optimizer, scheduler, position, main)
+                    saved = save_checkpoint(cfg, unwrapped, optimizer, scheduler, position, main, tokenizer)
                 if main:
                     self._emit(CheckpointEvent(position.step, str(saved)))
             if stopping:

@@ -35,8 +35,10 @@ class Position:
     batch_index: int = 0
 
 
-def save_checkpoint(cfg: RunConfig, model, optimizer, scheduler, position: Position, main: bool) -> Path:
+def save_checkpoint(cfg: RunConfig, model, optimizer, scheduler, position: Position, main: bool, tokenizer) -> Path:
     """Write checkpoints/step-N (the oldest beyond CHECKPOINTS_KEPT removed); its path.
+
+    The tokenizer goes with the weights (as in final/), so a run tried before it ends prompts in its chat template.
 
     Sharded, every rank calls this and writes its shards into rank 0's temp folder, which has a name all can find.
     """
@@ -53,6 +55,7 @@ def save_checkpoint(cfg: RunConfig, model, optimizer, scheduler, position: Posit
             torch.save({"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all()
                         if torch.cuda.is_available() else []}, tmp / "rng.pt")
         if main:
+            tokenizer.save_pretrained(tmp)
             (tmp / "trainer_state.json").write_text(strict_json(state), encoding="utf-8")
             write_manifest(tmp, step=position.step, cfg=cfg)  # last: a folder without it is incomplete
     if main:
