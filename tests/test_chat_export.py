@@ -177,7 +177,7 @@ def test_a_smollm2_chat_run_answers_alike_from_its_exports_in_try_and_transforme
     template = tmp_path / "chatml.jinja"
     template.write_text(PLAIN_CHATML, encoding="utf-8")
     run = train(tmp_path, "smollm2", "--method", "lora", "--rank", "8", "--optim-bits", "32", "--eval-fraction", "0",
-                "--chat-template", str(template), seq_len=128, checkpoint_every=2)  # one checkpoint: 540 MB each
+                "--chat-template", str(template), checkpoint_every=2)  # one checkpoint: 540 MB each
     hf = export(run, tmp_path / "hf")
     gguf = export(run, tmp_path / "gguf", "--format", "gguf")
     plain = "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"  # no SmolLM2 system message before it
