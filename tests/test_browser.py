@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import re
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -30,17 +32,23 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="pip install -e '.[
 sync_api.expect.set_options(timeout=30_000)  # assertions wait for the page; 5 s is too short on a loaded 2-core CI
 
 
-@pytest.fixture(scope="module")
-def page(tmp_path_factory):
-    runs = tmp_path_factory.mktemp("browser") / "runs"
+@contextmanager
+def studio_page(runs: Path, width: int = 1280, **options) -> Iterator:
+    """A Chromium tab on a fresh studio serving `runs`, once the page has built itself (after loading)."""
     with studio(runs) as url, sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        tab = browser.new_page(viewport={"width": 1400, "height": 1000})
+        tab = browser.new_page(viewport={"width": width, "height": 1000}, **options)
         tab.set_default_timeout(60_000)
         tab.goto(url)
-        tab.locator("#cfg-model").wait_for()  # the page builds itself in the browser after loading
+        tab.locator("#cfg-model").wait_for()
         yield tab
         browser.close()
+
+
+@pytest.fixture(scope="module")
+def page(tmp_path_factory):
+    with studio_page(tmp_path_factory.mktemp("browser") / "runs", width=1400) as tab:
+        yield tab
 
 
 def test_labelled_controls_and_budget(page) -> None:

@@ -13,8 +13,7 @@ import pytest
 
 from gnlorp.data.chat import CHATML
 from gnlorp.export.infer import load_for_try
-from studio_process import studio
-from test_browser import ARGS, CHROMIUM, sync_api  # skips this module too where Chromium is missing
+from test_browser import studio_page, sync_api  # skips this module too where Chromium is missing
 from test_try_chat import write_folder
 
 QUESTION, ANSWER = "Which river runs through Paris?", "The Seine runs through Paris."
@@ -34,14 +33,8 @@ def runs(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def page(runs: Path):
-    with studio(runs) as url, sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        tab = browser.new_page(viewport={"width": 1280, "height": 1000})
-        tab.set_default_timeout(60_000)
-        tab.goto(url)
-        tab.locator("#cfg-model").wait_for()
+    with studio_page(runs) as tab:
         yield tab
-        browser.close()
 
 
 TRAINED = "[...document.querySelectorAll('#data-preview-row-1 .token.highlighted')].map(s => s.innerText).join('')"

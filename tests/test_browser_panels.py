@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from studio_process import ENV, ROOT, studio
-from test_browser import ARGS, CHROMIUM, sync_api  # skips this module too where Chromium is missing
+from studio_process import ENV, ROOT
+from test_browser import studio_page, sync_api  # skips this module too where Chromium is missing
 
 SHORT = {"Steps": "6", "Batch size": "2", "Sequence length": "32"}
 
@@ -33,14 +33,8 @@ def runs(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def page(runs: Path):
-    with studio(runs) as url, sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        tab = browser.new_page(viewport={"width": 1280, "height": 1000})
-        tab.set_default_timeout(60_000)
-        tab.goto(url)
-        tab.locator("#cfg-model").wait_for()
+    with studio_page(runs) as tab:
         yield tab
-        browser.close()
 
 
 def files_of(folder: Path) -> dict[str, bytes]:

@@ -21,8 +21,8 @@ import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from studio_process import ENV, ROOT, studio
-from test_browser import ARGS, CHROMIUM, sync_api
+from studio_process import ENV, ROOT
+from test_browser import studio_page, sync_api
 
 expect = sync_api.expect
 HF, Q8 = "Hugging Face folder", "GGUF q8_0 (llama.cpp, Ollama; half the size)"
@@ -45,14 +45,8 @@ def runs(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def page(runs: Path):
-    with studio(runs) as url, sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        tab = browser.new_page(viewport={"width": WIDTH, "height": 1000}, accept_downloads=True)
-        tab.set_default_timeout(60_000)
-        tab.goto(url)
-        tab.locator("#cfg-model").wait_for()
+    with studio_page(runs, width=WIDTH, accept_downloads=True) as tab:
         yield tab
-        browser.close()
 
 
 # Records what the export section shows at every change of the page (message, result, whether the files table
