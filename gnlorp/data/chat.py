@@ -153,7 +153,8 @@ def chat_data(found: Conversations, train: list[tuple[str, list[Message]]], held
                           "raise --seq-len")
     records = len(found.items) + sum(len(where) for where in found.bad.values())
     return TokenizedData(train_examples, eval_examples,
-                         report=data_report(found.format, records, found.bad, outcomes, cfg.data))
+                         report=data_report(found.format, records, found.bad, outcomes, cfg.data),
+                         chat_template=chat_template(tokenizer, cfg.chat_template))
 
 
 def _line_order(where: str) -> tuple[str, int]:

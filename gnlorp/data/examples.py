@@ -22,9 +22,12 @@ class Example:
 @dataclass
 class TokenizedData:
     """`report` says what was read and kept (format, records, skipped records and examples by reason, and
-    `warnings` a run shows), so a run or `gnlorp data` can tell a person what became of their file."""
+    `warnings` a run shows), so a run or `gnlorp data` can tell a person what became of their file.
+    `chat_template` is the template conversations were rendered with when it is not the tokenizer's own (ChatML,
+    or a file): a run saves it with its tokenizer, so a prompt at inference is rendered as training saw it."""
 
     train: list[Example]
     eval: list[Example]
     label_names: list[str] | None = None
     report: dict[str, Any] = field(default_factory=dict)
+    chat_template: str | None = None

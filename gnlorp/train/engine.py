@@ -120,6 +120,8 @@ class TrainingRun:
         # Data, model, method, optimizer, schedule.
         tokenizer = load_tokenizer(cfg.model)
         data = prepare_data(cfg, tokenizer)
+        if data.chat_template:  # saved with the run's tokenizer: try and export render prompts as training did
+            tokenizer.chat_template = data.chat_template
         model = load_base_model(
             cfg.model, cfg.task, num_labels=len(data.label_names or []) or None,
             dtype=getattr(torch, cfg.dtype), trust_remote_code=cfg.trust_remote_code, seed=cfg.seed,
