@@ -37,6 +37,11 @@ DOC_MODULES = ("argparse", "ast", "base64", "calendar", "collections", "colorsys
                "random", "sched", "secrets", "shlex", "shutil", "statistics", "string", "tarfile", "tempfile",
                "textwrap", "threading", "tokenize", "types", "urllib.parse", "uuid", "zipapp", "zipfile")
 DOC_MIN_CHARS, DOC_MAX_CHARS, DOC_RECORDS = 30, 300, 400
+# Conversations: a docstring chat per function (what it does, its signature, what else its docstring says), some
+# opened by the module's own docstring as the system message, and the riddles as several questions in a row.
+CHAT_DOC_RECORDS = 240
+CHAT_SYSTEM_EVERY = 3  # one conversation in three (by name hash) opens with the module's docstring
+CHAT_RIDDLES_PER_CONVERSATION = 3
 
 
 def entries(path: Path) -> list[str]:
@@ -93,20 +98,21 @@ def qa_records(source: Path) -> list[dict]:
     return records
 
 
-def documented_functions(module_name: str) -> list[tuple[str, str, str]]:
-    """(kind, qualified name, docstring) of the module's public functions and its public classes' methods."""
+def documented_functions(module_name: str) -> list[tuple[str, str, object]]:
+    """(kind, qualified name, function) of the module's public functions and its public classes' methods that
+    have a docstring."""
     module = importlib.import_module(module_name)
     names = getattr(module, "__all__", None) or [n for n in vars(module) if not n.startswith("_")]
     found = []
     for name in sorted(set(names)):
         obj = getattr(module, name, None)
         if inspect.isfunction(obj) and obj.__module__ == module.__name__:
-            found.append(("function", f"{module_name}.{name}", inspect.getdoc(obj)))
+            found.append(("function", f"{module_name}.{name}", obj))
         elif inspect.isclass(obj) and obj.__module__ == module.__name__:
-            found += [("method", f"{module_name}.{name}.{attr}", inspect.getdoc(member))
+            found += [("method", f"{module_name}.{name}.{attr}", member)
                       for attr, member in sorted(vars(obj).items())
                       if not attr.startswith("_") and inspect.isfunction(member)]
-    return [(kind, qualified, doc) for kind, qualified, doc in found if doc]
+    return [(kind, qualified, function) for kind, qualified, function in found if inspect.getdoc(function)]
 
 
 def docstring_records() -> list[dict]:
@@ -114,12 +120,89 @@ def docstring_records() -> list[dict]:
     docstring (one line), picked and ordered by the SHA-256 of the name."""
     records = []
     for module_name in DOC_MODULES:
-        for kind, qualified, doc in documented_functions(module_name):
-            answer = one_line(re.split(r"\n\s*\n", doc.strip())[0])
+        for kind, qualified, function in documented_functions(module_name):
+            answer = one_line(re.split(r"\n\s*\n", inspect.getdoc(function).strip())[0])
             if DOC_MIN_CHARS <= len(answer) <= DOC_MAX_CHARS:
                 records.append((digest(qualified), {"prompt": f"What does the Python {kind} `{qualified}` do?",
                                                     "response": answer}))
     return [record for _, record in sorted(records, key=lambda pair: pair[0])[:DOC_RECORDS]]
+
+
+def first_paragraph(doc: str, index: int = 0) -> str | None:
+    """Paragraph `index` of a docstring as one line, if it is prose of DOC_MIN_CHARS to DOC_MAX_CHARS (not a
+    doctest, which reads badly on one line)."""
+    paragraphs = re.split(r"\n\s*\n", doc.strip())
+    if index >= len(paragraphs) or ">>>" in paragraphs[index]:
+        return None
+    text = one_line(paragraphs[index])
+    return text if DOC_MIN_CHARS <= len(text) <= DOC_MAX_CHARS else None
+
+
+def signature(qualified: str, function: object) -> str | None:
+    """`name(parameters)` as inspect.signature writes it; None where a default's repr holds a memory address
+    (it would change from run to run)."""
+    text = f"{qualified}{inspect.signature(function)}"
+    return None if " at 0x" in text else text
+
+
+def docstring_conversation(kind: str, qualified: str, function: object, system: str | None) -> dict | None:
+    """What X does (its docstring's first paragraph), its signature, and what else its docstring says (the next
+    paragraph) where there is one; None when the first paragraph is unfit."""
+    doc = inspect.getdoc(function)
+    answer = first_paragraph(doc)
+    if answer is None:
+        return None
+    turns = [("user", f"What does the Python {kind} `{qualified}` do?"), ("assistant", answer)]
+    shape = signature(qualified, function)
+    if shape:
+        turns += [("user", "What is its signature?"), ("assistant", f"`{shape}`")]
+    more = first_paragraph(doc, 1)
+    if more:
+        turns += [("user", "What else does its docstring say?"), ("assistant", more)]
+    head = [("system", system)] if system else []
+    return {"messages": [{"role": role, "content": content} for role, content in head + turns]}
+
+
+def docstring_chats() -> list[dict]:
+    """CHAT_DOC_RECORDS docstring conversations, picked and ordered by the SHA-256 of the name."""
+    found = []
+    for module_name in DOC_MODULES:
+        summary = first_paragraph(inspect.getdoc(importlib.import_module(module_name)) or "")
+        for kind, qualified, function in documented_functions(module_name):
+            key = digest(qualified)
+            system = summary if int(key, 16) % CHAT_SYSTEM_EVERY == 0 else None
+            record = docstring_conversation(kind, qualified, function, system)
+            if record:
+                found.append((key, record))
+    return [record for _, record in sorted(found, key=lambda pair: pair[0])[:CHAT_DOC_RECORDS]]
+
+
+def riddle_exchanges(source: Path) -> list[list[tuple[str, str]]]:
+    """Each entry of QA_FILE made only of `Q:`/`A:` pairs, as its list of (question, answer)."""
+    found = []
+    for text in entries(source / QA_FILE):
+        pairs = re.findall(r"^\s*Q:(.+?)^\s*A:(.+?)(?=^\s*Q:|\Z)", text, flags=re.M | re.S)
+        if pairs and text.lstrip().startswith("Q:"):
+            found.append([(one_line(q), one_line(a)) for q, a in pairs])
+    return found
+
+
+def riddle_chats(source: Path) -> list[dict]:
+    """An entry with several riddles is one conversation; single riddles are grouped
+    CHAT_RIDDLES_PER_CONVERSATION at a time in content-hash order."""
+    exchanges = riddle_exchanges(source)
+    singles = sorted((pairs[0] for pairs in exchanges if len(pairs) == 1), key=lambda qa: digest(qa[0] + qa[1]))
+    groups = [pairs for pairs in exchanges if len(pairs) > 1]
+    groups += [singles[i:i + CHAT_RIDDLES_PER_CONVERSATION]
+               for i in range(0, len(singles), CHAT_RIDDLES_PER_CONVERSATION)]
+    return [{"messages": [{"role": role, "content": content} for q, a in pairs
+                          for role, content in (("user", q), ("assistant", a))]} for pairs in groups]
+
+
+def chat_records(source: Path) -> list[dict]:
+    """The docstring and riddle conversations, mixed by the SHA-256 of each record."""
+    records = docstring_chats() + riddle_chats(source)
+    return sorted(records, key=lambda r: digest(json.dumps(r, ensure_ascii=False)))
 
 
 def write_jsonl(path: Path, records: list[dict]) -> None:
@@ -135,6 +218,7 @@ def main() -> None:
     write_jsonl(args.output / "fortunes-topics.jsonl", topic_records(args.source))
     write_jsonl(args.output / "riddles-qa.jsonl", qa_records(args.source))
     write_jsonl(args.output / "python-docstrings-qa.jsonl", docstring_records())
+    write_jsonl(args.output / "chat.jsonl", chat_records(args.source))
 
 
 if __name__ == "__main__":
