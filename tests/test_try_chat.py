@@ -54,7 +54,7 @@ def test_multi_turn_answer_equals_transformers_chat_template_and_greedy_generate
     tried = load_for_try(chat_folder)
     assert torch.equal(chat.encode_messages(tried.tokenizer, CONVERSATION)["input_ids"], expected["input_ids"])
     answer = "".join(tried.chat(CONVERSATION, max_new_tokens=12, temperature=0))
-    assert answer and answer == tokenizer.decode(new_tokens, skip_special_tokens=True)
+    assert answer and answer == tokenizer.decode(new_tokens, skip_special_tokens=True).split("<|im_end|>")[0]
     assert tokenizer.decode(expected["input_ids"][0]).endswith("<|im_start|>assistant\n")  # the generation cue
 
 
@@ -98,3 +98,18 @@ def test_a_conversation_too_long_for_a_command_line_is_refused() -> None:
     long = [{"role": "user", "content": "x" * chat.MAX_MESSAGES_CHARS}]
     with pytest.raises(ConfigError, match="clear it and start a new one"):
         chat.messages_argument(long)
+
+
+def test_a_turn_ends_at_the_templates_end_of_turn_text() -> None:
+    pieces = ["It is", " four.<|im", "_end|>\n<|im_start|>user"]
+    assert "".join(chat.until(iter(pieces), "<|im_end|>")) == "It is four."
+    assert list(chat.until(iter(["a <|im", "_start|> b"]), "<|im_end|>")) == ["a ", "<|im_start|> b"]
+    assert list(chat.until(iter(["no marker <|im"]), "<|im_end|>")) == ["no marker ", "<|im"]
+
+
+def test_the_end_of_turn_text_is_found_where_it_is_plain_text_only() -> None:
+    tokenizer = load_tokenizer("tiny")
+    tokenizer.chat_template = CHATML
+    assert chat.end_of_turn(tokenizer) == "<|im_end|>"
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_end|>"]})  # as SmolLM2's: generation ends on it
+    assert chat.end_of_turn(tokenizer) is None

@@ -8,6 +8,7 @@ what a chat-trained model was taught to continue.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from ..config import ConfigError
@@ -67,3 +68,40 @@ def encode_messages(tokenizer: Any, messages: list[dict[str, str]]) -> dict[str,
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ConfigError(f"the chat template refuses this conversation ({first})") from None
     return {k: encoded[k] for k in ("input_ids", "attention_mask")}
+
+
+def end_of_turn(tokenizer: Any) -> str | None:
+    """The text the chat template closes an assistant turn with (ChatML's "<|im_end|>"), where it is plain text
+    rather than the eos token (as in the tiny presets' tokenizer): generation stops there, as a chat model
+    stops at the end of its turn. None when the template closes a turn with nothing or with special tokens only."""
+    from jinja2 import TemplateError
+
+    answer = "gnlorp-probe-answer"
+    turn = [{"role": "user", "content": "a"}, {"role": "assistant", "content": answer}]
+    try:
+        text = tokenizer.apply_chat_template(turn, tokenize=False)
+    except (TemplateError, ValueError):
+        return None
+    marker = text[text.rfind(answer) + len(answer):].strip() if answer in text else ""
+    if not marker or not tokenizer.decode(tokenizer(marker, add_special_tokens=False)["input_ids"],
+                                          skip_special_tokens=True).strip():
+        return None
+    return marker
+
+
+def until(pieces: Iterator[str], marker: str) -> Iterator[str]:
+    """The streamed text up to (not including) `marker`; text that may be the start of it is held back."""
+    held = ""
+    for piece in pieces:
+        held += piece
+        if marker in held:
+            before = held[:held.index(marker)]
+            if before:
+                yield before
+            return
+        keep = next((n for n in range(min(len(marker) - 1, len(held)), 0, -1) if marker.startswith(held[-n:])), 0)
+        if len(held) > keep:
+            yield held[:len(held) - keep]
+            held = held[len(held) - keep:]
+    if held:
+        yield held

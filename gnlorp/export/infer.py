@@ -142,7 +142,8 @@ class TryModel:
         """
         self._require("causal-lm", "generate text", "classify(text)")
         check_sampling(max_new_tokens, temperature, top_p, seed)
-        yield from self._stream(self._encode_prompt(prompt, chat), "prompt", max_new_tokens, temperature, top_p, seed)
+        inputs, chatting = self._encode_prompt(prompt, chat)
+        yield from self._stream(inputs, "prompt", max_new_tokens, temperature, top_p, seed, chatting)
 
     def chat(self, messages: list[dict[str, str]], *, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
              temperature: float = DEFAULT_TEMPERATURE, top_p: float = DEFAULT_TOP_P, seed: int = DEFAULT_SEED,
@@ -154,13 +155,16 @@ class TryModel:
         self._require("causal-lm", "chat", "classify(text)")
         check_sampling(max_new_tokens, temperature, top_p, seed)
         inputs = {k: v.to(self.model.device) for k, v in encode_messages(self.tokenizer, messages).items()}
-        yield from self._stream(inputs, "conversation", max_new_tokens, temperature, top_p, seed)
+        yield from self._stream(inputs, "conversation", max_new_tokens, temperature, top_p, seed, True)
 
     def _stream(self, inputs: dict[str, torch.Tensor], what: str, max_new_tokens: int, temperature: float,
-                top_p: float, seed: int) -> Iterator[str]:
-        """Generate from token ids in a thread, yielding the new text as it is decoded; closing stops it."""
+                top_p: float, seed: int, chatting: bool) -> Iterator[str]:
+        """Generate from token ids in a thread, yielding the new text as it is decoded; closing stops it. A chat
+        turn also ends at the template's end-of-turn text, which is not shown."""
         import torch
         from transformers import StoppingCriteriaList, TextIteratorStreamer
+
+        from .chat import end_of_turn, until
 
         length = inputs["input_ids"].shape[1]
         if self.max_length is not None and length + max_new_tokens > self.max_length:
@@ -176,6 +180,9 @@ class TryModel:
         kwargs = {**inputs, **sampling, "max_new_tokens": max_new_tokens, "streamer": streamer,
                   "pad_token_id": self.tokenizer.pad_token_id,
                   "stopping_criteria": StoppingCriteriaList([_stop_when_set(stop)])}
+        marker = end_of_turn(self.tokenizer) if chatting else None
+        if marker:
+            kwargs |= {"stop_strings": [marker], "tokenizer": self.tokenizer}
         cuda = [self.model.device] if self.model.device.type == "cuda" else []
         failure: list[BaseException] = []
 
@@ -191,7 +198,8 @@ class TryModel:
         thread = threading.Thread(target=run, daemon=True, name="gnlorp-generate")
         thread.start()
         try:
-            yield from (piece for piece in streamer if piece)
+            pieces = (piece for piece in streamer if piece)
+            yield from until(pieces, marker) if marker else pieces
         finally:
             stop.set()
             thread.join()
@@ -216,19 +224,22 @@ class TryModel:
         if self.task != task:
             raise ConfigError(f"{self.source.path} is a {self.task} model and cannot {action}; use {instead}")
 
-    def _encode_prompt(self, prompt: str, chat: bool | None) -> dict[str, torch.Tensor]:
-        """Token ids as training saw a prompt: through the chat template, else with the usual special tokens."""
+    def _encode_prompt(self, prompt: str, chat: bool | None) -> tuple[dict[str, torch.Tensor], bool]:
+        """Token ids as training saw a prompt (through the chat template, else with the usual special tokens), and
+        whether the template was used."""
         check_input(prompt)
         template = bool(self.tokenizer.chat_template)
         if chat and not template:
             raise ConfigError(f"the tokenizer of {self.source.path} has no chat template; try without chat")
-        if chat or (chat is None and template):
+        chatting = bool(chat or (chat is None and template))
+        if chatting:
             text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                                       add_generation_prompt=True)
             encoded = self.tokenizer(text, add_special_tokens=False, return_tensors="pt")
         else:
             encoded = self.tokenizer(prompt, return_tensors="pt")
-        return {k: v.to(self.model.device) for k, v in encoded.items() if k in ("input_ids", "attention_mask")}
+        inputs = {k: v.to(self.model.device) for k, v in encoded.items() if k in ("input_ids", "attention_mask")}
+        return inputs, chatting
 
 
 def _stop_when_set(event: threading.Event):
