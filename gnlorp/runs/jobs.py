@@ -22,7 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..atomic import strict_json, write_text_atomic
-from ..checkpoint import config_hash, refuse_if_finished
+from ..checkpoint import checkpoints, config_hash, refuse_if_finished
 from ..config import ConfigError, RunConfig
 from .child import ERROR_LINE, POLL_S, Child, child_env, gpu_processes, redact
 from .store import ACTIVE, JobState, MetricsReader, Snapshot, read_job_states, studio_dir
@@ -297,7 +297,7 @@ class JobManager:
         config = run_dir / "config.yaml"
         if not config.is_file():
             raise ConfigError(f"{run_dir} is not a run folder (no config.yaml); pick a run from the runs table")
-        if not any((run_dir / "checkpoints").glob("step-*")):
+        if not checkpoints(run_dir):
             raise ConfigError(f"{run_dir.name} has no checkpoint to resume from; start a new run instead")
         cfg = RunConfig.from_yaml(config)
         steps = cfg.max_steps if max_steps is None else max_steps
@@ -386,7 +386,7 @@ class JobManager:
 
 def saved_world_size(run_dir: Path) -> int:
     """How many processes wrote the run's newest checkpoint (1 for one written before this was recorded)."""
-    newest = max((run_dir / "checkpoints").glob("step-*"), default=None)
+    newest = next(iter(checkpoints(run_dir)), None)
     try:
         return int(json.loads((newest / "trainer_state.json").read_text(encoding="utf-8")).get("world_size", 1))
     except (OSError, ValueError, TypeError, AttributeError):

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from ..checkpoint import refuse_if_finished
+from ..checkpoint import checkpoints, refuse_if_finished
 from ..config import ConfigError
 
 ACTIVE = ("starting", "running", "stopping")
@@ -152,7 +152,7 @@ class RunRecord:
     @property
     def resumable(self) -> bool:
         """It has a checkpoint, did not finish, and JobManager.resume would take it at its own step count."""
-        if self.finished or not any((self.path / "checkpoints").glob("step-*")):
+        if self.finished or not checkpoints(self.path):
             return False
         try:
             refuse_if_finished(self.path, int(self.config.get("max_steps") or 0))
