@@ -39,15 +39,37 @@ def load_quantized(auto: type, source: Path | None, config, *, bits: int, dtype:
     options = {"config": config, "dtype": dtype, "quantization_config": quantization_config(bits),
                "device_map": {"": torch.device(device)}, "use_safetensors": True, "local_files_only": True, **kwargs}
     if source is not None:
-        return _keep_packing(auto.from_pretrained(source, **options))
+        return _settle(auto.from_pretrained(source, **options))
     with tempfile.TemporaryDirectory(prefix="gnlorp-base-") as folder:
         build().save_pretrained(folder)
-        model = _keep_packing(auto.from_pretrained(folder, **options))
+        model = _settle(auto.from_pretrained(folder, **options))
     model.config._name_or_path = ""  # as from_config leaves it: the temp folder is gone (peft records this path)
     return model
 
 
-def _keep_packing(model: nn.Module) -> nn.Module:
+def _settle(model: nn.Module) -> nn.Module:
+    """The loaded model, made to hold only its own memory and to keep its 4-bit layout."""
+    _keep_packing(model)
+    if next(model.parameters()).device.type == "cpu":
+        _own_memory(model)
+    return model
+
+
+@torch.no_grad()
+def _own_memory(model: nn.Module) -> None:
+    """Copy the unquantized tensors (embeddings, norms, head) out of the memory-mapped checkpoint. On the CPU the
+    loader leaves them as views of the file's mapping, which then stays whole, and every page the quantizer read
+    stays in the process's memory: SmolLM2 NF4 held 871 MiB of RSS after loading, 574 MiB after this (the bases
+    themselves: 178 MB)."""
+    for module in model.modules():
+        for name, tensor in list(module.named_parameters(recurse=False)):
+            if not is_quantized(module) or name != "weight":
+                tensor.data = tensor.data.clone()
+        for name, tensor in list(module.named_buffers(recurse=False)):
+            module._buffers[name] = tensor.clone()
+
+
+def _keep_packing(model: nn.Module) -> None:
     """Turn off bitsandbytes' CPU inference path for 4-bit layers: on the first forward without gradients (an
     evaluation) it repacks the weight in place, un-nesting the absmax to fp32, and fails outright where in_features
     is not a multiple of 64 (tiny's 352). The base must stay the one the run trains on, evaluations included."""
@@ -56,7 +78,6 @@ def _keep_packing(model: nn.Module) -> nn.Module:
     for module in model.modules():
         if isinstance(module, Linear4bit):
             module.support_avx512bf16_for_cpu = False
-    return model
 
 
 def is_quantized(module: nn.Module) -> bool:
