@@ -156,6 +156,9 @@ class RunConfig:
             raise ConfigError(f"weight_bits {self.weight_bits} is not supported yet for {self.method} (it trains "
                               "every weight, and quantized trained weights are not built yet): use --weight-bits 16, "
                               "or an adapter method (lora, dora, vera) with --weight-bits 4")
+        if self.method == "dora" and self.weight_bits == 8:  # peft 0.21.2 with bitsandbytes 0.50.2, measured on CPU
+            raise ConfigError("dora cannot train over an int8 base yet (its weight norm drops the int8 row scales "
+                              "after the first step): use --weight-bits 4 with dora, or lora with --weight-bits 8")
         if self.fsdp:
             raise ConfigError(f"fsdp cannot shard a bitsandbytes {self.weight_bits}-bit base (its quantization "
                               "state is lost in the shards): use --weight-bits 16 to shard, or train the quantized "

@@ -129,9 +129,10 @@ def test_lora_on_a_quantized_base_learns_and_exports_within_the_stated_tolerance
     assert float((exported - base).abs().max()) > 1e-3  # the adapters were merged, not dropped
 
 
-@pytest.mark.parametrize("method, settings", [("dora", {}), ("vera", {"rank": 128, "lr": 1e-1})])
-def test_dora_and_vera_train_on_nf4_and_export(tmp_path, method, settings):
-    summary, events, _ = train(tmp_path / "run", method=method, weight_bits=4, max_steps=3, eval_every=3,
+@pytest.mark.parametrize("method, bits, settings", [("dora", 4, {}), ("vera", 4, {"rank": 128, "lr": 1e-1}),
+                                                    ("vera", 8, {"rank": 128, "lr": 1e-1})])
+def test_dora_and_vera_train_on_a_quantized_base_and_export(tmp_path, method, bits, settings):
+    summary, events, _ = train(tmp_path / "run", method=method, weight_bits=bits, max_steps=3, eval_every=3,
                                checkpoint_every=3, **settings)
     assert summary is not None, events[-1]
     report = export_run(tmp_path / "run", tmp_path / "export")
@@ -165,6 +166,7 @@ def gnlorp(*args: str) -> subprocess.CompletedProcess[str]:
     (["--method", "gradnormlorp", "--weight-bits", "8"], "--weight-bits 16"),
     (["--method", "lora", "--weight-bits", "4", "--fsdp"], "fsdp cannot shard"),
     (["--method", "lora", "--weight-bits", "2"], "weight_bits must be one of: 16, 8, 4"),
+    (["--method", "dora", "--weight-bits", "8"], "use --weight-bits 4 with dora"),
 ])
 def test_refused_combinations_say_so_in_one_line(tmp_path, args, words):
     proc = gnlorp("train", "--model", "tiny", "--max-steps", "1", "--output", str(tmp_path / "run"), *args)
@@ -178,6 +180,14 @@ def test_resuming_over_another_base_width_is_refused(tmp_path):
     train(tmp_path, weight_bits=4, max_steps=2, checkpoint_every=2, eval_every=2)
     summary, events, _ = train(tmp_path, resume=True, weight_bits=8, max_steps=4)
     assert summary is None and "--weight-bits 4" in events[-1].message
+
+
+def test_the_flag_and_the_studio_form_come_from_the_knob():
+    from ui.widgets import form_fields, group_of
+
+    assert "--weight-bits" in gnlorp("train", "--help").stdout
+    field = next(f for f in form_fields() if f.name == "weight_bits")
+    assert group_of(field) == "basic" and field.metadata["choices"] == (16, 8, 4)
 
 
 def test_estimate_takes_weight_bits():
