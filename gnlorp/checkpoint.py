@@ -62,7 +62,8 @@ def write_manifest(folder: Path, *, step: int, cfg: RunConfig) -> dict[str, Any]
     """Hash every file under `folder` and write manifest.json beside them (call last, before the rename)."""
     files = {p.relative_to(folder).as_posix(): {"sha256": file_sha256(p), "bytes": p.stat().st_size}
              for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
-    manifest = {"format": FORMAT, "step": step, "method": cfg.method, "config_sha256": config_hash(cfg),
+    manifest = {"format": FORMAT, "step": step, "method": cfg.method,
+                "weight_bits": cfg.weight_bits, "config_sha256": config_hash(cfg),
                 "versions": library_versions(), "files": files}
     (folder / MANIFEST).write_text(strict_json(manifest, indent=1), encoding="utf-8")
     return manifest

@@ -17,6 +17,7 @@ import yaml
 from .atomic import write_text_atomic
 
 METHOD_NAMES = ("full", "lora", "dora", "vera", "galore", "gradnormlorp")
+ADAPTER_METHODS = ("lora", "dora", "vera")  # the ones that train on a frozen base
 TASKS = ("causal-lm", "seq-cls")
 DATA_FORMATS = ("auto", "text", "prompt-response", "alpaca", "messages", "sharegpt")
 
@@ -41,6 +42,9 @@ class RunConfig:
     method: str = knob("gradnormlorp", "What trains and how its optimizer state is kept.", choices=METHOD_NAMES)
     rank: int = knob(8, "Rank r of the adapter or of the gradient projection.", min=1, max=65536)
     optim_bits: int = knob(8, "Adam moments in 32-bit, or 8- or 4-bit blockwise quantized form.", choices=(32, 8, 4))
+    weight_bits: int = knob(16, "Frozen base weights of lora, dora and vera: 16 = as loaded (dtype), 8 = bitsandbytes "
+                            "int8, 4 = bitsandbytes NF4, double-quantized (QLoRA); adapters, embeddings, norms and "
+                            "the head stay in dtype.", choices=(16, 8, 4))
     output: str = knob("runs/latest", "Run folder to write (config, metrics, checkpoints, weights).")
     max_steps: int = knob(100, "Optimizer steps to train.", min=1, max=10**9)
     batch_size: int = knob(8, "Sequences per micro-batch.", min=1, max=65536)
@@ -141,7 +145,24 @@ class RunConfig:
                               "columns: set data_format to auto")
         if self.layerwise and self.method not in ("full", "galore", "gradnormlorp"):
             raise ConfigError(f"layerwise applies to full, galore and gradnormlorp, not {self.method}")
+        self._validate_weight_bits()
         return self
+
+    def _validate_weight_bits(self) -> None:
+        """Quantized weights exist only as a frozen bitsandbytes base under an adapter (QLoRA), for now."""
+        if self.weight_bits == 16:
+            return
+        if self.method not in ADAPTER_METHODS:
+            raise ConfigError(f"weight_bits {self.weight_bits} is not supported yet for {self.method} (it trains "
+                              "every weight, and quantized trained weights are not built yet): use --weight-bits 16, "
+                              "or an adapter method (lora, dora, vera) with --weight-bits 4")
+        if self.method == "dora" and self.weight_bits == 8:  # peft 0.21.2 with bitsandbytes 0.50.2, measured on CPU
+            raise ConfigError("dora cannot train over an int8 base yet (its weight norm drops the int8 row scales "
+                              "after the first step): use --weight-bits 4 with dora, or lora with --weight-bits 8")
+        if self.fsdp:
+            raise ConfigError(f"fsdp cannot shard a bitsandbytes {self.weight_bits}-bit base (its quantization "
+                              "state is lost in the shards): use --weight-bits 16 to shard, or train the quantized "
+                              "base in one process without --fsdp")
 
     def to_yaml(self, path: str | os.PathLike) -> None:
         """Write the resolved config atomically (temp file, then rename)."""

@@ -1,7 +1,9 @@
 """Read back what a training run wrote: its class names, tokenizer, base model and trained weights.
 
 Export and the Try panel rebuild the trained model the same way, so they share these readers; each turns a
-damaged or mismatched run folder into one clear ConfigError.
+damaged or mismatched run folder into one clear ConfigError. Over a quantized base (weight_bits 8 or 4) a run saves
+only its trained tensors: the bitsandbytes base does not load back through safetensors, and it need not, since it
+is rebuilt from its source the same way every time.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file, save_model
 from safetensors.torch import load_model as load_safetensors
 from transformers import AutoTokenizer
 
@@ -37,16 +40,33 @@ def load_run_tokenizer(folder: Path, cfg: RunConfig):
                           "hold tokenizer.json and tokenizer_config.json") from None
 
 
-def base_model(cfg: RunConfig, labels: list[str] | None) -> torch.nn.Module:
+def base_model(cfg: RunConfig, labels: list[str] | None, *, full_precision: bool = False) -> torch.nn.Module:
+    """The run's base model in float32; its quantized base as trained, unless `full_precision` (the export's)."""
     num_labels = len(labels) if labels is not None else None
     return load_model(cfg.model, cfg.task, num_labels=num_labels, dtype=torch.float32,
-                      trust_remote_code=cfg.trust_remote_code, seed=cfg.seed)
+                      trust_remote_code=cfg.trust_remote_code, seed=cfg.seed,
+                      weight_bits=16 if full_precision else cfg.weight_bits)
+
+
+def trained_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors training changes, by parameter name (peft's adapters, a classifier's head)."""
+    return {name: p.detach().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def save_weights(model: torch.nn.Module, path: Path, cfg: RunConfig) -> None:
+    """Every tensor of the model, or only the trained ones over a quantized base."""
+    if cfg.weight_bits == 16:
+        save_model(model, str(path))
+    else:
+        save_file(trained_tensors(model), str(path), metadata={"format": "pt"})
 
 
 def load_weights(model: torch.nn.Module, weights: Path, cfg: RunConfig) -> None:
-    """Load every tensor of the trained model; any missing, extra or misshapen one means a different setup."""
+    """Load every tensor of the trained model (the trained ones over a quantized base, whichever precision the base
+    is rebuilt in); any missing, extra or misshapen one means a different setup."""
     try:
-        missing, unexpected = load_safetensors(model, weights, strict=False)
+        missing, unexpected = (load_safetensors(model, weights, strict=False) if cfg.weight_bits == 16
+                               else _load_trained(model, weights))
     except RuntimeError as exc:
         missing, unexpected = [str(exc).strip().splitlines()[-1].strip()], []
     if missing or unexpected:
@@ -54,3 +74,17 @@ def load_weights(model: torch.nn.Module, weights: Path, cfg: RunConfig) -> None:
         count = len(missing) + len(unexpected)
         raise ConfigError(f"{weights} does not fit {cfg.model} prepared for {cfg.method} ({problem}, {count} "
                           "mismatches); was config.yaml edited after training?")
+
+
+def _load_trained(model: torch.nn.Module, weights: Path) -> tuple[list[str], list[str]]:
+    """Copy the saved trained tensors into `model`'s; the names neither side has, as (missing, unexpected)."""
+    saved, params = load_file(str(weights)), dict(model.named_parameters())
+    wanted = {name for name, p in params.items() if p.requires_grad}
+    missing, unexpected = sorted(wanted - set(saved)), sorted(set(saved) - wanted)
+    if not missing and not unexpected:
+        with torch.no_grad():
+            for name, tensor in saved.items():
+                if params[name].shape != tensor.shape:
+                    raise RuntimeError(f"size mismatch for {name}")
+                params[name].copy_(tensor)
+    return missing, unexpected

@@ -27,17 +27,16 @@ def add_estimate(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--gpus", type=int_in_range(1, 1 << 16), default=1,
                         help="memory per GPU on N of --device: one process, data-parallel (DDP) and sharded (FSDP) "
                         "side by side")
-    add_config_arguments(parser, ["model", "task", "method", "rank", "optim_bits", "batch_size", "seq_len",
-                                  "grad_accum", "targets", "proj_type", "proj_dtype", "layerwise",
+    add_config_arguments(parser, ["model", "task", "method", "rank", "optim_bits", "weight_bits", "batch_size",
+                                  "seq_len", "grad_accum", "targets", "proj_type", "proj_dtype", "layerwise",
                                   "grad_checkpointing", "chunked_loss", "dtype"])
     parser.set_defaults(run=_run_estimate)
 
 
 def _run_estimate(args: argparse.Namespace) -> int:
-    import dataclasses
 
     cfg = config_from_args(args)
-    from gnlorp.memory import fit, get_device
+    from gnlorp.memory import fit, get_device, with_method
 
     device = get_device(args.device)
     if args.compare and args.gpus > 1:
@@ -45,7 +44,7 @@ def _run_estimate(args: argparse.Namespace) -> int:
     if args.gpus > 1:
         return _print_per_gpu(cfg, device, args.gpus, args.json)
     if args.compare:
-        fits = {name: fit(dataclasses.replace(cfg, method=name), device) for name in METHOD_NAMES}
+        fits = {name: fit(with_method(cfg, name), device) for name in METHOD_NAMES}
         if args.json:
             print(strict_json({name: _fit_json(verdict) for name, verdict in fits.items()}))
             return 0

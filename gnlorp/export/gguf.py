@@ -71,17 +71,19 @@ def write_verified_gguf(trained: TrainedModel, output: Path, gguf_type: str, nam
         texts = _check_tokenizer(trained.tokenizer, tokenizer, output)
         reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32, **kwargs)
         _check_weights(trained.merged, reloaded, gguf_type, output)
-        diff = float((logits(reloaded, trained.probe) - trained.expected).abs().max())
+        reloaded_logits = logits(reloaded, trained.probe)
+        diff = float((reloaded_logits - trained.expected).abs().max())
         allowed = GGUF_TOLERANCE[gguf_type] * max(1.0, float(trained.expected.abs().max()))
         if not diff <= allowed:
             raise ConfigError(f"GGUF check failed: the file's logits differ from the trained model's by {diff:.3g} "
                               f"(> {allowed:.3g}); nothing was written to {output}")
+        quantized = trained.check_quantized(reloaded_logits, output)
         prompt = _prompt_ids(trained.tokenizer)
         expected_tokens, tokens = _greedy(trained.merged, prompt), _greedy(reloaded, prompt)
     equal = sum(int(a == b) for a, b in zip(expected_tokens, tokens, strict=True))
     return ExportReport(output, diff, written_files(output), trained.architecture, format="gguf",
                         tolerance=GGUF_TOLERANCE[gguf_type], greedy_equal=equal, greedy_total=len(expected_tokens),
-                        texts_checked=texts)
+                        texts_checked=texts, **quantized)
 
 
 def modelfile(filename: str, tokenizer) -> str:

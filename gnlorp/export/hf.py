@@ -36,10 +36,12 @@ def export_hf(run_dir: str | Path, output_dir: str | Path, *, force: bool = Fals
         trained.merged = None  # freed before the reload: the check holds one model in memory, not two
         reloaded = AUTO_CLASSES[cfg.task].from_pretrained(tmp, dtype=torch.float32, local_files_only=True,
                                                           trust_remote_code=cfg.trust_remote_code)
-        diff = float((logits(reloaded, trained.probe) - trained.expected).abs().max())
+        reloaded_logits = logits(reloaded, trained.probe)
+        diff = float((reloaded_logits - trained.expected).abs().max())
         # Merging rounds in fp32; deep models with large logits differ by more than 1e-4 absolute for that alone.
         allowed = TOLERANCE * max(1.0, float(trained.expected.abs().max()))
         if not diff <= allowed:
             raise ConfigError(f"export check failed: the saved model's logits differ from the trained "
                               f"model's by {diff:.3g} (> {allowed:.3g}); nothing was written to {output}")
-    return ExportReport(output, diff, written_files(output), trained.architecture)
+        quantized = trained.check_quantized(reloaded_logits, output)
+    return ExportReport(output, diff, written_files(output), trained.architecture, **quantized)

@@ -318,7 +318,7 @@ def _load_run(source: Source, base: bool) -> tuple[torch.nn.Module, object, list
 
     cfg, run = source.cfg, source.path
     labels = read_labels(run) if cfg.task == "seq-cls" else None
-    model = base_model(cfg, labels)
+    model = base_model(cfg, labels, full_precision=True)  # over a quantized base: merged as the export merges it
     tokenizer = try_tokenizer(source)
     if base:
         origin = (f"random weights from seed {cfg.seed}" if is_random_init(cfg.model) else "its pretrained weights"

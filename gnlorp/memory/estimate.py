@@ -24,12 +24,13 @@ from pathlib import Path
 
 from torch import nn
 
-from ..config import METHOD_NAMES, RunConfig
+from ..config import ADAPTER_METHODS, METHOD_NAMES, RunConfig
 from ..train.loss import chunk_tokens
 from ..train.sharding import decoder_blocks, separate_embedding
 from .activations import layer_bytes, saved_bytes
 from .devices import Device, get_device, this_machine
 from .state import optimizer_state_parts, update_temporaries
+from .weights import dequantized_transient, quantized_bytes
 
 PARTS = ("weights", "gradients", "optimizer_states", "projectors", "activations", "overhead")
 MIB = 2**20
@@ -109,7 +110,14 @@ def estimate(cfg: RunConfig, device: str | Device | None = None, gpus: int = 1) 
 def compare(cfg: RunConfig, device: str | Device | None = None) -> dict[str, dict[str, int]]:
     """The estimate of every method on the same model, data shape and device."""
     target = _device(device)
-    return {name: estimate(dataclasses.replace(cfg, method=name), target) for name in METHOD_NAMES}
+    return {name: estimate(with_method(cfg, name), target) for name in METHOD_NAMES}
+
+
+def with_method(cfg: RunConfig, name: str) -> RunConfig:
+    """`cfg` with another method; a quantized base is kept for the adapter methods only (the others train their
+    weights, which cannot be quantized yet), so a comparison shows each method as it can run."""
+    bits = cfg.weight_bits if name in ADAPTER_METHODS else 16
+    return dataclasses.replace(cfg, method=name, weight_bits=bits)
 
 
 def fit(cfg: RunConfig, device: str | Device, gpus: int = 1) -> Fit:
@@ -156,6 +164,10 @@ class _Counts:
     layerwise_step: int  # the most one weight's gradient and update hold together
     embedding: int  # the trained input embedding's numel, when it is not also the head (else 0)
     layer_step: int  # the most one weight's gradient and update hold together, embeddings and head aside
+    quantizable: int = 0  # numel of the linears a bitsandbytes base holds quantized (decoder linears, not heads)
+    nf4_bytes: int = 0  # those linears' bytes in NF4, state included
+    int8_bytes: int = 0  # and in int8
+    quantizable_largest: int = 0  # the largest of them (its dequantized copy is the transient)
 
     def extrapolate(self, two: _Counts, layers: int) -> _Counts:
         """From the counts of a 1-layer (self) and a 2-layer model to `layers` identical layers."""
@@ -163,8 +175,9 @@ class _Counts:
             return getattr(self, name) + (layers - 1) * (getattr(two, name) - getattr(self, name))
 
         additive = ("params", "trainable", "states", "projectors", "target_features", "outside_blocks",
-                    "outside_trainable")
-        return _Counts(**{name: grow(name) for name in additive}, block=two.block,
+                    "outside_trainable", "quantizable", "nf4_bytes", "int8_bytes")
+        return _Counts(**{name: grow(name) for name in additive}, quantizable_largest=two.quantizable_largest,
+                       block=two.block,
                        block_trainable=two.block_trainable, largest=two.largest, head=two.head,
                        update=two.update, layerwise_step=two.layerwise_step, embedding=two.embedding,
                        layer_step=two.layer_step)
@@ -175,6 +188,7 @@ def _count(cfg: RunConfig, method, base, shards: int) -> _Counts:
     from ..methods.base import resolve_targets
 
     targets = [base.get_submodule(name).weight.shape for name in resolve_targets(base, cfg)]
+    quantizable = quantizable_shapes(base)
     model = method.prepare(base, cfg)
     params = list(model.parameters())
     trainable = [p for p in params if p.requires_grad]
@@ -202,7 +216,20 @@ def _count(cfg: RunConfig, method, base, shards: int) -> _Counts:
         layerwise_step=max(numel * weight_bytes + held for numel, held in updates),
         embedding=embedding.numel() if embedding is not None else 0,
         layer_step=max((numel * weight_bytes + held for numel, held in in_layers), default=0),
+        quantizable=sum(m * n for m, n in quantizable),
+        nf4_bytes=sum(quantized_bytes(m, n, 4) for m, n in quantizable),
+        int8_bytes=sum(quantized_bytes(m, n, 8) for m, n in quantizable),
+        quantizable_largest=max((m * n for m, n in quantizable), default=0),
     )
+
+
+def quantizable_shapes(base) -> list[tuple[int, int]]:
+    """The shapes of the linears transformers' BitsAndBytesConfig quantizes here: every nn.Linear but the heads."""
+    from ..models.quantize import HEADS
+
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    return [tuple(module.weight.shape) for name, module in base.named_modules()
+            if isinstance(module, nn.Linear) and module is not head and name.rsplit(".", 1)[-1] not in HEADS]
 
 
 def _identical_layers(base, cfg: RunConfig) -> int | None:
@@ -283,6 +310,9 @@ def _budget(cfg: RunConfig, device: Device, gpus: int = 1) -> _Budget:
     if cfg.grad_checkpointing:  # the adapters' extra lives only in the one layer being recomputed
         method_saved /= config.num_hidden_layers
     weights = counts.params * weight_bytes
+    if cfg.weight_bits != 16:  # a frozen bitsandbytes base, and the one matrix dequantized while it computes
+        held = counts.nf4_bytes if cfg.weight_bits == 4 else counts.int8_bytes
+        weights += held - counts.quantizable * weight_bytes + dequantized_transient(counts.quantizable_largest)
     gradients = (counts.largest if cfg.layerwise else counts.trainable) * weight_bytes
     if sharded:
         # 1/N of every weight and gradient, plus what FSDP gathers: the root unit (final norm, head) for the whole

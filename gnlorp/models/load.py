@@ -229,13 +229,27 @@ def _torch_dtype(dtype: torch.dtype | str) -> torch.dtype:
 
 def load_model(name_or_path: str | os.PathLike, task: str, *, num_labels: int | None = None,
                dtype: torch.dtype | str = torch.float32, trust_remote_code: bool = False,
-               seed: int = 0) -> PreTrainedModel:
-    """Presets: random weights from `seed`. Folders: safetensors weights; a new seq-cls head is seeded too."""
+               seed: int = 0, weight_bits: int = 16, device: torch.device | str = "cpu") -> PreTrainedModel:
+    """Presets: random weights from `seed`. Folders: safetensors weights; a new seq-cls head is seeded too.
+
+    `weight_bits` 8 or 4 loads the decoder linears as a frozen bitsandbytes base (models.quantize), onto `device`
+    (bitsandbytes places it while loading); 16 keeps every weight in `dtype` on the CPU.
+    """
     config = load_model_config(name_or_path, task, num_labels, trust_remote_code=trust_remote_code)
     torch_dtype, auto = _torch_dtype(dtype), _auto_class(task)
+    random_init = is_random_init(name_or_path)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        if is_random_init(name_or_path):
+        if weight_bits != 16:
+            from .quantize import load_quantized
+
+            source = None if random_init else _folder(name_or_path)
+            if source is not None:
+                _check_weights(source)
+            return load_quantized(auto, source, config, bits=weight_bits, dtype=torch_dtype, device=device,
+                                  build=lambda: auto.from_config(config, dtype=torch_dtype),
+                                  trust_remote_code=trust_remote_code, ignore_mismatched_sizes=task == "seq-cls")
+        if random_init:
             return auto.from_config(config, dtype=torch_dtype)
         folder = _folder(name_or_path)
         _check_weights(folder)

@@ -36,6 +36,7 @@ from ..memory import MemoryMonitor, estimate, predict_optimizer_state_bytes, ret
 from ..methods import get_method
 from ..models.load import enable_checkpointing, load_tokenizer
 from ..models.load import load_model as load_base_model
+from ..models.quantize import weight_bytes
 from ..optim import build_optimizer, state_bytes
 from ..optim.build import optimizer_settings
 from ..optim.sharded import any_rank
@@ -125,6 +126,7 @@ class TrainingRun:
         model = load_base_model(
             cfg.model, cfg.task, num_labels=len(data.label_names or []) or None,
             dtype=getattr(torch, cfg.dtype), trust_remote_code=cfg.trust_remote_code, seed=cfg.seed,
+            weight_bits=cfg.weight_bits, device=accelerator.device,
         )
         method = get_method(cfg.method)
         model = method.prepare(model, cfg)
@@ -137,7 +139,8 @@ class TrainingRun:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         shards = accelerator.num_processes if cfg.fsdp else 1  # the predicted state is then rank 0's
         predicted_state = predict_optimizer_state_bytes(optimizer.param_groups, cfg.optim_bits, shards=shards)
-        predicted_peak = estimate(cfg, this_machine(), gpus=accelerator.num_processes)["total"]
+        predicted = estimate(cfg, this_machine(), gpus=accelerator.num_processes)
+        held_weights = weight_bytes(model)  # before accelerate wraps it: the weights and quantization state as held
 
         if cfg.fsdp:  # already sharded; accelerate would wrap it in DistributedDataParallel
             optimizer = accelerator.prepare(optimizer)
@@ -257,7 +260,9 @@ class TrainingRun:
             "world_size": world,
             "predicted_optimizer_state_bytes": predicted_state,
             "peak_mem_bytes": memory.peak(),
-            "predicted_peak_bytes": predicted_peak,
+            "predicted_peak_bytes": predicted["total"],
+            "weight_bytes": held_weights,
+            "predicted_weight_bytes": predicted["weights"],
             "batch_size": cfg.batch_size,
             "seq_len": cfg.seq_len,
             "steps": position.step,
@@ -339,11 +344,11 @@ def _disk_full(exc: BaseException, folder: Path) -> bool:
 
 
 def warm_imports(cfg: RunConfig) -> None:
-    """Import the libraries the run will load lazily (peft for adapters, bitsandbytes for quantized states,
+    """Import the libraries the run will load lazily (peft for adapters, bitsandbytes for quantized states and bases,
     tensorboard's writer for --report-to)."""
     if get_method(cfg.method).uses_adapter:
         import peft  # noqa: F401
-    if cfg.optim_bits in (8, 4):
+    if cfg.optim_bits in (8, 4) or cfg.weight_bits != 16:
         import bitsandbytes  # noqa: F401
     if cfg.report_to == "tensorboard":
         import torch.utils.tensorboard  # noqa: F401

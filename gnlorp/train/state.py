@@ -17,11 +17,12 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_model, save_file, save_model
+from safetensors.torch import load_model, save_file
 
 from ..atomic import atomic_dir, strict_json
 from ..checkpoint import DamagedCheckpoint, newest_good, write_manifest
 from ..config import ConfigError, RunConfig
+from ..run_folder import load_weights, save_weights
 from .sharding import STATE_DIR, load_sharded, save_sharded, shared_atomic_dir
 
 CHECKPOINTS_KEPT = 2
@@ -50,7 +51,7 @@ def save_checkpoint(cfg: RunConfig, model, optimizer, scheduler, position: Posit
         if cfg.fsdp:
             state |= save_sharded(tmp, model, optimizer.optimizer)
         else:
-            save_model(model, str(tmp / "model.safetensors"))
+            save_weights(model, tmp / "model.safetensors", cfg)
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save({"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all()
                         if torch.cuda.is_available() else []}, tmp / "rng.pt")
@@ -73,7 +74,10 @@ def load_checkpoint(cfg: RunConfig, model, optimizer, scheduler) -> tuple[Positi
     if cfg.fsdp:
         load_sharded(folder, model, optimizer, state["param_groups"])
     else:
-        load_model(model, str(folder / "model.safetensors"))
+        if cfg.weight_bits == 16:
+            load_model(model, str(folder / "model.safetensors"))
+        else:  # only the trained tensors: the quantized base was rebuilt from its source
+            load_weights(model, folder / "model.safetensors", cfg)
         optimizer.load_state_dict(optimizer_state)
         torch.set_rng_state(rng["cpu"])
         if rng["cuda"]:
@@ -88,6 +92,10 @@ def _read(cfg: RunConfig, folder: Path, manifest: dict) -> tuple[dict | None, di
     if manifest["method"] != cfg.method:
         raise ConfigError(f"{folder} was written by a {manifest['method']} run, not {cfg.method}; "
                           f"resume with --method {manifest['method']}")
+    bits = manifest.get("weight_bits", 16)  # checkpoints from before quantized bases had none
+    if bits != cfg.weight_bits:
+        raise ConfigError(f"{folder} was written over a {bits}-bit base, not {cfg.weight_bits}-bit; resume with "
+                          f"--weight-bits {bits}")
     sharded = (folder / STATE_DIR).is_dir()
     if sharded != cfg.fsdp:
         with_or_without = "with" if sharded else "without"
@@ -106,14 +114,15 @@ def _read(cfg: RunConfig, folder: Path, manifest: dict) -> tuple[dict | None, di
 
 
 def save_final(cfg: RunConfig, model, tokenizer, uses_adapter: bool, step: int, weights: dict | None) -> None:
-    """final/ holds the trained model's full state (export merges it); adapter/ the peft adapter alone.
+    """final/ holds the trained model's state (export merges it; over a quantized base, its trained tensors);
+    adapter/ the peft adapter alone.
 
     `weights` is the gathered state of a sharded model, else None (the model's own tensors are whole).
     """
     run_dir = Path(cfg.output)
     with atomic_dir(run_dir / "final") as tmp:
         if weights is None:
-            save_model(model, str(tmp / "model.safetensors"))
+            save_weights(model, tmp / "model.safetensors", cfg)
         else:
             save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         tokenizer.save_pretrained(tmp)

@@ -1,0 +1,32 @@
+"""Bytes of a frozen bitsandbytes base, per weight matrix, as bitsandbytes stores it (checked against real layers in
+tests/test_quantized.py).
+
+NF4 (4 bits): two weights per byte; one absmax per block of 64 weights, itself quantized to 8 bits (double
+quantization) with an fp32 scale per 256 absmax values; a 16-entry fp32 code book per matrix; the 256-entry fp32
+code book of the nested quantization is one table the process shares, too small to count.
+int8: one byte per weight and an fp32 scale per output row.
+While a layer computes, its weight exists dequantized in the compute dtype: one matrix at a time (the transient).
+"""
+
+from __future__ import annotations
+
+NF4_BLOCK = 64
+NESTED_BLOCK = 256
+NF4_CODE_BYTES = 16 * 4
+COMPUTE_BYTES = 2  # bfloat16 for NF4; int8 on the CPU casts its inputs to float16
+
+
+def quantized_bytes(rows: int, cols: int, bits: int) -> int:
+    """What one rows × cols weight holds at `bits` (8 or 4), its quantization state included."""
+    numel = rows * cols
+    if bits == 8:
+        return numel + 4 * rows
+    if bits == 4:
+        blocks = -(-numel // NF4_BLOCK)
+        return -(-numel // 2) + blocks + 4 * -(-blocks // NESTED_BLOCK) + NF4_CODE_BYTES
+    raise ValueError(f"quantized weights are 8 or 4 bits, got {bits}")
+
+
+def dequantized_transient(largest: int) -> int:
+    """The one matrix that exists dequantized at a time: the largest quantized weight, in the compute dtype."""
+    return largest * COMPUTE_BYTES
