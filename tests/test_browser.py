@@ -62,11 +62,11 @@ def test_labelled_controls_and_budget(page) -> None:
     assert page.get_by_role("heading", name="Memory budget").is_visible()
     sync_api.expect(page.locator("#budget-verdict")).to_contain_text("Fits on RTX 4090")
     page.get_by_role("radio", name="full", exact=True).check()
-    page.get_by_role("radio", name="32", exact=True).check()
+    page.locator("#cfg-optim_bits").get_by_role("radio", name="32", exact=True).check()
     # The all-methods chart is its own event; its first answer pays peft's import (6 s on a loaded CI machine).
     sync_api.expect(page.locator("#budget-compare")).to_contain_text("▶ full", timeout=60_000)
     page.get_by_role("radio", name="gradnormlorp", exact=True).check()
-    page.get_by_role("radio", name="8", exact=True).check()
+    page.locator("#cfg-optim_bits").get_by_role("radio", name="8", exact=True).check()
     sync_api.expect(page.locator("#data-preview-info")).to_contain_text("records")
 
 
