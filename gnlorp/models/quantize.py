@@ -88,14 +88,18 @@ def is_quantized(module: nn.Module) -> bool:
 
 
 def weight_bytes(model: nn.Module) -> int:
-    """Bytes of every weight the model holds, counted from its tensors: parameters and buffers (each storage once),
-    and for a 4-bit weight its quantization state (absmax, nested absmax, code books), which lives beside the
-    parameter rather than in it."""
+    """Bytes of every weight this process holds, counted from its tensors: parameters and buffers (each storage
+    once; of a sharded weight, this process's shard), and for a 4-bit weight its quantization state (absmax, nested
+    absmax, code books), which lives beside the parameter rather than in it."""
+    from torch.distributed.tensor import DTensor
+
     seen: set[int] = set()
     total = 0
 
     def add(tensor: torch.Tensor) -> None:
         nonlocal total
+        if isinstance(tensor, DTensor):
+            tensor = tensor.to_local()
         key = tensor.untyped_storage().data_ptr() if tensor.device.type != "meta" else id(tensor)
         if key not in seen:
             seen.add(key)
