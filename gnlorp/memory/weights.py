@@ -13,6 +13,7 @@ from __future__ import annotations
 NF4_BLOCK = 64
 NESTED_BLOCK = 256
 NF4_CODE_BYTES = 16 * 4
+NESTED_OFFSET_BYTES = 4  # the fp32 mean the double quantization subtracts from the absmax values
 COMPUTE_BYTES = 2  # bfloat16 for NF4; int8 on the CPU casts its inputs to float16
 
 
@@ -23,7 +24,7 @@ def quantized_bytes(rows: int, cols: int, bits: int) -> int:
         return numel + 4 * rows
     if bits == 4:
         blocks = -(-numel // NF4_BLOCK)
-        return -(-numel // 2) + blocks + 4 * -(-blocks // NESTED_BLOCK) + NF4_CODE_BYTES
+        return -(-numel // 2) + blocks + 4 * -(-blocks // NESTED_BLOCK) + NF4_CODE_BYTES + NESTED_OFFSET_BYTES
     raise ValueError(f"quantized weights are 8 or 4 bits, got {bits}")
 
 

@@ -94,12 +94,14 @@ def weight_bytes(model: nn.Module) -> int:
     from torch.distributed.tensor import DTensor
 
     seen: set[int] = set()
+    kept: list[torch.Tensor] = []  # alive until counted: a freed temporary's address could be reused by the next one
     total = 0
 
     def add(tensor: torch.Tensor) -> None:
         nonlocal total
         if isinstance(tensor, DTensor):
             tensor = tensor.to_local()
+        kept.append(tensor)
         key = tensor.untyped_storage().data_ptr() if tensor.device.type != "meta" else id(tensor)
         if key not in seen:
             seen.add(key)
@@ -108,8 +110,7 @@ def weight_bytes(model: nn.Module) -> int:
     for tensor in [*model.parameters(), *model.buffers()]:
         add(tensor)
         state = getattr(tensor, "quant_state", None)
-        held = list(state.as_dict().values()) if state is not None else []
-        for value in [*held, getattr(tensor, "SCB", None)]:
+        for value in [*_state_tensors(state), getattr(tensor, "SCB", None)]:
             if isinstance(value, torch.Tensor):
                 add(value)
     for module in model.modules():  # an int8 layer moves its codes and row scales to its matmul state when it runs
@@ -118,3 +119,12 @@ def weight_bytes(model: nn.Module) -> int:
             if isinstance(value, torch.Tensor):
                 add(value)
     return total
+
+
+def _state_tensors(state) -> list[torch.Tensor]:
+    """The tensors a bitsandbytes 4-bit QuantState holds (absmax, code book, offset, and its nested state's), read
+    from its attributes: `as_dict()` builds new tensors each call, which the layer never holds."""
+    if state is None:
+        return []
+    own = [getattr(state, name, None) for name in ("absmax", "code", "offset")]
+    return [t for t in own if isinstance(t, torch.Tensor)] + _state_tensors(getattr(state, "state2", None))
