@@ -146,8 +146,7 @@ def chat_data(found: Conversations, train: list[tuple[str, list[Message]]], held
     were rendered with."""
     train_examples, outcomes = encode_chats(train, tokenizer, cfg)
     eval_examples, held_outcomes = encode_chats(held, tokenizer, cfg)
-    for status, where in held_outcomes.items():
-        outcomes[status] = sorted([*outcomes.get(status, []), *where], key=_line_order)
+    outcomes = merge_outcomes(outcomes, held_outcomes)
     if not train_examples:
         summary = ", ".join(f"{len(where)} {status}" for status, where in outcomes.items())
         raise ConfigError(f"{cfg.data}: no training conversation fits seq_len {cfg.seq_len} ({summary}); "
@@ -156,6 +155,14 @@ def chat_data(found: Conversations, train: list[tuple[str, list[Message]]], held
     return TokenizedData(train_examples, eval_examples,
                          report=data_report(found.format, records, found.bad, outcomes, cfg.data),
                          chat_template=chat_template(tokenizer, cfg.chat_template) or tokenizer.chat_template)
+
+
+def merge_outcomes(train: dict[str, list[str]], held: dict[str, list[str]]) -> dict[str, list[str]]:
+    """The outcomes of both parts of a split, each in file order, so the first place named is the file's first."""
+    merged = {status: list(where) for status, where in train.items()}
+    for status, where in held.items():
+        merged[status] = sorted([*merged.get(status, []), *where], key=_line_order)
+    return merged
 
 
 def _line_order(where: str) -> tuple[str, int]:

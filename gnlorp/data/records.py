@@ -16,7 +16,7 @@ from typing import Any
 
 from gnlorp.config import ConfigError, RunConfig
 from gnlorp.data.batches import pack_examples
-from gnlorp.data.chat import chat_data, data_report
+from gnlorp.data.chat import chat_data, data_report, merge_outcomes
 from gnlorp.data.examples import IGNORE_INDEX, Example, TokenizedData
 from gnlorp.data.formats import CHAT_FORMATS, Conversations, Message, conversations, detect_format
 from gnlorp.data.readers import Row, columns, read_rows, resolve_data_path
@@ -165,8 +165,7 @@ def _instruction_data(rows: list[Row], path: Path, cfg: RunConfig, tokenizer: An
     train, held = split_records(records, cfg.eval_fraction, cfg.seed, path)
     examples, outcomes = _instructions(train, tokenizer, cfg)
     held_examples, held_outcomes = _instructions(held, tokenizer, cfg)
-    for status, where in held_outcomes.items():
-        outcomes.setdefault(status, []).extend(where)
+    outcomes = merge_outcomes(outcomes, held_outcomes)
     if not examples:
         raise ConfigError(f"{path}: every prompt fills the whole seq_len {cfg.seq_len}, "
                           "leaving no response to learn; raise --seq-len")
