@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +23,7 @@ from gnlorp.memory.weights import dequantized_transient, quantized_bytes
 from gnlorp.models.load import load_model
 from gnlorp.models.quantize import is_quantized, weight_bytes
 from gnlorp.train.engine import StepEvent, TrainingRun
+from test_engine import StopAt
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = {"model": "tiny", "method": "lora", "max_steps": 8, "batch_size": 4, "seq_len": 64, "eval_every": 4,
@@ -69,19 +69,6 @@ def test_the_quantized_base_holds_what_the_estimate_predicts(bits):
     # quantized layer holds (test above, exact); not yet explained, so the whole model is held to 1%.
     assert abs(held - counted) <= 0.01 * counted, (held, counted)
     assert abs(predicted - adapter - counted) <= 0.03 * counted
-
-
-class StopAt(queue.Queue):
-    """An event queue that asks the run to stop when it sees `step`: a Stop pressed at an exact step."""
-
-    def __init__(self, step: int):
-        super().__init__()
-        self.step, self.run = step, None
-
-    def put(self, event, *args, **kwargs):
-        if isinstance(event, StepEvent) and event.step == self.step:
-            self.run.stop()
-        super().put(event, *args, **kwargs)
 
 
 def train(output: Path, resume: bool = False, stop_at: int | None = None,
