@@ -42,9 +42,15 @@ class RunConfig:
     method: str = knob("gradnormlorp", "What trains and how its optimizer state is kept.", choices=METHOD_NAMES)
     rank: int = knob(8, "Rank r of the adapter or of the gradient projection.", min=1, max=65536)
     optim_bits: int = knob(8, "Adam moments in 32-bit, or 8- or 4-bit blockwise quantized form.", choices=(32, 8, 4))
-    weight_bits: int = knob(16, "Frozen base weights of lora, dora and vera: 16 = as loaded (dtype), 8 = bitsandbytes "
-                            "int8, 4 = bitsandbytes NF4, double-quantized (QLoRA); adapters, embeddings, norms and "
-                            "the head stay in dtype.", choices=(16, 8, 4))
+    weight_bits: int = knob(16, "Weights in memory: 16 = as loaded (dtype). lora, dora, vera: 8 = a frozen "
+                            "bitsandbytes int8 base, 4 = NF4, double-quantized (QLoRA). full, galore, gradnormlorp: "
+                            "8 = the trained attention and MLP weights held in int8 with a scale per 256 weights, "
+                            "updated with stochastic rounding (Q-GaLore). Embeddings, norms, the head and adapters "
+                            "stay in dtype.", choices=(16, 8, 4))
+    weight_rounding: str = knob("stochastic", "How an update is rounded back into int8 trained weights "
+                                "(weight_bits 8 with full, galore, gradnormlorp): stochastic keeps updates smaller "
+                                "than a quantization step on average; nearest loses them (a control).",
+                                choices=("stochastic", "nearest"), group="advanced")
     output: str = knob("runs/latest", "Run folder to write (config, metrics, checkpoints, weights).")
     max_steps: int = knob(100, "Optimizer steps to train.", min=1, max=10**9)
     batch_size: int = knob(8, "Sequences per micro-batch.", min=1, max=65536)
@@ -149,13 +155,18 @@ class RunConfig:
         return self
 
     def _validate_weight_bits(self) -> None:
-        """Quantized weights exist only as a frozen bitsandbytes base under an adapter (QLoRA), for now."""
+        """Adapters sit on a frozen bitsandbytes base (QLoRA); full, galore and gradnormlorp train int8 weights."""
         if self.weight_bits == 16:
             return
         if self.method not in ADAPTER_METHODS:
-            raise ConfigError(f"weight_bits {self.weight_bits} is not supported yet for {self.method} (it trains "
-                              "every weight, and quantized trained weights are not built yet): use --weight-bits 16, "
-                              "or an adapter method (lora, dora, vera) with --weight-bits 4")
+            if self.weight_bits == 4:
+                raise ConfigError(f"{self.method} trains its weights, and 4-bit trained weights are not supported "
+                                  "yet: use --weight-bits 8 (int8 with stochastic rounding), or an adapter method "
+                                  "(lora, dora, vera) over a 4-bit base")
+            if self.fsdp:
+                raise ConfigError("fsdp cannot shard int8 trained weights yet (their scales would have to shard with "
+                                  "them): use --weight-bits 16 with --fsdp, or train int8 weights in one process")
+            return
         if self.method == "dora" and self.weight_bits == 8:  # peft 0.21.2 with bitsandbytes 0.50.2, measured on CPU
             raise ConfigError("dora cannot train over an int8 base yet (its weight norm drops the int8 row scales "
                               "after the first step): use --weight-bits 4 with dora, or lora with --weight-bits 8")

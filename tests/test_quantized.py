@@ -150,9 +150,9 @@ def gnlorp(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.parametrize("args, words", [
-    (["--method", "galore", "--weight-bits", "4"], "not supported yet for galore"),
-    (["--method", "full", "--weight-bits", "8"], "not supported yet for full"),
-    (["--method", "gradnormlorp", "--weight-bits", "8"], "--weight-bits 16"),
+    (["--method", "galore", "--weight-bits", "4"], "4-bit trained weights are not supported yet"),
+    (["--method", "full", "--weight-bits", "4"], "use --weight-bits 8"),
+    (["--method", "gradnormlorp", "--weight-bits", "8", "--fsdp"], "fsdp cannot shard int8 trained weights"),
     (["--method", "lora", "--weight-bits", "4", "--fsdp"], "fsdp cannot shard"),
     (["--method", "lora", "--weight-bits", "2"], "weight_bits must be one of: 16, 8, 4"),
     (["--method", "dora", "--weight-bits", "8"], "use --weight-bits 4 with dora"),
