@@ -120,6 +120,16 @@ class RunConfig:
     trust_remote_code: bool = knob(False, "Run model code shipped inside a model folder. Only for folders you trust.",
                                    group="advanced")
 
+    @property
+    def base_bits(self) -> int:
+        """Bits of the frozen bitsandbytes base an adapter trains on (16: none, the model loads as it is)."""
+        return self.weight_bits if self.method in ADAPTER_METHODS else 16
+
+    @property
+    def int8_trained(self) -> bool:
+        """Whether the trained weights themselves are held in int8 (full, galore, gradnormlorp at weight_bits 8)."""
+        return self.weight_bits == 8 and self.method not in ADAPTER_METHODS
+
     def validate(self) -> RunConfig:
         """Check every field against its metadata and the fields against each other; return self."""
         for f in fields(self):

@@ -17,6 +17,7 @@ from safetensors.torch import load_model as load_safetensors
 from transformers import AutoTokenizer
 
 from .config import ConfigError, RunConfig
+from .models.int8_trained import load_stored, stored_tensors
 from .models.load import load_model
 
 
@@ -45,7 +46,7 @@ def base_model(cfg: RunConfig, labels: list[str] | None, *, full_precision: bool
     num_labels = len(labels) if labels is not None else None
     return load_model(cfg.model, cfg.task, num_labels=num_labels, dtype=torch.float32,
                       trust_remote_code=cfg.trust_remote_code, seed=cfg.seed,
-                      weight_bits=16 if full_precision else cfg.weight_bits)
+                      weight_bits=16 if full_precision else cfg.base_bits)
 
 
 def trained_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -54,8 +55,11 @@ def trained_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_weights(model: torch.nn.Module, path: Path, cfg: RunConfig) -> None:
-    """Every tensor of the model, or only the trained ones over a quantized base."""
-    if cfg.weight_bits == 16:
+    """Every tensor of the model (int8 trained weights as their codes and scales), or only the trained ones over
+    a quantized base."""
+    if cfg.int8_trained:
+        save_file(stored_tensors(model), str(path), metadata={"format": "pt"})
+    elif cfg.base_bits == 16:
         save_model(model, str(path))
     else:
         save_file(trained_tensors(model), str(path), metadata={"format": "pt"})
@@ -65,8 +69,12 @@ def load_weights(model: torch.nn.Module, weights: Path, cfg: RunConfig) -> None:
     """Load every tensor of the trained model (the trained ones over a quantized base, whichever precision the base
     is rebuilt in); any missing, extra or misshapen one means a different setup."""
     try:
-        missing, unexpected = (load_safetensors(model, weights, strict=False) if cfg.weight_bits == 16
-                               else _load_trained(model, weights))
+        if cfg.int8_trained:
+            missing, unexpected = load_stored(model, load_file(str(weights)))
+        elif cfg.base_bits == 16:
+            missing, unexpected = load_safetensors(model, weights, strict=False)
+        else:
+            missing, unexpected = _load_trained(model, weights)
     except RuntimeError as exc:
         missing, unexpected = [str(exc).strip().splitlines()[-1].strip()], []
     if missing or unexpected:

@@ -110,7 +110,7 @@ def load_trained(run: Path, cfg: RunConfig, weights: Path) -> TrainedModel:
     probe = _probe_inputs(model, tokenizer.pad_token_id, min(PROBE_LEN, cfg.seq_len), cfg.seed)
     expected = logits(model, probe)
     as_trained, gap = None, 0.0
-    if cfg.weight_bits != 16:
+    if cfg.base_bits != 16:  # int8 trained weights need no second model: `model` holds them as trained
         quantized = method.prepare(base_model(cfg, labels), cfg)
         load_weights(quantized, weights, cfg)
         as_trained = logits(quantized, probe)
@@ -121,7 +121,7 @@ def load_trained(run: Path, cfg: RunConfig, weights: Path) -> TrainedModel:
     if labels is not None:
         merged.config.id2label = dict(enumerate(labels))
         merged.config.label2id = {name: i for i, name in enumerate(labels)}
-    return TrainedModel(merged, tokenizer, probe, expected, type(merged).__name__, cfg.weight_bits, as_trained,
+    return TrainedModel(merged, tokenizer, probe, expected, type(merged).__name__, cfg.base_bits, as_trained,
                         gap)
 
 

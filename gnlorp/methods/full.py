@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..config import RunConfig
-from .base import Method
+from .base import Method, resolve_targets
 
 if TYPE_CHECKING:
     from torch import nn
@@ -14,10 +14,21 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class FullMethod(Method):
-    """Every parameter trains; nothing to wrap and nothing to merge."""
+    """Every parameter trains; nothing to wrap, and nothing to merge unless the targets train in int8."""
 
     def prepare(self, model: nn.Module, cfg: RunConfig) -> nn.Module:
-        return model.requires_grad_(True)
+        model.requires_grad_(True)
+        if cfg.int8_trained:
+            from ..models.int8_trained import quantize_trained
+
+            quantize_trained(model, resolve_targets(model, cfg))
+        return model
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        """Int8 trained weights become plain weights holding the value they computed with."""
+        from ..models.int8_trained import dequantize_trained
+
+        return dequantize_trained(model)
 
 
 FULL = FullMethod("full", "Every weight trains with AdamW: the reference quality, and two moments of state "

@@ -93,6 +93,8 @@ def weight_bytes(model: nn.Module) -> int:
     absmax, code books), which lives beside the parameter rather than in it."""
     from torch.distributed.tensor import DTensor
 
+    from ..optim.int8_weight import Int8Weight
+
     seen: set[int] = set()
     kept: list[torch.Tensor] = []  # alive until counted: a freed temporary's address could be reused by the next one
     total = 0
@@ -108,6 +110,10 @@ def weight_bytes(model: nn.Module) -> int:
             total += tensor.untyped_storage().nbytes()
 
     for tensor in [*model.parameters(), *model.buffers()]:
+        if isinstance(tensor, Int8Weight):  # an int8 trained weight: its codes and scales
+            add(tensor.codes)
+            add(tensor.scale)
+            continue
         add(tensor)
         state = getattr(tensor, "quant_state", None)
         for value in [*_state_tensors(state), getattr(tensor, "SCB", None)]:

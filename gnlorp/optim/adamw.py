@@ -27,9 +27,11 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
+from .int8_weight import Int8Weight
 from .moments import Moments, init_moments
 from .projector import PROJ_DTYPES, PROJ_TYPES, SVD_METHODS, projection_side
 from .refresh import current_projector
+from .rounding import Rounding
 from .sharded import RowShard, any_rank, row_shard
 from .spectrum import Spectrum
 from .streaming import CHUNK_NUMEL, Hyper, Projection, plain_update_, projected_update_
@@ -61,6 +63,10 @@ class ProjectedAdamW(Optimizer):
     weight-sized temporary. `fused` picks the kernels: None (default) takes torch's fused AdamW for fp32
     weights with fp32 moments, and compiled chunk kernels once the optimizer holds COMPILE_MIN_NUMEL elements
     or more; True compiles whatever the size; False runs the eager kernels only (the reference).
+
+    Int8Weight parameters (int8 trained weights) are updated by rows and rounded back into int8:
+    `weight_rounding` 'stochastic' with noise seeded by `rounding_seed`, the weight's place and the step, or
+    'nearest' (the control that loses small updates).
     """
 
     def __init__(
@@ -75,12 +81,16 @@ class ProjectedAdamW(Optimizer):
         stagger_refresh: bool = PROJECTION_DEFAULTS["stagger_refresh"],
         fused: bool | None = None,
         chunk_numel: int = CHUNK_NUMEL,
+        weight_rounding: str = "stochastic",
+        rounding_seed: int = 0,
     ):
         defaults = {
             "lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay, "bits": bits,
             "proj_dtype": proj_dtype, "stagger_refresh": stagger_refresh, "fused": fused, "chunk_numel": chunk_numel,
+            "weight_rounding": weight_rounding, "rounding_seed": rounding_seed,
         }
         self._position: dict[int, int] = {}  # id(p) -> index in its group, for the staggered schedule
+        self._order: dict[int, int] = {}  # id(p) -> index in the optimizer, for an int8 weight's rounding noise
         self._incidents: list[str] = []  # the first INCIDENTS_KEPT since the last pop_incidents
         self._incident_count = 0
         self.skipped_steps_in_a_row = 0  # step() calls that skipped a non-finite gradient, consecutively
@@ -97,6 +107,7 @@ class ProjectedAdamW(Optimizer):
             self.param_groups.pop()
             raise
         self._position.update((id(p), i) for i, p in enumerate(group["params"]))
+        self._order.update((id(p), len(self._order) + i) for i, p in enumerate(group["params"]))
         self._numel = sum(p.numel() for g in self.param_groups for p in g["params"])
 
     def pop_incidents(self, limit: int = 5) -> list[str]:
@@ -156,9 +167,12 @@ class ProjectedAdamW(Optimizer):
             self._incident(p, group, state, "nonfinite_skips", f"its gradient {problem}; update skipped")
             return
         compiled = group["fused"] is True or (group["fused"] is None and self._numel >= COMPILE_MIN_NUMEL)
-        hyper = Hyper(lr=group["lr"], step=int(state["step"]) + 1, beta1=group["betas"][0], beta2=group["betas"][1],
-                      eps=group["eps"], weight_decay=group["weight_decay"], compiled=compiled,
-                      fused=group["fused"] is not False)
+        step = int(state["step"]) + 1
+        rounding = Rounding(group["weight_rounding"] == "stochastic", group["rounding_seed"], self._order[id(p)],
+                            step) if isinstance(weight, Int8Weight) else None
+        hyper = Hyper(lr=group["lr"], step=step, beta1=group["betas"][0], beta2=group["betas"][1], eps=group["eps"],
+                      weight_decay=group["weight_decay"], compiled=compiled, fused=group["fused"] is not False,
+                      rounding=rounding)
         if not projected:
             state["step"] += 1
             plain_update_(weight, grad, Moments(state, weight.numel()), hyper, group["chunk_numel"])
@@ -255,6 +269,8 @@ def _complete_and_validate(group: dict[str, Any]) -> None:
     _check(group["weight_decay"] >= 0, f"weight_decay must be >= 0, got {group['weight_decay']}")
     _check(group["bits"] in (32, 8, 4), f"bits must be 32, 8 or 4, got {group['bits']}")
     _check(group["fused"] in (None, True, False), f"fused must be None, True or False, got {group['fused']!r}")
+    _check(group["weight_rounding"] in ("stochastic", "nearest"),
+           f"weight_rounding must be stochastic or nearest, got {group['weight_rounding']!r}")
     chunk = group["chunk_numel"]
     _check(isinstance(chunk, int) and chunk > 0, f"chunk_numel must be a positive integer, got {chunk!r}")
     group["proj_dtype"] = resolve_proj_dtype(group["proj_dtype"], group["bits"])

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 # RunConfig's optimizer settings that build_optimizer takes as keywords, beside its named arguments.
 OPTIMIZER_KNOBS = ("update_proj_gap", "scale", "proj_type", "proj_dtype", "stagger_refresh", "adaptive_refresh",
-                   "svd")
+                   "svd", "weight_rounding", "seed")
 _DEFAULT = RunConfig()  # the signature's defaults are RunConfig's, never written twice
 
 
@@ -54,7 +54,7 @@ def build_optimizer(model: nn.Module, method: str = _DEFAULT.method, rank: int =
         raise ConfigError("layerwise cannot run data-parallel (its hooks fire before the all-reduce): set it off "
                           "or run one process")
     optimizer = ProjectedAdamW(strategy.param_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                               bits=cfg.optim_bits)
+                               bits=cfg.optim_bits, weight_rounding=cfg.weight_rounding, rounding_seed=cfg.seed)
     if cfg.layerwise:
         register_layerwise_step(optimizer)
     return optimizer

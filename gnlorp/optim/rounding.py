@@ -12,6 +12,7 @@ exactly what an uninterrupted one would, with nothing but the step count and the
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -55,10 +56,22 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = to
     return result
 
 
-def rounding_generator(device: torch.device, seed: int, weight: int, step: int, row: int) -> torch.Generator:
-    """The generator for the rows from `row` on of the `weight`-th trained weight at optimizer `step`: a function of
-    these numbers only, so a resumed run draws what an uninterrupted one would."""
-    generator = torch.Generator(device=device)
-    mixed = hash((seed, weight, step, row)) & (2**63 - 1)  # ints hash to themselves: the same in every process
-    generator.manual_seed(mixed)
-    return generator
+@dataclass(frozen=True)
+class Rounding:
+    """How one step of one int8 weight rounds: stochastically, with noise drawn from (seed, weight, step), or to
+    the nearest code."""
+
+    stochastic: bool
+    seed: int
+    weight: int  # the weight's place in the optimizer
+    step: int
+
+    def generator(self, device: torch.device, row: int) -> torch.Generator | None:
+        """The generator for the rows from `row` on (None: round to nearest): a function of the numbers above and
+        `row` alone, so a resumed run draws what an uninterrupted one would."""
+        if not self.stochastic:
+            return None
+        generator = torch.Generator(device=device)
+        # A tuple of ints hashes the same in every process (no hash randomisation for ints).
+        generator.manual_seed(hash((self.seed, self.weight, self.step, row)) & (2**63 - 1))
+        return generator

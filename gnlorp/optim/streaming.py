@@ -20,8 +20,10 @@ from dataclasses import dataclass
 import torch
 
 from . import kernels
+from .int8_weight import Int8Weight
 from .moments import Moments
 from .projector import add_projected_back_
+from .rounding import Rounding
 from .sharded import RowShard, all_reduce_, gather_slices, keep_slice
 from .weight_norm import renormalize_, split_gradient_
 
@@ -53,6 +55,7 @@ class Hyper:
     weight_decay: float
     compiled: bool  # run the chunk kernels through torch.compile
     fused: bool  # let torch's fused AdamW take fp32 weights with fp32 moments
+    rounding: Rounding | None = None  # how an int8 weight's updated rows are stored
 
     @property
     def step_size(self) -> float:
@@ -81,35 +84,55 @@ def refresh_temporary_bytes(shape: tuple[int, int]) -> int:
     return int(4 * (m * n * (1 + SVD_FLOATS_PER_MN) + SVD_FLOATS_PER_K2 * k * k))
 
 
-def plain_update_(p: torch.Tensor, grad: torch.Tensor, moments: Moments, hyper: Hyper, chunk: int) -> None:
-    """AdamW on `p`, chunk by chunk; torch's fused kernel where weight and moments are fp32."""
+def plain_update_(p: torch.Tensor, grad: torch.Tensor, moments: Moments, hyper: Hyper, chunk: int,
+                  start: int = 0) -> None:
+    """AdamW on `p`, chunk by chunk; torch's fused kernel where weight and moments are fp32.
+
+    `p` and `grad` are the moments' values [start, start + p.numel()); `start` begins a block of them.
+    """
+    if isinstance(p, Int8Weight):
+        _plain_int8_update_(p, grad, moments, hyper, chunk)
+        return
+    end = start + p.numel()
     if p.dtype == grad.dtype == torch.float32 and not moments.quantized and hyper.fused and \
-            kernels.fused_adamw_(p, grad, moments.exp_avg.view_as(p), moments.exp_avg_sq.view_as(p), hyper.step,
-                                 hyper.lr, hyper.beta1, hyper.beta2, hyper.eps, hyper.weight_decay):
+            kernels.fused_adamw_(p, grad, moments.exp_avg[start:end].view_as(p),
+                                 moments.exp_avg_sq[start:end].view_as(p), hyper.step, hyper.lr, hyper.beta1,
+                                 hyper.beta2, hyper.eps, hyper.weight_decay):
         return
     if not p.is_contiguous():  # never so for a model's parameters; kept correct, at the cost of a copy
         flat = p.contiguous()
-        plain_update_(flat, grad, moments, hyper, chunk)
+        plain_update_(flat, grad, moments, hyper, chunk, start)
         p.copy_(flat)
         return
     weight, gradient = p.view(-1), grad.reshape(-1)
     kernel = kernels.plain_q if moments.quantized else kernels.plain_32
     scalars = (hyper.step_size, hyper.decay, hyper.beta1, hyper.beta2, hyper.eps)
     tables = moments.tables if moments.quantized else ()
-    whole, block = moments.whole_blocks_end(weight.numel()), moments.block
-    for start, end in _pieces(0, whole, chunk, hyper.compiled, block):
-        w, g = weight[start:end], gradient[start:end]
+    whole, block = moments.whole_blocks_end(end), moments.block
+    for a, b in _pieces(start, whole, chunk, hyper.compiled, block):
+        w, g = weight[a - start:b - start], gradient[a - start:b - start]
         if moments.quantized:
             w, g = w.view(-1, block), g.view(-1, block)
-        kernels.run(kernel, w, g, *moments.slices(start, end), *tables, *scalars, compiled=hyper.compiled)
-    if whole < weight.numel():  # the partial last block of quantized moments, padded with zeros
+        kernels.run(kernel, w, g, *moments.slices(a, b), *tables, *scalars, compiled=hyper.compiled)
+    if whole < end:  # the partial last block of quantized moments, padded with zeros
         padded = moments.padded_tail(whole)
         w, g = (torch.zeros(1, block, dtype=t.dtype, device=t.device) for t in (weight, gradient))
-        count = weight.numel() - whole
-        w[0, :count], g[0, :count] = weight[whole:], gradient[whole:]
+        count = end - whole
+        w[0, :count], g[0, :count] = weight[whole - start:], gradient[whole - start:]
         kernels.run(kernel, w, g, *padded, *tables, *scalars, compiled=hyper.compiled)
         moments.store_tail(whole, padded)
-        weight[whole:] = w[0, :count]
+        weight[whole - start:] = w[0, :count]
+
+
+def _plain_int8_update_(p: Int8Weight, grad: torch.Tensor, moments: Moments, hyper: Hyper, chunk: int) -> None:
+    """AdamW on an int8 weight by row chunks: each is dequantized to fp32, updated, and rounded back."""
+    m, n = p.shape
+    chunks = row_chunks(m, n, moments.block // math.gcd(n, moments.block), chunk)
+    buffers = RowBuffers(p, chunks[0][1])
+    for a, b in chunks:
+        rows = buffers.weight_rows(p, a, b)
+        plain_update_(rows, grad[a:b], moments, hyper, chunk, start=a * n)
+        buffers.store_rows(p, rows, a, b, hyper.rounding)
 
 
 def _pieces(start: int, end: int, chunk: int, compiled: bool, block: int) -> list[tuple[int, int]]:
@@ -171,11 +194,23 @@ class RowBuffers:
 
     def __init__(self, p: torch.Tensor, rows: int):
         shape = (rows, p.shape[1])
-        self.weight = None if p.dtype == torch.float32 else torch.empty(shape, device=p.device)
+        in_place = p.dtype == torch.float32 and not isinstance(p, Int8Weight)
+        self.weight = None if in_place else torch.empty(shape, device=p.device)
         self.target = torch.empty(shape, device=p.device)
 
     def weight_rows(self, p: torch.Tensor, a: int, b: int) -> torch.Tensor:
-        return p[a:b] if self.weight is None else self.weight[: b - a].copy_(p[a:b])
+        if self.weight is None:
+            return p[a:b]
+        if isinstance(p, Int8Weight):
+            return p.read_rows(a, b, self.weight[: b - a])
+        return self.weight[: b - a].copy_(p[a:b])
+
+    def store_rows(self, p: torch.Tensor, rows: torch.Tensor, a: int, b: int, rounding: Rounding | None) -> None:
+        """Put the updated fp32 `rows` back as rows [a, b) of `p` (nothing to do where they are p's own)."""
+        if isinstance(p, Int8Weight):
+            p.write_rows(a, b, rows, rounding.generator(p.device, a))
+        elif self.weight is not None:
+            p[a:b] = rows
 
     def target_rows(self, weight: torch.Tensor, grad: torch.Tensor, projection: Projection, a: int, b: int):
         """The rows' gradient to project, fp32: G, or GradNormLoRP's ∂L/∂D; and ∂L/∂g of the rows (or None)."""
@@ -211,8 +246,8 @@ def projected_update_(p: torch.Tensor, grad: torch.Tensor, moments: Moments, pro
             weight = buffers.weight_rows(p, a, b)
             target, grad_magnitude = buffers.target_rows(weight, grad, projection, a, b)
             direction = adam_direction(target @ projection.basis.T, moments, a * rank, hyper, chunk)
-            _step_rows(p, weight, direction, projection.basis, projection, grad_magnitude, (a, b), alpha, hyper,
-                       chunk)
+            _step_rows(weight, direction, projection.basis, projection, grad_magnitude, (a, b), alpha, hyper, chunk)
+            buffers.store_rows(p, weight, a, b, hyper.rounding)
         return
     low_rank = torch.zeros(rank, n, dtype=torch.float32, device=p.device)
     grad_magnitude = None if projection.magnitude is None else torch.empty_like(projection.magnitude)
@@ -228,13 +263,15 @@ def projected_update_(p: torch.Tensor, grad: torch.Tensor, moments: Moments, pro
         low_rank = gather_slices(adam_direction(piece, moments, 0, hyper, chunk, out=piece), low_rank.shape, shard)
     for a, b in chunks:
         rows_grad_magnitude = None if grad_magnitude is None else grad_magnitude[a:b]
-        _step_rows(p, buffers.weight_rows(p, a, b), low_rank, projection.basis[a:b], projection, rows_grad_magnitude,
-                   (a, b), alpha, hyper, chunk)
+        weight = buffers.weight_rows(p, a, b)
+        _step_rows(weight, low_rank, projection.basis[a:b], projection, rows_grad_magnitude, (a, b), alpha, hyper,
+                   chunk)
+        buffers.store_rows(p, weight, a, b, hyper.rounding)
 
 
-def _step_rows(p, weight, direction, basis, projection: Projection, grad_magnitude, rows: tuple[int, int],
+def _step_rows(weight, direction, basis, projection: Projection, grad_magnitude, rows: tuple[int, int],
                alpha: float, hyper: Hyper, chunk: int) -> None:
-    """Add the back-projected update to rows [a, b) of `weight` (their fp32 copy, or p's rows), then store them.
+    """Add the back-projected update to rows [a, b) of `weight` (their fp32 copy, or p's own rows).
 
     `direction` and `basis` are the rows' factors: N (rows×r) and Q on the right, N (r×n) and P's rows on the left.
     """
@@ -250,5 +287,3 @@ def _step_rows(p, weight, direction, basis, projection: Projection, grad_magnitu
         add_projected_back_(weight, direction, basis, projection.side, alpha, row_scale=magnitude)
         renormalize_(weight, new_magnitude)
         magnitude.copy_(new_magnitude)
-    if weight.data_ptr() != p[a:b].data_ptr():
-        p[a:b] = weight

@@ -126,7 +126,7 @@ class TrainingRun:
         model = load_base_model(
             cfg.model, cfg.task, num_labels=len(data.label_names or []) or None,
             dtype=getattr(torch, cfg.dtype), trust_remote_code=cfg.trust_remote_code, seed=cfg.seed,
-            weight_bits=cfg.weight_bits, device=accelerator.device,
+            weight_bits=cfg.base_bits, device=accelerator.device,
         )
         method = get_method(cfg.method)
         model = method.prepare(model, cfg)
@@ -348,7 +348,7 @@ def warm_imports(cfg: RunConfig) -> None:
     tensorboard's writer for --report-to)."""
     if get_method(cfg.method).uses_adapter:
         import peft  # noqa: F401
-    if cfg.optim_bits in (8, 4) or cfg.weight_bits != 16:
+    if cfg.optim_bits in (8, 4) or cfg.base_bits != 16:
         import bitsandbytes  # noqa: F401
     if cfg.report_to == "tensorboard":
         import torch.utils.tensorboard  # noqa: F401

@@ -94,7 +94,7 @@ def _read(cfg: RunConfig, folder: Path, manifest: dict) -> tuple[dict | None, di
                           f"resume with --method {manifest['method']}")
     bits = manifest.get("weight_bits", 16)  # checkpoints from before quantized bases had none
     if bits != cfg.weight_bits:
-        raise ConfigError(f"{folder} was written over a {bits}-bit base, not {cfg.weight_bits}-bit; resume with "
+        raise ConfigError(f"{folder} was written with {bits}-bit weights, not {cfg.weight_bits}-bit; resume with "
                           f"--weight-bits {bits}")
     sharded = (folder / STATE_DIR).is_dir()
     if sharded != cfg.fsdp:
