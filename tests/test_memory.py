@@ -103,6 +103,9 @@ def test_estimate_weight_bits_8_for_trained_weights_on_the_command_line():
     expected = llama_weights_by_hand(hidden=128, ffn=352, heads=4, kv_heads=4, layers=4, vocab=4096, dtype_bytes=4,
                                      compute_bytes=2)
     assert json.loads(result.stdout)["weights"] == expected
+    shown = subprocess.run([sys.executable, "-m", "gnlorp", "estimate", "--model", "tiny", "--method", "galore",
+                            "--weight-bits", "8", "--device", "t4"], capture_output=True, text=True, timeout=300)
+    assert "fits on T4 16 GB with int8 trained weights" in shown.stdout, shown.stderr
     refused = subprocess.run([sys.executable, "-m", "gnlorp", "estimate", "--model", "tiny", "--method", "galore",
                               "--weight-bits", "4"], capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1

@@ -39,7 +39,7 @@ def add_estimate(commands: argparse._SubParsersAction) -> None:
 def _run_estimate(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
-    from gnlorp.memory import fit, get_device, with_method
+    from gnlorp.memory import describe_weights, fit, get_device, with_method
 
     device = get_device(args.device)
     if args.compare and args.gpus > 1:
@@ -63,7 +63,8 @@ def _run_estimate(args: argparse.Namespace) -> int:
         shown = f"{value:,}" if key == "trainable_params" else f"{value / 2**30:8.3f} GiB"
         print(f"{key:<18} {shown}")
     answer = "fits" if verdict.fits else "does NOT fit"
-    print(f"{answer} on {device.label} (needs {verdict.total_bytes / 2**30:.2f} GiB of "
+    print(f"{answer} on {device.label} with {describe_weights(cfg.method, cfg.weight_bits, cfg.dtype)} (needs "
+          f"{verdict.total_bytes / 2**30:.2f} GiB of "
           f"{device.capacity_bytes / 2**30:.2f}); largest batch that fits at seq {cfg.seq_len}: "
           f"{verdict.max_batch_size}")
     return 0

@@ -12,6 +12,8 @@ source is optim/rounding.py (`int8_bytes`); they dequantize the same way, one ma
 
 from __future__ import annotations
 
+from ..config import ADAPTER_METHODS
+
 NF4_BLOCK = 64
 NESTED_BLOCK = 256
 NF4_CODE_BYTES = 16 * 4
@@ -37,10 +39,8 @@ def dequantized_transient(largest: int, compute_bytes: int = COMPUTE_BYTES) -> i
 
 def describe_weights(method: str, weight_bits: int, dtype: str) -> str:
     """How a run holds its weights, in a few words for plan and the studio's budget."""
-    from ..config import ADAPTER_METHODS
-
     if weight_bits == 16:
         return f"{dtype} weights"
     if method in ADAPTER_METHODS:
         return f"{'NF4' if weight_bits == 4 else 'int8'} frozen base"
-    return f"int8 trained weights ({dtype} elsewhere)"
+    return "int8 trained weights"
