@@ -13,11 +13,15 @@ from gnlorp.config import ConfigError, RunConfig
 from gnlorp.models.hub import HubId, downloads_allowed, hub_errors, online, parse_hub_id
 
 Row = tuple[str, dict[str, Any]]
+FILE_TYPES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".txt")  # readers.SUPPORTED, which imports this module
 
 
 def parse_dataset_id(name: str) -> tuple[HubId, str | None] | None:
-    """(repository and revision, split or None) for `ORG/NAME[@REVISION][:SPLIT]`; None for anything else."""
+    """(repository and revision, split or None) for `ORG/NAME[@REVISION][:SPLIT]`; None for anything else, such as
+    a data file's path (it ends in a file type gnlorp reads) that does not exist."""
     repo, _, split = name.partition(":")
+    if repo.lower().endswith(FILE_TYPES):
+        return None
     hub = parse_hub_id(repo)
     return None if hub is None else (hub, split or None)
 

@@ -39,8 +39,10 @@ from gnlorp.config import ConfigError
 DOWNLOADS_FLAG = "GNLORP_HUB_DOWNLOADS"  # set by gnlorp/__init__.py when it, not the user, turned the Hub offline
 COMMIT_HASH = re.compile(r"[0-9a-f]{40}")
 CONFIG_FILES = ["config.json", "generation_config.json"]
-MODEL_FILES = [*CONFIG_FILES, "*.safetensors", "*.safetensors.index.json", "tokenizer*", "special_tokens_map.json",
-               "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "*.model", "chat_template.*"]
+TOKENIZER_FILES = [*CONFIG_FILES, "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+                   "vocab.txt", "merges.txt", "*.model", "chat_template.*"]
+MODEL_FILES = [*TOKENIZER_FILES, "*.safetensors", "*.safetensors.index.json"]
+PARTS = {"config": CONFIG_FILES, "tokenizer": TOKENIZER_FILES, "weights": MODEL_FILES}  # each holds the one before
 SUBFOLDERS = ["*/*"]
 
 
@@ -132,21 +134,24 @@ def _snapshot(hub: HubId, patterns: list[str], *, local: bool, progress: type | 
                                   ignore_patterns=SUBFOLDERS, local_files_only=local, tqdm_class=progress))
 
 
-def _complete(folder: Path, weights: bool) -> bool:
-    """Whether a cached snapshot holds what is asked: its config, and with `weights` its safetensors."""
-    return (folder / "config.json").is_file() and (not weights or any(folder.glob("*.safetensors")))
+def _complete(folder: Path, part: str) -> bool:
+    """Whether a cached snapshot holds the asked part: its config, also its tokenizer, also its safetensors."""
+    tokenizer = any(folder.glob("tokenizer*"))
+    return (folder / "config.json").is_file() and (part == "config" or tokenizer) and (
+        part != "weights" or any(folder.glob("*.safetensors")))
 
 
-def hub_folder(name: str | os.PathLike, *, weights: bool = True, trust_remote_code: bool = False,
+def hub_folder(name: str | os.PathLike, *, part: str = "weights", trust_remote_code: bool = False,
                progress: type | None = None) -> Path:
-    """The snapshot folder of a Hub model: its config.json alone (a few KB, all an estimate needs) or, with
-    `weights`, everything training needs. A commit hash already cached is taken without asking the Hub (a hash
-    never changes); a branch or tag is looked up online when downloads are allowed (huggingface_hub falls back to
-    the cache when the Hub is out of reach). `progress` is a tqdm class for the download's bars."""
+    """The snapshot folder of a Hub model holding `part`: its config.json alone (a few KB, all an estimate needs),
+    with its tokenizer (a data preview), or everything training needs (weights). A commit hash already cached is
+    taken without asking the Hub (a hash never changes); a branch or tag is looked up online when downloads are
+    allowed (huggingface_hub falls back to the cache when the Hub is out of reach). `progress` is a tqdm class for
+    the download's bars."""
     hub = parse_hub_id(name)
     if hub is None:
         raise ConfigError(f"{name!r} is not a Hugging Face Hub id; give ORG/NAME or ORG/NAME@REVISION")
-    patterns = (MODEL_FILES if weights else CONFIG_FILES) + (["*.py"] if trust_remote_code else [])
+    patterns = PARTS[part] + (["*.py"] if trust_remote_code else [])
     with hub_errors(hub):
         folder = None
         if hub.revision and COMMIT_HASH.fullmatch(hub.revision):
@@ -154,47 +159,52 @@ def hub_folder(name: str | os.PathLike, *, weights: bool = True, trust_remote_co
                 folder = _snapshot(hub, patterns, local=True)
             except LocalEntryNotFoundError:
                 folder = None
-        if folder is None or not _complete(folder, weights):
+        if folder is None or not _complete(folder, part):
             allowed = downloads_allowed()
             with online(allowed):
                 folder = _snapshot(hub, patterns, local=not allowed, progress=progress)
     if not (folder / "config.json").is_file():
         raise ConfigError(f"model {hub} has no config.json at its top level: it is no transformers model")
-    if weights and not any(folder.glob("*.safetensors")):
+    if part == "weights" and not any(folder.glob("*.safetensors")):
         if not downloads_allowed():
-            raise ConfigError(f"model {hub} has only its config.json in the Hugging Face cache and HF_HUB_OFFLINE "
-                              "is set: run once without HF_HUB_OFFLINE to download its weights")
+            raise ConfigError(f"model {hub} is in the Hugging Face cache without its weights and HF_HUB_OFFLINE is "
+                              "set: run once without HF_HUB_OFFLINE to download them")
         raise ConfigError(f"model {hub} publishes no safetensors weights (pickle weights are never loaded: they can "
                           "run code); pick a repository with *.safetensors files")
     return folder
 
 
-def pin(name: str, *, trust_remote_code: bool = False, progress: type | None = None) -> str:
-    """`ORG/NAME@COMMIT` of the snapshot a run trains (downloaded if needed), so its config.yaml records exactly
-    what it trained and export, try and resume load that same snapshot offline; other names come back as given."""
+def pin(name: str, *, trust_remote_code: bool = False, progress: type | None = None, download: bool = True) -> str:
+    """`ORG/NAME@COMMIT` of the snapshot a run trains (downloaded if needed and `download`), so its config.yaml
+    records exactly what it trained and export, try and resume load that same snapshot offline; other names come
+    back as given."""
     hub = parse_hub_id(name)
     if hub is None:
         return name
-    folder = hub_folder(name, trust_remote_code=trust_remote_code, progress=progress)
+    folder = (hub_folder(name, trust_remote_code=trust_remote_code, progress=progress) if download
+              else cached_folder(name))
+    if folder is None:
+        raise ConfigError(f"model {hub} is not downloaded yet: download it first (the studio's Download button, or "
+                          "any gnlorp command that loads it)")
     return f"{hub.repo}@{folder.name}" if COMMIT_HASH.fullmatch(folder.name) else name
 
 
-def cached_folder(name: str | os.PathLike, *, weights: bool = True) -> Path | None:
-    """The cached snapshot of a Hub model when it holds what is asked, without any network call; else None."""
+def cached_folder(name: str | os.PathLike, *, part: str = "weights") -> Path | None:
+    """The cached snapshot of a Hub model when it holds `part`, found without any network call; else None."""
     hub = parse_hub_id(name)
     if hub is None:
         return None
     try:
-        folder = _snapshot(hub, MODEL_FILES if weights else CONFIG_FILES, local=True)
+        folder = _snapshot(hub, PARTS[part], local=True)
     except (LocalEntryNotFoundError, HFValidationError):
         return None
-    return folder if _complete(folder, weights) else None
+    return folder if _complete(folder, part) else None
 
 
 def cached_models() -> list[tuple[str, int]]:
     """(ORG/NAME, bytes on disk) of every model in the local Hugging Face cache, by name."""
     try:
-        info = scan_cache_dir()
+        info = scan_cache_dir(constants.HF_HUB_CACHE)
     except CacheNotFound:
         return []
     return sorted((repo.repo_id, repo.size_on_disk) for repo in info.repos if repo.repo_type == "model")

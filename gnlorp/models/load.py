@@ -109,13 +109,13 @@ def _check_task(task: str) -> None:
         raise ConfigError(f"task must be one of: {', '.join(TASKS)} (got {task!r})")
 
 
-def _folder(name_or_path: str | os.PathLike, *, weights: bool = True, trust_remote_code: bool = False) -> Path:
+def _folder(name_or_path: str | os.PathLike, *, part: str = "weights", trust_remote_code: bool = False) -> Path:
     """The local model folder behind a name: minilm's bundled one, a GGUF preset's converted one (converted
-    on first use, ~30 s, even when only its config is wanted), a Hub id's snapshot (config.json alone unless
-    `weights`), or a path that holds config.json."""
+    on first use, ~30 s, even when only its config is wanted), a Hub id's snapshot holding `part` (config,
+    tokenizer or weights), or a path that holds config.json."""
     name = str(name_or_path)
     if parse_hub_id(name) is not None:
-        return hub_folder(name, weights=weights, trust_remote_code=trust_remote_code)
+        return hub_folder(name, part=part, trust_remote_code=trust_remote_code)
     if name in GGUF_MODELS:
         return ensure_folder(GGUF_MODELS[name])
     if name == MINILM:
@@ -209,7 +209,7 @@ def load_model_config(name_or_path: str | os.PathLike, task: str, num_labels: in
     if is_random_init(name):
         config = _preset_config(name)
     else:
-        folder = _folder(name, weights=False, trust_remote_code=trust_remote_code)
+        folder = _folder(name, part="config", trust_remote_code=trust_remote_code)
         if name == MINILM and task != "seq-cls":
             raise ConfigError("minilm is a sentence encoder: use it with --task seq-cls")
         config = _folder_config(folder, trust_remote_code, name)
@@ -233,6 +233,17 @@ def meta_model(name_or_path: str | os.PathLike, task: str, num_labels: int | Non
         keep_layers(config, layers)
     with torch.device("meta"):
         return _auto_class(task).from_config(config, trust_remote_code=trust_remote_code, dtype=torch.float32)
+
+
+def download_bytes(name: str, task: str, *, trust_remote_code: bool = False) -> int | None:
+    """About how many bytes a Hub model's weights will download (its parameters at the dtype its config names),
+    read from its config alone; None when the name is no Hub id or its weights are already cached."""
+    if parse_hub_id(name) is None or cached_folder(name) is not None:
+        return None
+    dtype = getattr(load_model_config(name, task, trust_remote_code=trust_remote_code, shapes_only=True), "dtype", None)
+    dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    width = dtype.itemsize if isinstance(dtype, torch.dtype) else 4
+    return sum(p.numel() for p in meta_model(name, task, trust_remote_code=trust_remote_code).parameters()) * width
 
 
 def keep_layers(config: PretrainedConfig, layers: int) -> PretrainedConfig:
@@ -301,7 +312,8 @@ def load_tokenizer(name_or_path: str | os.PathLike, *,
                    trust_remote_code: bool = False) -> PreTrainedTokenizerFast:
     """The shipped byte-level BPE for presets, else the folder's own tokenizer; a pad token is always set."""
     name = str(name_or_path)
-    folder = TOKENIZER_DIR if is_random_init(name) else _folder(name, trust_remote_code=trust_remote_code)
+    folder = (TOKENIZER_DIR if is_random_init(name)
+              else _folder(name, part="tokenizer", trust_remote_code=trust_remote_code))
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True,
                                                   trust_remote_code=trust_remote_code)
