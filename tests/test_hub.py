@@ -12,16 +12,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx2
 import pytest
 import torch
 from huggingface_hub import constants
+from huggingface_hub.utils import hf_raise_for_status
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from gnlorp.config import ConfigError
 from gnlorp.data import parse_dataset_id
 from gnlorp.models import cached_models, load_model, parse_hub_id, pin
-from gnlorp.models.hub import HubId
+from gnlorp.models.hub import HubId, hub_errors
 from gnlorp.models.load import load_model_config
 from hub_cache import add_snapshot, text_dataset_files, tiny_model_files
 
@@ -137,6 +139,22 @@ def test_what_cannot_load_says_why_in_one_line(offline: Path, name: str, expecte
         load_model(name, "causal-lm")
     message = str(error.value)
     assert "\n" not in message and name.partition("@")[0] in message
+    assert all(part in message for part in expected), message
+
+
+@pytest.mark.parametrize(("status", "code", "expected"), [
+    (401, "GatedRepo", ["is gated", f"huggingface.co/{MODEL}", "HF_TOKEN", "hf auth login"]),
+    (401, "RepoNotFound", ["no model", "check the spelling", "HF_TOKEN"]),
+    (404, "RevisionNotFound", ["has no revision 'v9'", "branch, tag or commit"]),
+])
+def test_the_hubs_refusals_are_one_line_each(status: int, code: str, expected: list[str]) -> None:
+    """The Hub's answers as huggingface_hub itself classifies them (by their X-Error-Code) into its exceptions."""
+    request = httpx2.Request("GET", f"https://huggingface.co/api/models/{MODEL}/revision/v9")
+    response = httpx2.Response(status, headers={"X-Error-Code": code}, request=request)
+    with pytest.raises(ConfigError) as error, hub_errors(HubId(MODEL, "v9")):
+        hf_raise_for_status(response)
+    message = str(error.value)
+    assert "\n" not in message and MODEL in message and TOKEN not in message
     assert all(part in message for part in expected), message
 
 
