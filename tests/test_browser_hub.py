@@ -1,7 +1,7 @@
 """The studio with a Hugging Face cache on disk (tests/hub_cache.py) in a real browser (Debian's Chromium, Playwright):
-the Model choices list its models with their size on disk, and a model cached with its config.json alone is
-estimated before any download. Offline (HF_HUB_OFFLINE=1): nothing is downloaded. Skipped where Chromium is missing,
-except in CI (CI=true).
+the Model choices list its models with their size on disk, a model cached with its config.json alone is estimated
+before any download, and Download pins a cached model to its commit. Offline (HF_HUB_OFFLINE=1): nothing is
+downloaded. Skipped where Chromium is missing, except in CI (CI=true).
 """
 
 from __future__ import annotations
@@ -37,3 +37,8 @@ def test_cached_models_are_choices_and_one_not_downloaded_is_estimated(tmp_path:
         sync_api.expect(page.locator("#budget-verdict")).to_contain_text(
             f"acme/config-only: not downloaded yet, {gigabytes(download)}", timeout=60_000)
         sync_api.expect(page.locator("#budget-verdict")).to_contain_text("Fits on RTX 4090")
+        page.get_by_label("Model", exact=True).click()
+        page.get_by_role("option", name="acme/tiny-llama", exact=False).click()
+        sync_api.expect(page.locator("#model-origin")).to_contain_text("in the Hugging Face cache")
+        page.locator("#model-download").click()  # cached: pinned to its commit with nothing to fetch
+        sync_api.expect(page.locator("#setup-message")).to_contain_text(f"downloaded acme/tiny-llama@{COMMIT}")

