@@ -216,7 +216,7 @@ def load_model_config(name_or_path: str | os.PathLike, task: str, num_labels: in
         config = _folder_config(folder, trust_remote_code, name)
         _check_architecture(config, task, name)
         if task == "seq-cls" and config.pad_token_id is None and not shapes_only:
-            config.pad_token_id = load_tokenizer(folder, trust_remote_code=trust_remote_code).pad_token_id
+            config.pad_token_id = load_tokenizer(name, trust_remote_code=trust_remote_code).pad_token_id
     if task == "seq-cls" and num_labels is not None:
         config.num_labels = num_labels
     return config
