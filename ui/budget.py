@@ -13,6 +13,7 @@ import gradio as gr
 
 from gnlorp.config import RunConfig
 from gnlorp.memory import PARTS, Fit, Plan, compare, describe_weights, devices, fit, plan
+from gnlorp.models import download_bytes, gigabytes
 
 from .charts import budget_figure, compare_figure, human_bytes
 from .context import Studio
@@ -41,6 +42,13 @@ def verdict(cfg: RunConfig, result: Fit) -> str:
     return problem(f"Does not fit on {result.device.label} with {weights}: needs {need} of {have} ({share:.0%}). "
                    f"{largest} Try a lower batch size or sequence length, 8-bit states, gradnormlorp/galore, "
                    "activation checkpointing, layer-wise updates or 8-bit weights.")
+
+
+def download_note(cfg: RunConfig) -> str:
+    """Beside the verdict for a Hub model whose weights are not cached: the estimate came from its config.json."""
+    size = download_bytes(cfg.model, cfg.task, trust_remote_code=cfg.trust_remote_code)
+    return "" if size is None else ok(f"{cfg.model}: not downloaded yet, {gigabytes(size)} (estimated from its "
+                                      "config.json alone)")
 
 
 def plan_message(result: Plan) -> str:
@@ -102,7 +110,7 @@ def build_budget(studio: Studio, setup: SetupTab, page: gr.Blocks) -> BudgetPane
         cfg = values_to_config(form)
         studio.check_model(cfg)
         result = fit(cfg, device_name)  # one verdict for the line and the bar
-        return verdict(cfg, result), chosen_figure(cfg, result), device_rows(cfg)
+        return verdict(cfg, result) + download_note(cfg), chosen_figure(cfg, result), device_rows(cfg)
 
     @guarded(2, 0, studio.error_log, cleared={1: None})
     def update_all(*values: Any) -> tuple:
