@@ -13,9 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils._pytree import tree_map
 
-from .rounding import dequantize, quantize
+from .rounding import dequantize, group_size, quantize
 
 aten = torch.ops.aten
+QUANTIZE_NUMEL = 1 << 20
 
 
 class Int8Weight(torch.Tensor):
@@ -34,8 +35,14 @@ class Int8Weight(torch.Tensor):
 
     @classmethod
     def from_float(cls, weight: torch.Tensor) -> Int8Weight:
-        """`weight` rounded to the nearest codes: deterministic, so a rebuilt model starts where the run did."""
-        codes, scale = quantize(weight)
+        """`weight` rounded to the nearest codes: deterministic, so a rebuilt model starts where the run did. By row
+        chunks of about QUANTIZE_NUMEL weights, so quantizing a large matrix holds no fp32 copy of it."""
+        rows, cols = weight.shape
+        codes = torch.empty(rows, cols, dtype=torch.int8, device=weight.device)
+        scale = torch.empty(rows, cols // group_size(cols), dtype=torch.float32, device=weight.device)
+        step = max(1, QUANTIZE_NUMEL // cols)
+        for start in range(0, rows, step):
+            codes[start:start + step], scale[start:start + step] = quantize(weight[start:start + step])
         return cls(codes, scale, weight.dtype)
 
     def __repr__(self) -> str:
