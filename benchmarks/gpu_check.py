@@ -79,7 +79,7 @@ def check_qlora(bits: int) -> dict:
 
 
 def check_int8_weights() -> dict:
-    from gnlorp.optim.int8_weight import Int8Weight
+    from gnlorp.models.int8_weight import Int8Weight
 
     layer = torch.nn.Linear(4096, 1024, device="cuda")
     plain = torch.nn.Linear(4096, 1024, device="cuda")

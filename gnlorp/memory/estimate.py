@@ -25,7 +25,7 @@ from pathlib import Path
 from torch import nn
 
 from ..config import ADAPTER_METHODS, METHOD_NAMES, RunConfig
-from ..optim.rounding import int8_bytes
+from ..models.rounding import int8_bytes
 from ..train.loss import chunk_tokens
 from ..train.sharding import decoder_blocks, separate_embedding
 from .activations import layer_bytes, saved_bytes
@@ -170,7 +170,7 @@ class _Counts:
     int8_bytes: int = 0  # and in int8
     quantizable_largest: int = 0  # the largest of them (its dequantized copy is the transient)
     targeted: int = 0  # numel of the targeted weights, which full/galore/gradnormlorp may hold as int8 (weight_bits 8)
-    targeted_int8_bytes: int = 0  # those weights as int8 codes and their group scales (optim/rounding.py)
+    targeted_int8_bytes: int = 0  # those weights as int8 codes and their group scales (models/rounding.py)
     targeted_largest: int = 0  # the largest of them (its dequantized copy is the transient)
 
     def extrapolate(self, two: _Counts, layers: int) -> _Counts:

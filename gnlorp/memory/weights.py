@@ -7,7 +7,7 @@ code book of the nested quantization is one table the process shares, too small 
 int8: one byte per weight and an fp32 scale per output row.
 While a layer computes, its weight exists dequantized in the compute dtype: one matrix at a time (the transient).
 Int8 *trained* weights (full, galore, gradnormlorp at weight_bits 8) have their own group format, whose single
-source is optim/rounding.py (`int8_bytes`); they dequantize the same way, one matrix at a time.
+source is models/rounding.py (`int8_bytes`); they dequantize the same way, one matrix at a time.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Int8 trained weights in a model: the target linears' weights become Int8Weight parameters (optim/int8_weight.py).
+"""Int8 trained weights in a model: the target linears' weights become Int8Weight parameters (models/int8_weight.py).
 
 full, galore and gradnormlorp at weight_bits 8 train them in place; a checkpoint stores their codes and scales as
 they are (`{name}` int8 and `{name}.int8_scale` fp32), so resuming continues from the exact same bits, and the export
@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..optim.int8_weight import Int8Weight
+from .int8_weight import Int8Weight
 
 SCALE_SUFFIX = ".int8_scale"
 

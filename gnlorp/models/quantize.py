@@ -93,7 +93,7 @@ def weight_bytes(model: nn.Module) -> int:
     absmax, code books), which lives beside the parameter rather than in it."""
     from torch.distributed.tensor import DTensor
 
-    from ..optim.int8_weight import Int8Weight
+    from .int8_weight import Int8Weight
 
     seen: set[int] = set()
     kept: list[torch.Tensor] = []  # alive until counted: a freed temporary's address could be reused by the next one

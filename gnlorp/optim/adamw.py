@@ -27,11 +27,11 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from .int8_weight import Int8Weight
+from ..models.int8_weight import Int8Weight
+from ..models.rounding import Rounding
 from .moments import Moments, init_moments
 from .projector import PROJ_DTYPES, PROJ_TYPES, SVD_METHODS, projection_side
 from .refresh import current_projector
-from .rounding import Rounding
 from .sharded import RowShard, any_rank, row_shard
 from .spectrum import Spectrum
 from .streaming import CHUNK_NUMEL, Hyper, Projection, plain_update_, projected_update_

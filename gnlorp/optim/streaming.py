@@ -19,11 +19,11 @@ from dataclasses import dataclass
 
 import torch
 
+from ..models.int8_weight import Int8Weight
+from ..models.rounding import Rounding
 from . import kernels
-from .int8_weight import Int8Weight
 from .moments import Moments
 from .projector import add_projected_back_
-from .rounding import Rounding
 from .sharded import RowShard, all_reduce_, gather_slices, keep_slice
 from .weight_norm import renormalize_, split_gradient_
 
