@@ -124,6 +124,13 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     return reader.records
 
 
+def read_samples(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every record of a run folder's samples.jsonl (`step`, `prompt`, `text`); none when it has none yet."""
+    reader = MetricsReader(Path(run_dir) / "samples.jsonl")
+    reader.read()
+    return reader.records
+
+
 @dataclass
 class RunRecord:
     """A run as the runs table shows it: its config, its summary (once it ended), its metrics and the studio's record

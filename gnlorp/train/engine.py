@@ -42,15 +42,27 @@ from ..optim.build import optimizer_settings
 from ..optim.sharded import any_rank
 from . import spectrum_log, tracking
 from .evaluate import held_out
-from .events import CheckpointEvent, DataEvent, DoneEvent, ErrorEvent, EvalEvent, Event, StepEvent, WarningEvent
+from .events import (
+    CheckpointEvent,
+    DataEvent,
+    DoneEvent,
+    ErrorEvent,
+    EvalEvent,
+    Event,
+    SampleEvent,
+    StepEvent,
+    WarningEvent,
+)
 from .loss import loss_function
+from .samples import FILE as SAMPLES
+from .samples import Sampler
 from .schedule import lr_factor, micro_batches
 from .sharding import full_state_dict, full_value, local_value, shard_model
 from .state import Position, all_finite, load_checkpoint, save_checkpoint, save_final
 from .summary import read_summary, whole_run, write_summary
 
-__all__ = ["CheckpointEvent", "DataEvent", "DoneEvent", "ErrorEvent", "EvalEvent", "Event", "StepEvent",
-           "TrainingRun", "WarningEvent"]
+__all__ = ["CheckpointEvent", "DataEvent", "DoneEvent", "ErrorEvent", "EvalEvent", "Event", "SampleEvent",
+           "StepEvent", "TrainingRun", "WarningEvent"]
 
 DISK_FULL_FREE_BYTES = 1 << 20  # a failed write with less than this left free is a full disk (torch.save hides ENOSPC)
 
@@ -152,7 +164,7 @@ class TrainingRun:
             position, skipped = load_checkpoint(cfg, accelerator.unwrap_model(model), optimizer, scheduler)
             refuse_if_finished(self.run_dir, cfg.max_steps, position.step)  # before anything in the run is written
             if main:
-                for name in ("metrics.jsonl", spectrum_log.FILE):
+                for name in ("metrics.jsonl", spectrum_log.FILE, SAMPLES):
                     self._truncate(name, position.step)
                 for message in skipped:
                     self._append_metrics({"step": position.step, "warning": message})
@@ -176,6 +188,9 @@ class TrainingRun:
         started, last_loss, status, first_step = time.time(), float("nan"), "finished", position.step
         names = {id(p): name for name, p in accelerator.unwrap_model(model).named_parameters()}
         order = {name: i for i, name in enumerate(names.values())}  # spectrum.jsonl lists matrices in model order
+        sampler = Sampler.for_run(cfg, accelerator.unwrap_model(model), tokenizer, data) if main else None
+        if sampler is not None and not self.resume:  # the base model's answers, kept as the baseline
+            self._sample(sampler, 0)
         model.train()
         while position.step < cfg.max_steps:
             tick = time.perf_counter()
@@ -224,6 +239,8 @@ class TrainingRun:
                 for message in optimizer.optimizer.pop_incidents():
                     self._append_metrics({"step": position.step, "warning": message})
                     self._emit(WarningEvent(position.step, message))
+                if sampler is not None and (position.step % cfg.sample_every == 0 or position.step == cfg.max_steps):
+                    self._sample(sampler, position.step)
             if data.eval and (position.step % cfg.eval_every == 0 or position.step == cfg.max_steps):
                 eval_loss, accuracy = held_out(model, loss_of, data.eval, cfg, tokenizer.pad_token_id,
                                                accelerator.device)
@@ -278,6 +295,14 @@ class TrainingRun:
                 write_summary(self.run_dir, summary)
         self._emit(DoneEvent(status, summary))
         return summary
+
+    def _sample(self, sampler: Sampler, step: int) -> None:
+        records = sampler.sample(step)
+        self._append_lines(SAMPLES, records)
+        if self._tracker is not None:
+            with self._writing():
+                self._tracker.log_samples(records)
+        self._emit(SampleEvent(step, records))
 
     def _diverged(self, step: int, what: str) -> ConfigError:
         return ConfigError(f"training diverged at step {step}: {what}; lower --lr or use --optim-bits 32 "
