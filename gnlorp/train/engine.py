@@ -41,7 +41,7 @@ from ..optim import build_optimizer, state_bytes
 from ..optim.build import optimizer_settings
 from ..optim.sharded import any_rank
 from . import spectrum_log, tracking
-from .evaluate import held_out
+from .evaluate import figures, held_out, write_eval
 from .events import (
     CheckpointEvent,
     DataEvent,
@@ -188,6 +188,14 @@ class TrainingRun:
         started, last_loss, status, first_step = time.time(), float("nan"), "finished", position.step
         names = {id(p): name for name, p in accelerator.unwrap_model(model).named_parameters()}
         order = {name: i for i, name in enumerate(names.values())}  # spectrum.jsonl lists matrices in model order
+        if data.eval and not self.resume:  # the starting model's held-out figures, eval.json's `base`
+            base = figures(*held_out(model, loss_of, data.eval, cfg, tokenizer.pad_token_id, accelerator.device))
+            if cfg.fsdp:
+                model.reshard()
+            if main:
+                with self._writing():
+                    write_eval(self.run_dir, {"base": base})
+        last_eval: dict[str, Any] | None = None
         sampler = Sampler.for_run(cfg, accelerator.unwrap_model(model), tokenizer, data) if main else None
         if sampler is not None and not self.resume:  # the base model's answers, kept as the baseline
             self._sample(sampler, 0)
@@ -246,6 +254,8 @@ class TrainingRun:
                                                accelerator.device)
                 if cfg.fsdp:
                     model.reshard()  # a forward with no backward after it leaves the root's weights gathered
+                last_eval = {"data": "held-out", "examples": len(data.eval), "step": position.step,
+                             **figures(eval_loss, accuracy)}
                 if main:
                     self._append_metrics({"step": position.step, "eval_loss": eval_loss, "time": time.time()}
                                          | ({} if accuracy is None else {"eval_accuracy": accuracy}))
@@ -293,6 +303,8 @@ class TrainingRun:
                 save_final(cfg, self.model, tokenizer, method.uses_adapter, position.step, weights)
             with self._writing():
                 write_summary(self.run_dir, summary)
+                if last_eval is not None:
+                    write_eval(self.run_dir, last_eval)
         self._emit(DoneEvent(status, summary))
         return summary
 
