@@ -5,6 +5,7 @@ The memory budget (budget.py) sits beside the form and follows every change.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from .feedback import guarded, in_form_words, ok, problem
 from .widgets import config_to_values, config_widgets, form_fields, preset_files, values_to_config
 
 DEFAULT_PRESET = "tiny-gradnormlorp.yaml"
+STUDIO_SAMPLE_EVERY = 50  # docs/BENCHMARKS.md, "Samples": a few percent of the default run's time
 PREVIEW_ROWS = 5
 
 
@@ -39,7 +41,10 @@ class SetupTab:
 def default_config(studio: Studio) -> RunConfig:
     """The form's first values: the tiny demo preset, so Start trains something small at once."""
     preset = studio.presets_dir / DEFAULT_PRESET
-    return RunConfig.from_yaml(preset) if preset.is_file() else RunConfig()
+    cfg = RunConfig.from_yaml(preset) if preset.is_file() else RunConfig()
+    if cfg.task == "causal-lm" and not cfg.sample_every:  # the studio shows a language model's answers by default
+        cfg = dataclasses.replace(cfg, sample_every=STUDIO_SAMPLE_EVERY)
+    return cfg
 
 
 def shipped_data(studio: Studio) -> list[str]:

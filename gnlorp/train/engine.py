@@ -40,6 +40,7 @@ from ..models.quantize import weight_bytes
 from ..optim import build_optimizer, state_bytes
 from ..optim.build import optimizer_settings
 from ..optim.sharded import any_rank
+from ..runs.store import SAMPLES_FILE as SAMPLES
 from . import spectrum_log, tracking
 from .evaluate import figures, held_out, write_eval
 from .events import (
@@ -54,7 +55,6 @@ from .events import (
     WarningEvent,
 )
 from .loss import loss_function
-from .samples import FILE as SAMPLES
 from .samples import Sampler
 from .schedule import lr_factor, micro_batches
 from .sharding import full_state_dict, full_value, local_value, shard_model

@@ -24,7 +24,6 @@ from ..data.examples import TokenizedData
 from ..export.chat import check_messages, encode_messages, end_of_turn, until
 from ..export.infer import encode_prompt
 
-FILE = "samples.jsonl"
 DEFAULT_PROMPTS = 3  # held-out openings sampled when no prompts are given
 PATH_SUFFIXES = (".txt", ".jsonl", ".json")
 
