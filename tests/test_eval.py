@@ -66,3 +66,20 @@ def test_the_shipped_choices_file_reads_and_a_bad_line_is_named(tmp_path):
     bad.write_text('{"question": "Q", "choices": ["a", "b"], "answer": "b"}\n{"question": "Q", "choices": ["a"]}\n')
     with pytest.raises(ConfigError, match="line 2"):
         read_choices(bad)
+
+
+def test_the_log_likelihoods_equal_lm_evaluation_harness_own():
+    """lm-eval's HFLM on the same model and requests (skipped where lm-eval is not installed; CI does not install it:
+    `pip install --no-deps lm-eval` is enough for this test)."""
+    pytest.importorskip("lm_eval.models.huggingface")
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    tokenizer = load_tokenizer("tiny")
+    model = load_model("tiny", "causal-lm", seed=0).eval()
+    questions = read_choices("presets/data/docstring-choices.jsonl")[:3]
+    requests = [Instance("loglikelihood", {}, (q.question, " " + c), i) for q in questions
+                for i, c in enumerate(q.choices)]
+    theirs = [ll for ll, _ in HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1).loglikelihood(requests)]
+    ours = [loglikelihood(model, tokenizer, q.question, " " + c) for q in questions for c in q.choices]
+    assert ours == pytest.approx(theirs, abs=1e-4)

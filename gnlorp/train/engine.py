@@ -159,6 +159,7 @@ class TrainingRun:
         else:
             model, optimizer = accelerator.prepare(model, optimizer)
         loss_of = loss_function(model, accelerator.unwrap_model(model), cfg.chunked_loss)
+        sampler = Sampler.for_run(cfg, accelerator.unwrap_model(model), tokenizer, data) if main else None
         position = Position()
         if self.resume:
             position, skipped = load_checkpoint(cfg, accelerator.unwrap_model(model), optimizer, scheduler)
@@ -196,7 +197,6 @@ class TrainingRun:
                 with self._writing():
                     write_eval(self.run_dir, {"base": base})
         last_eval: dict[str, Any] | None = None
-        sampler = Sampler.for_run(cfg, accelerator.unwrap_model(model), tokenizer, data) if main else None
         if sampler is not None and not self.resume:  # the base model's answers, kept as the baseline
             self._sample(sampler, 0)
         model.train()
