@@ -66,7 +66,8 @@ def build_runs(studio: Studio, tab: gr.Tab) -> gr.Dropdown:
                          column_widths=WIDTHS)
     with gr.Row(equal_height=True):
         picked = gr.Dropdown([], value=None, label="Run", elem_id="runs-pick", allow_custom_value=True, scale=2,
-                             info="Click a row of the table, or pick a run here, to rename or delete it.")
+                             info="Click a row of the table, or pick a run here: its samples show below; "
+                             "evaluate, rename or delete it.")
         new_name = gr.Textbox(label="New name", elem_id="runs-new-name", scale=2,
                               info="Letters, digits, '.', '_' and '-'; not the name of another run.")
         rename = gr.Button("Rename", elem_id="runs-rename", scale=1)
