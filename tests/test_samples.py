@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,16 +18,6 @@ from test_engine import final_weights, step_losses, train
 
 FEW = {"data": "presets/data/riddles-qa.jsonl", "max_steps": 5, "sample_every": 2, "sample_tokens": 8,
        "checkpoint_every": 3, "eval_every": 5}
-
-
-def test_samples_at_the_asked_steps_and_the_end_with_the_base_answers_first(tmp_path):
-    summary, events = train(tmp_path / "run", **FEW)
-    assert summary is not None
-    records = read_samples(tmp_path / "run")
-    assert sorted({r["step"] for r in records}) == [0, 2, 4, 5]
-    assert [r["step"] for r in records[:3]] == [0, 0, 0]  # three held-out openings, the base model's answers
-    assert all(isinstance(r["prompt"], str) and r["prompt"] and isinstance(r["text"], str) for r in records)
-    assert [e.step for e in events if isinstance(e, SampleEvent)] == [0, 2, 4, 5]
 
 
 def test_a_run_with_samples_has_exactly_the_losses_and_weights_of_one_without(tmp_path):
@@ -54,13 +45,19 @@ def test_sampling_puts_back_every_random_state_and_module_mode():
     assert model.training and model[1].training and not model[0].training
 
 
-def test_a_resumed_run_continues_the_samples_where_they_stopped(tmp_path):
+def test_samples_at_the_asked_steps_and_a_resumed_run_continues_them_where_they_stopped(tmp_path):
+    summary, events = train(tmp_path / "whole", **FEW)
+    assert summary is not None
+    whole = read_samples(tmp_path / "whole")
+    assert [r["step"] for r in whole] == [0, 0, 0, 2, 2, 2, 4, 4, 4, 5, 5, 5]  # 3 held-out prompts; step 0: the base
+    assert all(isinstance(r["prompt"], str) and r["prompt"] and isinstance(r["text"], str) for r in whole)
+    assert [e.step for e in events if isinstance(e, SampleEvent)] == [0, 2, 4, 5]
+
     train(tmp_path / "resumed", stop_at=3, **FEW)
     assert sorted({r["step"] for r in read_samples(tmp_path / "resumed")}) == [0, 2]
     summary, _ = train(tmp_path / "resumed", resume=True, **FEW)
     assert summary is not None
-    train(tmp_path / "whole", **FEW)
-    assert read_samples(tmp_path / "resumed") == read_samples(tmp_path / "whole")
+    assert read_samples(tmp_path / "resumed") == whole
 
 
 def test_prompts_from_a_file_the_text_or_held_out_conversations(tmp_path):
@@ -77,8 +74,10 @@ def test_prompts_from_a_file_the_text_or_held_out_conversations(tmp_path):
 
 
 def test_chat_runs_sample_the_first_user_turn_of_held_out_conversations(tmp_path):
-    summary, _ = train(tmp_path / "chat", data="presets/data/chat.jsonl", max_steps=1, sample_every=1,
-                       sample_tokens=4, seq_len=256)
+    lines = Path("presets/data/chat.jsonl").read_text(encoding="utf-8").splitlines()[:30]
+    (tmp_path / "chat.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    summary, _ = train(tmp_path / "chat", data=str(tmp_path / "chat.jsonl"), max_steps=1, sample_every=1,
+                       sample_tokens=4, seq_len=256, batch_size=2)
     assert summary is not None
     records = read_samples(tmp_path / "chat")
     assert records and all(isinstance(r["prompt"], list) and r["prompt"][-1]["role"] == "user" for r in records)
