@@ -23,7 +23,7 @@ from pathlib import Path
 
 from common import add_output_arguments, machine, write_section
 from gnlorp.config import RunConfig
-from gnlorp.memory.estimate import _sampling_bytes
+from gnlorp.memory.estimate import sampling_bytes
 from gnlorp.models.load import load_model
 from gnlorp.runs.store import read_metrics
 from gnlorp.train import samples
@@ -82,7 +82,7 @@ def main() -> None:
     on, on_step, spent = sampled["summary"], sampled["step_s"], sampled["spent"]
     off, off_step = without["summary"], without["step_s"]
     config = load_model(base.model, base.task, seed=0).config
-    cache = _sampling_bytes(with_samples, config, 4)
+    cache = sampling_bytes(with_samples, config, 4)
     lines = [
         "## Samples during training",
         "",

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from gnlorp.config import ConfigError
+from gnlorp.config import ConfigError, RunConfig
+from gnlorp.memory.estimate import sampling_bytes
+from gnlorp.models import load_model, load_tokenizer
 from gnlorp.runs.store import read_samples
 from gnlorp.train.engine import SampleEvent
 from gnlorp.train.samples import read_prompts, untouched
@@ -81,3 +83,18 @@ def test_chat_runs_sample_the_first_user_turn_of_held_out_conversations(tmp_path
     assert summary is not None
     records = read_samples(tmp_path / "chat")
     assert records and all(isinstance(r["prompt"], list) and r["prompt"][-1]["role"] == "user" for r in records)
+
+
+def test_the_estimate_holds_the_kv_cache_a_sample_builds():
+    """The cache transformers fills while sampling (its own tensors, counted) fits the estimate's sampling bytes,
+    which add only two vocabulary-sized fp32 rows to it."""
+    tokenizer, model = load_tokenizer("tiny"), load_model("tiny", "causal-lm", seed=0).eval()
+    inputs = tokenizer("A visit to a fresh place", return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, do_sample=False, max_new_tokens=16, use_cache=True,
+                             return_dict_in_generate=True, pad_token_id=tokenizer.pad_token_id)
+    layers = out.past_key_values.layers
+    cache = sum(t.numel() * t.element_size() for layer in layers for t in (layer.keys, layer.values))
+    cfg = RunConfig(sample_every=1, sample_tokens=16, seq_len=inputs["input_ids"].shape[1])
+    predicted = sampling_bytes(cfg, model.config, 4)
+    assert cache <= predicted - 2 * 4 * model.config.vocab_size < cache * 1.1

@@ -351,11 +351,11 @@ def _budget(cfg: RunConfig, device: Device, gpus: int = 1) -> _Budget:
         loss_fixed=4 * chunk_tokens(outputs) * outputs if chunked else 0,
         loss_per_sequence=cfg.seq_len * config.hidden_size * weight_bytes if chunked else 0,
         trainable_params=counts.trainable,
-        sampling=_sampling_bytes(cfg, config, 2 if autocast else weight_bytes),
+        sampling=sampling_bytes(cfg, config, 2 if autocast else weight_bytes),
     )
 
 
-def _sampling_bytes(cfg: RunConfig, config, compute_bytes: int) -> int:
+def sampling_bytes(cfg: RunConfig, config, compute_bytes: int) -> int:
     """What generating a sample holds beside the model: the KV cache of a prompt of at most seq_len tokens and its
     answer, and two fp32 vocabulary-sized rows (the last position's logits and the processed scores)."""
     if not cfg.sample_every or cfg.task != "causal-lm":
