@@ -118,6 +118,13 @@ class RunConfig:
     dtype: str = knob("float32", "Weight dtype (bfloat16 autocast is used on CUDA either way).",
                       choices=("float32", "bfloat16"), group="advanced")
     eval_every: int = knob(50, "Evaluate every N steps (and at the end).", min=1, max=10**9, group="advanced")
+    sample_every: int = knob(0, "Causal LMs: every N steps (and at step 0 and the end) write the model's greedy "
+                             "answers to the sample prompts into samples.jsonl (0 = off).", min=0, max=10**9,
+                             group="advanced")
+    sample_prompts: str = knob("", "What to sample: a file with one prompt (or one JSON list of chat messages) a "
+                               "line, or the prompts themselves, one a line; empty = a few prompts from the "
+                               "held-out data.", group="advanced")
+    sample_tokens: int = knob(32, "New tokens per sample (greedy).", min=1, max=4096, group="advanced")
     checkpoint_every: int = knob(50, "Save a checkpoint every N steps (and at the end).", min=1, max=10**9,
                                  group="advanced")
     report_to: str = knob("none", "Also write the metrics as TensorBoard event files in the run folder's "
@@ -167,6 +174,9 @@ class RunConfig:
                               "columns: set data_format to auto")
         if self.layerwise and self.method not in ("full", "galore", "gradnormlorp"):
             raise ConfigError(f"layerwise applies to full, galore and gradnormlorp, not {self.method}")
+        if self.fsdp and self.sample_every and self.task == "causal-lm":
+            raise ConfigError("sample_every cannot run with fsdp yet (generating would need every rank's shards): "
+                              "set sample_every to 0")
         self._validate_weight_bits()
         return self
 
@@ -216,6 +226,17 @@ class RunConfig:
         return cls(**values).validate()
 
 
+MULTI_LINE = frozenset({"sample_prompts"})  # text fields whose flag may repeat, each value one more line
+
+
+class _JoinLines(argparse.Action):
+    """A repeated --flag: its values become one text, one a line (how a multi-line text knob holds a list)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        before = getattr(namespace, self.dest)
+        setattr(namespace, self.dest, values if before is None else f"{before}\n{values}")
+
+
 def config_fields() -> list:
     """The dataclass fields, for anything that derives widgets or flags from them."""
     return list(fields(RunConfig))
@@ -231,6 +252,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, names: list[str] | Non
         default = f.default if f.default is not MISSING else None
         if isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif f.name in MULTI_LINE:
+            parser.add_argument(flag, action=_JoinLines, default=None, help=f"{help_text} Repeat the flag to give "
+                                "several.", metavar="TEXT")
         else:
             parser.add_argument(flag, type=type(default), default=None, help=f"{help_text} (default: {default})",
                                 metavar=type(default).__name__.upper())

@@ -5,6 +5,7 @@ The memory budget (budget.py) sits beside the form and follows every change.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from .widgets import config_to_values, config_widgets, form_fields, preset_files
 
 DEFAULT_PRESET = "tiny-gradnormlorp.yaml"
 DOWNLOAD_PROGRESS = gr.Progress(track_tqdm=True)  # huggingface_hub's download bars, drawn on the page
+STUDIO_SAMPLE_EVERY = 50  # docs/BENCHMARKS.md, "Samples": a few percent of the default run's time
 PREVIEW_ROWS = 5
 
 
@@ -40,7 +42,10 @@ class SetupTab:
 def default_config(studio: Studio) -> RunConfig:
     """The form's first values: the tiny demo preset, so Start trains something small at once."""
     preset = studio.presets_dir / DEFAULT_PRESET
-    return RunConfig.from_yaml(preset) if preset.is_file() else RunConfig()
+    cfg = RunConfig.from_yaml(preset) if preset.is_file() else RunConfig()
+    if cfg.task == "causal-lm" and not cfg.sample_every:  # the studio shows a language model's answers by default
+        cfg = dataclasses.replace(cfg, sample_every=STUDIO_SAMPLE_EVERY)
+    return cfg
 
 
 def shipped_data(studio: Studio) -> list[str]:

@@ -6,6 +6,7 @@ skips the redraw when nothing changed, so the page never waits on the training.
 
 from __future__ import annotations
 
+import html
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -16,7 +17,7 @@ import gradio as gr
 from gnlorp.config import ConfigError, RunConfig
 from gnlorp.memory import estimate, gpu_count
 from gnlorp.methods import METHODS, ProjectedMethod
-from gnlorp.runs import ACTIVE, MetricsReader, Snapshot, list_runs
+from gnlorp.runs import ACTIVE, SAMPLES_FILE, MetricsReader, Snapshot, list_runs, sample_rows
 from gnlorp.train import spectrum_log
 
 from .charts import energy_figure, human_bytes, loss_figure, memory_figure, spectrum_heatmap
@@ -25,6 +26,7 @@ from .feedback import guarded, ok, problem
 from .setup_tab import SetupTab
 from .widgets import values_to_config
 
+NO_SAMPLES = "The model's answers to the sample prompts appear here (Advanced: Sample every)."
 NO_SPECTRUM = "The share of each gradient's energy the rank keeps appears at the first refresh."
 REFRESH_S = 1.0  # the issue asks for at least every 2 s
 LOG_SHOWN = 60
@@ -102,6 +104,22 @@ def predicted_peak(snap: Snapshot) -> int | None:
     return snap.state.predicted_peak_bytes
 
 
+def samples_table(records: list[dict[str, Any]]) -> str:
+    """One row per sample prompt: the base model's answer beside the latest, each with its step."""
+    rows = sample_rows(records)
+    if not rows:
+        return NO_SAMPLES
+    lines = ["| Prompt | Base | Latest |", "| --- | --- | --- |"]
+    lines += [f"| {_cell(row['prompt'])} | step {row['base_step']}: {_cell(row['base'])} | "
+              f"step {row['step']}: {_cell(row['text'])} |" for row in rows]
+    return "\n".join(lines)
+
+
+def _cell(text: str) -> str:
+    """Text that stays inside one Markdown table cell and shows as typed."""
+    return html.escape(text).replace("|", "&#124;").replace("\n", "<br>").replace("*", "&#42;").replace("_", "&#95;")
+
+
 def status_dict(snap: Snapshot | None) -> dict[str, Any]:
     """The job as plain data, for API clients (tests, scripts) that follow a run without the charts."""
     if snap is None:
@@ -136,6 +154,8 @@ def build_train(studio: Studio, setup: SetupTab) -> TrainTab:
         with gr.Row():
             energy_plot = gr.Plot(label="Energy kept", elem_id="chart-energy")
             heat_plot = gr.Plot(label="Energy kept per matrix", elem_id="chart-spectrum")
+    with gr.Accordion("Samples: the model's answers as it learns", open=True, elem_id="samples-panel"):
+        samples = gr.Markdown(NO_SAMPLES, elem_id="samples-table")
     log = gr.Textbox(label="Log", lines=8, max_lines=8, autoscroll=True, interactive=False, elem_id="train-log")
     timer = gr.Timer(REFRESH_S)
     seen = gr.State(None)
@@ -176,10 +196,11 @@ def build_train(studio: Studio, setup: SetupTab) -> TrainTab:
     resume_run.focus(lambda: gr.update(choices=resumable_runs(studio)), outputs=resume_run, api_visibility="private")
 
     spectra: dict[str, MetricsReader] = {}  # the current run's spectrum.jsonl, read as it grows (one run at a time)
+    sampled: dict[str, MetricsReader] = {}  # and its samples.jsonl
 
     def refresh(seen_key: Any) -> tuple:
         job = studio.jobs.current()
-        unchanged = (gr.skip(),) * 8
+        unchanged = (gr.skip(),) * 9
         if job is None:
             return *unchanged, seen_key
         snap = job.snapshot()
@@ -189,6 +210,8 @@ def build_train(studio: Studio, setup: SetupTab) -> TrainTab:
         if snap.state.run_dir not in spectra:  # a new run: forget the last one's records
             spectra.clear()
             spectra[snap.state.run_dir] = MetricsReader(Path(snap.state.run_dir) / spectrum_log.FILE)
+            sampled.clear()
+            sampled[snap.state.run_dir] = MetricsReader(Path(snap.state.run_dir) / SAMPLES_FILE)
         reader = spectra[snap.state.run_dir]
         fresh_page = seen_key is None or seen_key[0] != key[0]
         grew = reader.read()
@@ -197,13 +220,15 @@ def build_train(studio: Studio, setup: SetupTab) -> TrainTab:
         else:  # another run than the page last drew, with no spectrum yet: nothing of the last run's stays
             spectrum = (NO_SPECTRUM, None, None) if fresh_page else (gr.skip(),) * 3
         panel = gr.update(visible=projects(snap)) if fresh_page else gr.skip()
+        answers = sampled[snap.state.run_dir]
+        table = samples_table(answers.records) if answers.read() or fresh_page else gr.skip()
         return (progress_text(snap), loss_figure(snap.steps, snap.evals),
                 memory_figure(snap.steps, predicted_peak(snap)), "\n".join(snap.log[-LOG_SHOWN:]), *spectrum, panel,
-                key)
+                table, key)
 
     timer.tick(refresh, inputs=seen, outputs=[progress, loss_plot, memory_plot, log, advice, energy_plot, heat_plot,
-                                              spectrum_panel, seen], api_name="refresh", show_progress="hidden",
-               concurrency_limit=None)
+                                              spectrum_panel, samples, seen],
+               api_name="refresh", show_progress="hidden", concurrency_limit=None)
 
     def status() -> dict:
         """The current job (status, step, points in each chart, ETA, last log lines) as plain data."""

@@ -15,7 +15,7 @@ from typing import Any
 
 import gradio as gr
 
-from gnlorp.config import ConfigError, RunConfig, config_fields
+from gnlorp.config import MULTI_LINE, ConfigError, RunConfig, config_fields
 
 LABELS = {  # names people look for; every other field gets its name with spaces
     "data": "Dataset", "optim_bits": "Optimizer bits", "lr": "Learning rate", "seq_len": "Sequence length",
@@ -57,7 +57,7 @@ def widget(f: Field, value: Any, overrides: dict[str, Callable[[dict], gr.Compon
     if kind in (int, float):
         return gr.Number(minimum=meta["min"], maximum=meta["max"], precision=0 if kind is int else None,
                          step=1 if kind is int else _number_step(f.default), **common)
-    return gr.Textbox(**common)
+    return gr.Textbox(lines=3 if f.name in MULTI_LINE else 1, **common)
 
 
 def config_widgets(cfg: RunConfig, group: str, overrides: dict[str, Callable[[dict], gr.Component]],

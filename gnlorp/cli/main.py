@@ -100,6 +100,35 @@ def _run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_eval(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "eval", help="score a run and its base model on held-out data (and multiple-choice questions)",
+        description="Held-out loss and perplexity (on the trained tokens only: the assistant's, for conversations), "
+        "a classifier's accuracy and, with --choices, multiple-choice accuracy by the log-likelihood of each choice "
+        "(as lm-evaluation-harness scores it), for the run's trained model and its starting point. Writes eval.json "
+        "in the run folder.",
+    )
+    parser.add_argument("--run", dest="run_dir", required=True, help="the run folder written by `gnlorp train`")
+    parser.add_argument("--data", help="score every record of this file instead of the run's held-out part")
+    parser.add_argument("--choices", help="a JSONL of {\"question\", \"choices\", \"answer\"} "
+                        "(e.g. presets/data/docstring-choices.jsonl)")
+    parser.add_argument("--json", action="store_true", help="print eval.json's object instead of a table")
+    parser.set_defaults(run=_run_eval)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from gnlorp.atomic import strict_json
+    from gnlorp.export.evaluation import comparison, evaluate_run
+
+    record = evaluate_run(args.run_dir, data=args.data, choices=args.choices)
+    if args.json:
+        print(strict_json(record))
+    else:
+        print(f"{args.run_dir} at step {record['step']} on {record['data']} ({record['examples']} examples):")
+        print("\n".join(comparison(record)))
+    return 0
+
+
 def _add_methods(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("methods", help="list the training methods and what each trades")
     parser.set_defaults(run=_run_methods)
@@ -115,7 +144,7 @@ def _run_methods(args: argparse.Namespace) -> int:
 
 
 _COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
-    _add_train, add_data, add_estimate, add_plan, _add_export, add_try, _add_methods, _add_demo,
+    _add_train, add_data, add_estimate, add_plan, _add_export, add_try, _add_eval, _add_methods, _add_demo,
 )
 
 

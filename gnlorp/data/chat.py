@@ -154,7 +154,14 @@ def chat_data(found: Conversations, train: list[tuple[str, list[Message]]], held
     records = len(found.items) + sum(len(where) for where in found.bad.values())
     return TokenizedData(train_examples, eval_examples,
                          report=data_report(found.format, records, found.bad, outcomes, cfg.data),
-                         chat_template=chat_template(tokenizer, cfg.chat_template) or tokenizer.chat_template)
+                         chat_template=chat_template(tokenizer, cfg.chat_template) or tokenizer.chat_template,
+                         prompts=[opening(messages) for _, messages in held if any(m.role == "user" for m in messages)])
+
+
+def opening(messages: list[Message]) -> list[dict[str, Any]]:
+    """A conversation up to its first user turn: what the model is asked to answer when it is sampled."""
+    first = next(i for i, m in enumerate(messages) if m.role == "user")
+    return [m.as_turn() for m in messages[:first + 1]]
 
 
 def merge_outcomes(train: dict[str, list[str]], held: dict[str, list[str]]) -> dict[str, list[str]]:

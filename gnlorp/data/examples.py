@@ -31,3 +31,4 @@ class TokenizedData:
     label_names: list[str] | None = None
     report: dict[str, Any] = field(default_factory=dict)
     chat_template: str | None = None
+    prompts: list[str | list[dict[str, Any]]] = field(default_factory=list)  # held-out openings, to sample from

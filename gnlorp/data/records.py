@@ -21,6 +21,8 @@ from gnlorp.data.examples import IGNORE_INDEX, Example, TokenizedData
 from gnlorp.data.formats import CHAT_FORMATS, Conversations, Message, conversations, detect_format
 from gnlorp.data.readers import Row, columns, read_rows, resolve_data_path
 
+OPENING_WORDS = 6  # a held-out text's first words make a sampling prompt
+
 
 def read_records(path: str | os.PathLike, cfg: RunConfig) -> list[dict[str, Any]]:
     """Records with canonical keys for cfg.task: {"text"}, {"prompt", "response"} or {"text", "label"}."""
@@ -154,8 +156,9 @@ def _text_data(rows: list[Row], path: Path, cfg: RunConfig, tokenizer: Any) -> T
         records = [{"text": r["text"], "label": i} for r, i in zip(records, ids, strict=True)]
     encode = _classify if cfg.task == "seq-cls" else pack
     train, held = split_records(records, cfg.eval_fraction, cfg.seed, path)
+    openings = [] if cfg.task == "seq-cls" else [" ".join(r["text"].split()[:OPENING_WORDS]) for r in held]
     return TokenizedData(encode(train, tokenizer, cfg.seq_len), encode(held, tokenizer, cfg.seq_len), names,
-                         data_report("text", len(records), {}, {}, cfg.data))
+                         data_report("text", len(records), {}, {}, cfg.data), prompts=[o for o in openings if o])
 
 
 def _instruction_data(rows: list[Row], path: Path, cfg: RunConfig, tokenizer: Any) -> TokenizedData:
@@ -170,7 +173,8 @@ def _instruction_data(rows: list[Row], path: Path, cfg: RunConfig, tokenizer: An
         raise ConfigError(f"{path}: every prompt fills the whole seq_len {cfg.seq_len}, "
                           "leaving no response to learn; raise --seq-len")
     return TokenizedData(examples, held_examples, report=data_report("prompt-response", len(records), {}, outcomes,
-                                                                     cfg.data))
+                                                                     cfg.data),
+                         prompts=[r["prompt"] for _, r in held])
 
 
 def _classify(records: list[dict[str, Any]], tokenizer: Any, seq_len: int) -> list[Example]:

@@ -231,21 +231,24 @@ class TryModel:
             raise ConfigError(f"{self.source.path} is a {self.task} model and cannot {action}; use {instead}")
 
     def _encode_prompt(self, prompt: str, chat: bool | None) -> tuple[dict[str, torch.Tensor], bool]:
-        """Token ids as training saw a prompt (through the chat template, else with the usual special tokens), and
-        whether the template was used."""
         check_input(prompt)
-        template = bool(self.tokenizer.chat_template)
-        if chat and not template:
+        if chat and not self.tokenizer.chat_template:
             raise ConfigError(f"the tokenizer of {self.source.path} has no chat template; try without chat")
-        chatting = bool(chat or (chat is None and template))
-        if chatting:
-            text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                      add_generation_prompt=True)
-            encoded = self.tokenizer(text, add_special_tokens=False, return_tensors="pt")
-        else:
-            encoded = self.tokenizer(prompt, return_tensors="pt")
-        inputs = {k: v.to(self.model.device) for k, v in encoded.items() if k in ("input_ids", "attention_mask")}
-        return inputs, chatting
+        return encode_prompt(self.tokenizer, prompt, chat, self.model.device)
+
+
+def encode_prompt(tokenizer, prompt: str, chat: bool | None, device: torch.device,
+                  ) -> tuple[dict[str, torch.Tensor], bool]:
+    """Token ids as training saw a prompt (through the chat template as a user turn, else with the usual special
+    tokens), and whether the template was used: chat=None uses it when the tokenizer has one."""
+    chatting = bool(chat or (chat is None and tokenizer.chat_template))
+    if chatting:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+        encoded = tokenizer(text, add_special_tokens=False, return_tensors="pt")
+    else:
+        encoded = tokenizer(prompt, return_tensors="pt")
+    return {k: v.to(device) for k, v in encoded.items() if k in ("input_ids", "attention_mask")}, chatting
 
 
 def _stop_when_set(event: threading.Event):

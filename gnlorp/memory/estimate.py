@@ -12,6 +12,7 @@ per-token coefficients (activations.py). A training step has four high points, a
       weight's and its update: the head's was stepped and freed before any layer is rebuilt);
   the optimizer step: every gradient + what one weight's update holds at once (a few chunks of the streaming
       step, or a projector refresh's SVD).
+With --sample-every, sampling after a step (its gradients freed) is a fifth: one sequence's KV cache and logits.
 Weights, optimizer state, projectors and the framework's own overhead are there throughout.
 """
 
@@ -77,6 +78,7 @@ class _Budget:
     loss_fixed: int  # the chunked loss's backward: one chunk of fp32 logits
     loss_per_sequence: int  # the chunked loss's backward: the final hidden states' gradient, one sequence's
     trainable_params: int
+    sampling: int = 0  # greedy samples between steps (train/samples.py): one sequence's KV cache and logits
 
     def parts(self, batch: int) -> dict[str, int]:
         """The bytes of each part at the peak, for `batch` sequences per micro-batch."""
@@ -90,6 +92,8 @@ class _Budget:
              "activations": saved + self.loss_fixed + batch * self.loss_per_sequence},
             {"gradients": self.gradients + (0 if self.layerwise else self.update), "activations": 0},
         ]
+        if self.sampling:
+            moments.append({"gradients": 0, "activations": self.sampling})
         if self.recomputed_per_sequence:
             made = self.layer_step if self.layerwise else max(persisting, self.before_embedding)
             moments.append({"gradients": made, "activations": saved + batch * self.recomputed_per_sequence})
@@ -363,7 +367,20 @@ def _budget(cfg: RunConfig, device: Device, gpus: int = 1) -> _Budget:
         loss_fixed=4 * chunk_tokens(outputs) * outputs if chunked else 0,
         loss_per_sequence=cfg.seq_len * config.hidden_size * weight_bytes if chunked else 0,
         trainable_params=counts.trainable,
+        sampling=sampling_bytes(cfg, config, 2 if autocast else weight_bytes),
     )
+
+
+def sampling_bytes(cfg: RunConfig, config, compute_bytes: int) -> int:
+    """What generating a sample holds beside the model: the KV cache of a prompt of at most seq_len tokens and its
+    answer, and two fp32 vocabulary-sized rows (the last position's logits and the processed scores)."""
+    if not cfg.sample_every or cfg.task != "causal-lm":
+        return 0
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    tokens = cfg.seq_len + cfg.sample_tokens
+    return 2 * config.num_hidden_layers * kv_heads * head_dim * tokens * compute_bytes + 2 * 4 * config.vocab_size
 
 
 def _device(device: str | Device | None) -> Device:

@@ -321,8 +321,8 @@ class JobManager:
         job.stop()
         return job
 
-    def start_try(self, args: list[str], owner: str | None = None) -> TryChild:
-        """Run `gnlorp try ARGS` in a child whose stdout the caller streams.
+    def start_try(self, args: list[str], owner: str | None = None, command: str = "try") -> TryChild:
+        """Run `gnlorp try ARGS` (or another model command, such as eval) in a child whose stdout the caller streams.
 
         Refused while a training runs or another try does, so a large model never competes with a run (or
         another model) for memory; `owner` names who may stop it with stop_try.
@@ -337,7 +337,7 @@ class JobManager:
             stderr_path = self.studio_dir / "logs" / "try.log"
             stderr_path.parent.mkdir(parents=True, exist_ok=True)
             with open(stderr_path, "wb") as stderr:
-                process = subprocess.Popen([self.python, "-m", "gnlorp", "try", *args], cwd=self.cwd, env=child_env(),
+                process = subprocess.Popen([self.python, "-m", "gnlorp", command, *args], cwd=self.cwd, env=child_env(),
                                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr)
             self._try = TryChild(process, stderr_path, owner, self._grace[1])
             return self._try

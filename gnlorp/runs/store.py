@@ -124,6 +124,33 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     return reader.records
 
 
+SAMPLES_FILE = "samples.jsonl"  # the training run's samples (gnlorp/train/samples.py writes it)
+
+
+def read_samples(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every record of a run folder's samples.jsonl (`step`, `prompt`, `text`); none when it has none yet."""
+    reader = MetricsReader(Path(run_dir) / SAMPLES_FILE)
+    reader.read()
+    return reader.records
+
+
+def prompt_text(prompt: str | list[dict[str, Any]]) -> str:
+    """A sample's prompt in words: the text, or a conversation's last (user) message."""
+    return prompt if isinstance(prompt, str) else str(prompt[-1].get("content", "")) if prompt else ""
+
+
+def sample_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per prompt, in the order first sampled: `prompt`, the first answer (`base`, at `base_step`, step 0 for
+    a run sampled from its start) and the latest (`text` at `step`)."""
+    rows: dict[str, dict[str, Any]] = {}
+    for record in records:
+        key = json.dumps(record.get("prompt"), sort_keys=True)
+        row = rows.setdefault(key, {"prompt": prompt_text(record.get("prompt", "")), "base": record.get("text", ""),
+                                    "base_step": record.get("step")})
+        row |= {"text": record.get("text", ""), "step": record.get("step")}
+    return list(rows.values())
+
+
 @dataclass
 class RunRecord:
     """A run as the runs table shows it: its config, its summary (once it ended), its metrics and the studio's record
@@ -142,6 +169,19 @@ class RunRecord:
     @property
     def exportable(self) -> bool:
         return (self.path / "final" / "model.safetensors").is_file()
+
+    @property
+    def evaluation(self) -> dict[str, Any] | None:
+        """The run's eval.json (its held-out figures and its base model's), None until one is written."""
+        try:
+            value = json.loads((self.path / "eval.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return value if isinstance(value, dict) else None
+
+    def samples(self) -> list[dict[str, Any]]:
+        """sample_rows of the run's samples.jsonl: each prompt's first and latest answer."""
+        return sample_rows(read_samples(self.path))
 
     @property
     def finished(self) -> bool:

@@ -41,17 +41,29 @@ from ..models.quantize import weight_bytes
 from ..optim import build_optimizer, state_bytes
 from ..optim.build import optimizer_settings
 from ..optim.sharded import any_rank
+from ..runs.store import SAMPLES_FILE as SAMPLES
 from . import spectrum_log, tracking
-from .evaluate import held_out
-from .events import CheckpointEvent, DataEvent, DoneEvent, ErrorEvent, EvalEvent, Event, StepEvent, WarningEvent
+from .evaluate import figures, held_out, write_eval
+from .events import (
+    CheckpointEvent,
+    DataEvent,
+    DoneEvent,
+    ErrorEvent,
+    EvalEvent,
+    Event,
+    SampleEvent,
+    StepEvent,
+    WarningEvent,
+)
 from .loss import loss_function
+from .samples import Sampler
 from .schedule import lr_factor, micro_batches
 from .sharding import full_state_dict, full_value, local_value, shard_model
 from .state import Position, all_finite, load_checkpoint, save_checkpoint, save_final
 from .summary import read_summary, whole_run, write_summary
 
-__all__ = ["CheckpointEvent", "DataEvent", "DoneEvent", "ErrorEvent", "EvalEvent", "Event", "StepEvent",
-           "TrainingRun", "WarningEvent"]
+__all__ = ["CheckpointEvent", "DataEvent", "DoneEvent", "ErrorEvent", "EvalEvent", "Event", "SampleEvent",
+           "StepEvent", "TrainingRun", "WarningEvent"]
 
 DISK_FULL_FREE_BYTES = 1 << 20  # a failed write with less than this left free is a full disk (torch.save hides ENOSPC)
 
@@ -151,12 +163,13 @@ class TrainingRun:
         else:
             model, optimizer = accelerator.prepare(model, optimizer)
         loss_of = loss_function(model, accelerator.unwrap_model(model), cfg.chunked_loss)
+        sampler = Sampler.for_run(cfg, accelerator.unwrap_model(model), tokenizer, data) if main else None
         position = Position()
         if self.resume:
             position, skipped = load_checkpoint(cfg, accelerator.unwrap_model(model), optimizer, scheduler)
             refuse_if_finished(self.run_dir, cfg.max_steps, position.step)  # before anything in the run is written
             if main:
-                for name in ("metrics.jsonl", spectrum_log.FILE):
+                for name in ("metrics.jsonl", spectrum_log.FILE, SAMPLES):
                     self._truncate(name, position.step)
                 for message in skipped:
                     self._append_metrics({"step": position.step, "warning": message})
@@ -180,6 +193,16 @@ class TrainingRun:
         started, last_loss, status, first_step = time.time(), float("nan"), "finished", position.step
         names = {id(p): name for name, p in accelerator.unwrap_model(model).named_parameters()}
         order = {name: i for i, name in enumerate(names.values())}  # spectrum.jsonl lists matrices in model order
+        if data.eval and not self.resume:  # the starting model's held-out figures, eval.json's `base`
+            base = figures(*held_out(model, loss_of, data.eval, cfg, tokenizer.pad_token_id, accelerator.device))
+            if cfg.fsdp:
+                model.reshard()
+            if main:
+                with self._writing():
+                    write_eval(self.run_dir, {"base": base})
+        last_eval: dict[str, Any] | None = None
+        if sampler is not None and not self.resume:  # the base model's answers, kept as the baseline
+            self._sample(sampler, 0)
         model.train()
         while position.step < cfg.max_steps:
             tick = time.perf_counter()
@@ -228,11 +251,15 @@ class TrainingRun:
                 for message in optimizer.optimizer.pop_incidents():
                     self._append_metrics({"step": position.step, "warning": message})
                     self._emit(WarningEvent(position.step, message))
+                if sampler is not None and (position.step % cfg.sample_every == 0 or position.step == cfg.max_steps):
+                    self._sample(sampler, position.step)
             if data.eval and (position.step % cfg.eval_every == 0 or position.step == cfg.max_steps):
                 eval_loss, accuracy = held_out(model, loss_of, data.eval, cfg, tokenizer.pad_token_id,
                                                accelerator.device)
                 if cfg.fsdp:
                     model.reshard()  # a forward with no backward after it leaves the root's weights gathered
+                last_eval = {"data": "held-out", "examples": len(data.eval), "step": position.step,
+                             **figures(eval_loss, accuracy)}
                 if main:
                     self._append_metrics({"step": position.step, "eval_loss": eval_loss, "time": time.time()}
                                          | ({} if accuracy is None else {"eval_accuracy": accuracy}))
@@ -280,8 +307,18 @@ class TrainingRun:
                 save_final(cfg, self.model, tokenizer, method.uses_adapter, position.step, weights)
             with self._writing():
                 write_summary(self.run_dir, summary)
+                if last_eval is not None:
+                    write_eval(self.run_dir, last_eval)
         self._emit(DoneEvent(status, summary))
         return summary
+
+    def _sample(self, sampler: Sampler, step: int) -> None:
+        records = sampler.sample(step)
+        self._append_lines(SAMPLES, records)
+        if self._tracker is not None:
+            with self._writing():
+                self._tracker.log_samples(records)
+        self._emit(SampleEvent(step, records))
 
     def _diverged(self, step: int, what: str) -> ConfigError:
         return ConfigError(f"training diverged at step {step}: {what}; lower --lr or use --optim-bits 32 "

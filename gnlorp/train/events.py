@@ -26,6 +26,13 @@ class EvalEvent:
 
 
 @dataclass
+class SampleEvent:
+    """The model's greedy answers at a step: samples.jsonl records (`step`, `prompt`, `text`)."""
+    step: int
+    samples: list[dict] = field(default_factory=list)
+
+
+@dataclass
 class CheckpointEvent:
     step: int
     path: str
@@ -56,4 +63,4 @@ class WarningEvent:
     message: str
 
 
-Event = StepEvent | EvalEvent | CheckpointEvent | DoneEvent | ErrorEvent | WarningEvent | DataEvent
+Event = StepEvent | EvalEvent | SampleEvent | CheckpointEvent | DoneEvent | ErrorEvent | WarningEvent | DataEvent

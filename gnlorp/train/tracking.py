@@ -15,7 +15,7 @@ from typing import Any
 from accelerate import Accelerator
 
 from ..config import ConfigError
-from ..runs.store import read_metrics
+from ..runs.store import read_metrics, read_samples
 
 FOLDER = "tensorboard"  # inside the run folder: `tensorboard --logdir RUN/tensorboard`
 TAGS = {  # metrics.jsonl key -> scalar tag; TensorBoard groups tags by what precedes the slash
@@ -46,6 +46,7 @@ class Tracker:
         accelerator.init_trackers(FOLDER)  # writes to project_dir/FOLDER
         for record in read_metrics(run_dir):
             self.log(record)
+        self.log_samples(read_samples(run_dir))
 
     def log(self, record: dict[str, Any]) -> None:
         """One metrics.jsonl record at its step and wall time: numbers as scalars, a warning as text and a count."""
@@ -56,6 +57,16 @@ class Tracker:
         if values:
             self.accelerator.log(values, step=record["step"],
                                  log_kwargs={"tensorboard": {"walltime": record.get("time")}})
+
+    def log_samples(self, records: list[dict[str, Any]]) -> None:
+        """samples.jsonl records as text, one tag per prompt (`samples/1`, ...): the prompt, then the answer."""
+        by_step: dict[int, dict[str, str]] = {}
+        for record in records:
+            tags = by_step.setdefault(record["step"], {})
+            prompt = record["prompt"] if isinstance(record["prompt"], str) else record["prompt"][-1]["content"]
+            tags[f"samples/{len(tags) + 1}"] = f"**{prompt}**\n\n{record['text']}"
+        for step, values in by_step.items():
+            self.accelerator.log(values, step=step)
 
     def close(self) -> None:
         """Flush and close the event files. Not accelerator.end_training(): that also destroys the process group."""

@@ -28,6 +28,9 @@ QA_FILE = "riddles"
 TOPIC_FILES = ("computers", "food", "love", "politics", "startrek")
 TOPIC_MAX_CHARS = 300
 TOPIC_PER_CLASS = 180
+# Multiple choice (gnlorp eval --choices): docstring questions, each with its answer and three others'.
+CHOICE_QUESTIONS = 60
+CHOICES = 4
 # Instructions for a pretrained chat model: what a stdlib function does, answered by its docstring's first
 # paragraph. Pure-Python modules whose public API is the same on every platform.
 DOC_MODULES = ("argparse", "ast", "base64", "calendar", "collections", "colorsys", "configparser", "contextlib",
@@ -205,6 +208,19 @@ def chat_records(source: Path) -> list[dict]:
     return sorted(records, key=lambda r: digest(json.dumps(r, ensure_ascii=False)))
 
 
+def choice_records(qa: list[dict], count: int = CHOICE_QUESTIONS) -> list[dict]:
+    """Multiple-choice questions from the docstring instructions: the question, then its own answer among the
+    answers of three other questions (the next ones in SHA-256 order of their text), at a hash-picked place."""
+    ordered = sorted(qa, key=lambda r: digest(r["prompt"]))
+    records = []
+    for i, record in enumerate(ordered[:count]):
+        others = [ordered[(i + k) % len(ordered)]["response"] for k in range(1, CHOICES)]
+        place = int(digest(record["prompt"]), 16) % CHOICES
+        choices = [*others[:place], record["response"], *others[place:]]
+        records.append({"question": f"{record['prompt']}\nAnswer:", "choices": choices, "answer": place})
+    return records
+
+
 def write_jsonl(path: Path, records: list[dict]) -> None:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
 
@@ -219,6 +235,8 @@ def main() -> None:
     write_jsonl(args.output / "riddles-qa.jsonl", qa_records(args.source))
     write_jsonl(args.output / "python-docstrings-qa.jsonl", docstring_records())
     write_jsonl(args.output / "chat.jsonl", chat_records(args.source))
+    qa = [json.loads(line) for line in (args.output / "python-docstrings-qa.jsonl").read_text("utf-8").splitlines()]
+    write_jsonl(args.output / "docstring-choices.jsonl", choice_records(qa))
 
 
 if __name__ == "__main__":
