@@ -29,7 +29,7 @@ def add_estimate(commands: argparse._SubParsersAction) -> None:
                         "side by side")
     add_config_arguments(parser, ["model", "task", "method", "rank", "optim_bits", "weight_bits", "batch_size",
                                   "seq_len", "grad_accum", "targets", "proj_type", "proj_dtype", "layerwise",
-                                  "grad_checkpointing", "chunked_loss", "dtype"])
+                                  "grad_checkpointing", "chunked_loss", "dtype", "objective"])
     parser.set_defaults(run=_run_estimate)
 
 

@@ -65,6 +65,8 @@ def detect_format(columns: list[str], cfg: RunConfig) -> str:
     their columns are specific; a plain text column is the fallback)."""
     if cfg.data_format != "auto":
         return cfg.data_format
+    if all(name in columns for name in ("prompt", "chosen", "rejected")):
+        return "preference"
     if "messages" in columns:
         return "messages"
     if "conversations" in columns:
