@@ -161,7 +161,7 @@ def encode_pairs(rows: list[Row], encoder: _Encoder) -> tuple[list[Pair], dict[s
 def preference_data(rows: list[Row], train: list[Row], held: list[Row], tokenizer: Any, cfg: RunConfig,
                     ) -> TokenizedData:
     """Both parts of a split preference file as pairs, with a report of what became of every record; the report's
-    `bad_pairs` lists every unusable pair's place by reason."""
+    `bad_pairs` lists the place of every pair left out, by reason."""
     if cfg.objective == "sft":
         raise ConfigError(f"{cfg.data} holds preference pairs (prompt, chosen, rejected): train them with "
                           "--objective dpo, orpo or simpo")
@@ -177,7 +177,8 @@ def preference_data(rows: list[Row], train: list[Row], held: list[Row], tokenize
         raise ConfigError(f"{cfg.data}: no usable preference pair to train on ({found}); fix the pairs or raise "
                           "--seq-len")
     report = data_report("preference", len(rows), bad, outcomes, cfg.data)
-    report["bad_pairs"] = bad
+    report["bad_pairs"] = bad | {status.removeprefix("dropped: "): where for status, where in outcomes.items()
+                                 if status.startswith("dropped")}
     template = (encoder.template or tokenizer.chat_template) if encoder.chat or _conversational(rows) else None
     return TokenizedData(pairs, held_pairs, report=report, chat_template=template)
 
