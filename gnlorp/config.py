@@ -174,8 +174,6 @@ class RunConfig:
         if self.objective != "sft" and self.task != "causal-lm":
             raise ConfigError(f"objective {self.objective} trains a causal-lm on preference pairs: use --task "
                               "causal-lm")
-        if self.objective != "sft" and self.chunked_loss:
-            raise ConfigError(f"chunked_loss applies to objective sft, not {self.objective}: set it off")
         self._validate_weight_bits()
         return self
 

@@ -170,5 +170,22 @@ def test_objective_and_data_must_agree(tmp_path):
         prepare_data(RunConfig(data="presets/data/riddles-qa.jsonl", objective="dpo"), load_tokenizer("tiny"))
     with pytest.raises(ConfigError, match="--objective dpo, orpo or simpo"):
         prepare_data(RunConfig(data=SHIPPED), load_tokenizer("tiny"))
-    with pytest.raises(ConfigError, match="chunked_loss"):
-        RunConfig(objective="dpo", chunked_loss=True).validate()
+    with pytest.raises(ConfigError, match="causal-lm"):
+        RunConfig(objective="dpo", task="seq-cls").validate()
+
+
+def test_chunked_log_probs_and_their_gradients_equal_the_plain_ones():
+    cfg = RunConfig(data=SHIPPED, objective="dpo", seq_len=64)
+    tokenizer = load_tokenizer("tiny")
+    batch = collate_pairs(prepare_data(cfg, tokenizer).train[:3], tokenizer.pad_token_id)
+    model = load_model("tiny", "causal-lm", seed=0)
+    results = []
+    for head in (None, model.get_output_embeddings()):
+        model.zero_grad()
+        logps, counts = answer_logps(model, batch, head)
+        (logps * torch.arange(1.0, 7.0)).sum().backward()
+        results.append((logps.detach(), counts, [p.grad.clone() for p in model.parameters()]))
+    (plain, plain_counts, plain_grads), (chunked, chunked_counts, chunked_grads) = results
+    assert torch.equal(plain_counts, chunked_counts)
+    assert torch.allclose(plain, chunked, rtol=1e-5, atol=1e-4)
+    assert all((a - b).abs().max() <= 1e-5 * a.abs().max() for a, b in zip(plain_grads, chunked_grads, strict=True))

@@ -62,7 +62,8 @@ def _run_estimate(args: argparse.Namespace) -> int:
     answer = "fits" if verdict.fits else "does NOT fit"
     print(f"{answer} on {device.label} (needs {verdict.total_bytes / 2**30:.2f} GiB of "
           f"{device.capacity_bytes / 2**30:.2f}); largest batch that fits at seq {cfg.seq_len}: "
-          f"{verdict.max_batch_size}")
+          f"{verdict.max_batch_size}" + (" pairs (two sequences each; DPO's reference log-probs are precomputed, "
+                                         "no reference model)" if cfg.objective != "sft" else ""))
     return 0
 
 

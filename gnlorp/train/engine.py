@@ -147,9 +147,9 @@ class TrainingRun:
             optimizer = accelerator.prepare(optimizer)
         else:
             model, optimizer = accelerator.prepare(model, optimizer)
-        objective = preference_objective(cfg, model)  # None for sft
+        objective = preference_objective(cfg, model, accelerator.unwrap_model(model))  # None for sft
         if cfg.objective == "dpo":  # before a checkpoint is loaded: the model is still the starting one
-            prepare_reference(model, data, cfg, self.run_dir, tokenizer.pad_token_id, accelerator.device, main)
+            prepare_reference(objective, data, self.run_dir, tokenizer.pad_token_id, accelerator.device, main)
         loss_of = objective or loss_function(model, accelerator.unwrap_model(model), cfg.chunked_loss)
         position = Position()
         if self.resume:

@@ -22,23 +22,35 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from ..atomic import atomic_file
-from ..config import RunConfig
+from ..config import ConfigError, RunConfig
 from ..data.examples import IGNORE_INDEX, TokenizedData
 from ..data.preference import Pair, collate_pairs
+from .loss import SUPPORTED, LinearCrossEntropy, chunk_tokens
 
 REFERENCE_FILE = "reference_logps.safetensors"
 METRICS = ("reward_margin", "reward_accuracy", "chosen_logps", "rejected_logps")
 Losses = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # mean loss, chosen rewards, rejected rewards
 
 
-def answer_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row: the sum of the log-probabilities of its labelled (answer) tokens, and how many there are."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+def answer_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], head: torch.nn.Module | None = None,
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: the sum of the log-probabilities of its labelled (answer) tokens, and how many there are.
+
+    Given the unwrapped model's `head` (--chunked-loss), whole logits never exist: each row's mean token NLL comes
+    from loss.py's chunked head-and-cross-entropy, which times the row's count is minus its summed log-probs."""
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
     labels = batch["labels"][:, 1:]
-    logits = out.logits[:, :-1].float()
-    picked = logits.gather(2, labels.clamp_min(0)[..., None])[..., 0] - logits.logsumexp(-1)
     mask = labels != IGNORE_INDEX
-    return (picked * mask).sum(-1), mask.sum(-1)
+    counts = mask.sum(-1)
+    if head is not None:
+        hidden = model(**inputs, logits_to_keep=1, output_hidden_states=True).hidden_states[-1][:, :-1]
+        chunk = chunk_tokens(head.weight.shape[0])
+        nll = [LinearCrossEntropy.apply(row, head.weight, head.bias, row_labels, chunk)
+               for row, row_labels in zip(hidden, labels, strict=True)]
+        return -torch.stack(nll) * counts, counts
+    logits = model(**inputs).logits[:, :-1].float()
+    picked = logits.gather(2, labels.clamp_min(0)[..., None])[..., 0] - logits.logsumexp(-1)
+    return (picked * mask).sum(-1), counts
 
 
 def dpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,
@@ -76,13 +88,13 @@ class PreferenceObjective:
     """batch → mean loss of the configured objective, like train/loss.py's `loss_function`; it also sums the
     reward statistics of the batches it saw, which `pop_metrics` turns into metrics.jsonl's fields."""
 
-    def __init__(self, cfg: RunConfig, model: torch.nn.Module):
-        self.cfg, self.model = cfg, model
+    def __init__(self, cfg: RunConfig, model: torch.nn.Module, head: torch.nn.Module | None = None):
+        self.cfg, self.model, self.head = cfg, model, head
         self._sums: torch.Tensor | None = None  # pairs, margin, correct, chosen logps, rejected logps
 
     def losses(self, batch: dict[str, torch.Tensor]) -> tuple[Losses, torch.Tensor, torch.Tensor]:
         """The objective's (loss, rewards) and the summed log-probs of the chosen and rejected answers."""
-        logps, counts = answer_logps(self.model, batch)
+        logps, counts = answer_logps(self.model, batch, self.head)
         pairs = logps.shape[0] // 2
         chosen, rejected = logps[:pairs], logps[pairs:]
         chosen_avg, rejected_avg = chosen / counts[:pairs].clamp_min(1), rejected / counts[pairs:].clamp_min(1)
@@ -133,9 +145,16 @@ class PreferenceObjective:
         return total / max(len(pairs), 1), self.pop_metrics(prefix="eval_")
 
 
-def preference_objective(cfg: RunConfig, model: torch.nn.Module) -> PreferenceObjective | None:
-    """The objective's loss for a preference run; None for sft (the ordinary next-token loss)."""
-    return None if cfg.objective == "sft" else PreferenceObjective(cfg, model)
+def preference_objective(cfg: RunConfig, model: torch.nn.Module, unwrapped: torch.nn.Module,
+                         ) -> PreferenceObjective | None:
+    """The objective's loss for a preference run (with cfg.chunked_loss, through the unwrapped model's head); None
+    for sft (the ordinary next-token loss)."""
+    if cfg.objective == "sft":
+        return None
+    if cfg.chunked_loss and unwrapped.config.model_type not in SUPPORTED:
+        raise ConfigError(f"chunked_loss supports {', '.join(sorted(SUPPORTED))} models, not "
+                          f"{unwrapped.config.model_type}: set chunked_loss off")
+    return PreferenceObjective(cfg, model, unwrapped.get_output_embeddings() if cfg.chunked_loss else None)
 
 
 def fingerprint(cfg: RunConfig, data: TokenizedData) -> str:
@@ -152,23 +171,24 @@ def fingerprint(cfg: RunConfig, data: TokenizedData) -> str:
 
 @torch.no_grad()
 def compute_reference(model: torch.nn.Module, pairs: list[Pair], batch_size: int, pad_id: int,
-                      device: torch.device, progress: tqdm) -> torch.Tensor:
+                      device: torch.device, progress: tqdm, head: torch.nn.Module | None = None) -> torch.Tensor:
     """pairs × 2 (chosen, rejected) summed answer log-probabilities under `model` as it is now."""
     rows = []
     for start in range(0, len(pairs), batch_size):
         part = pairs[start:start + batch_size]
         batch = {k: v.to(device) for k, v in collate_pairs(part, pad_id).items()}
-        logps, _ = answer_logps(model, batch)
+        logps, _ = answer_logps(model, batch, head)
         rows.append(torch.stack(logps.float().cpu().chunk(2), dim=1))
         progress.update(len(part))
     return torch.cat(rows) if rows else torch.zeros(0, 2)
 
 
-def prepare_reference(model: torch.nn.Module, data: TokenizedData, cfg: RunConfig, run_dir: Path, pad_id: int,
+def prepare_reference(objective: PreferenceObjective, data: TokenizedData, run_dir: Path, pad_id: int,
                       device: torch.device, main: bool) -> bool:
     """Give every train and held-out pair DPO's reference log-probabilities: read from the run folder when they
-    were computed there for these pairs and this starting model, else computed now with `model` (which must still
-    be the starting model) and saved. True when they were computed."""
+    were computed there for these pairs and this starting model, else computed now with the objective's model
+    (which must still be the starting model) and saved. True when they were computed."""
+    cfg, model = objective.cfg, objective.model
     path = run_dir / REFERENCE_FILE
     key = fingerprint(cfg, data)
     stored = _read_reference(path, key)
@@ -177,7 +197,8 @@ def prepare_reference(model: torch.nn.Module, data: TokenizedData, cfg: RunConfi
         model.eval()
         with tqdm(total=len(data.train) + len(data.eval), desc="dpo reference", unit="pair",
                   disable=None if main else True, leave=False) as progress:
-            stored = {name: compute_reference(model, pairs, cfg.batch_size, pad_id, device, progress)
+            stored = {name: compute_reference(model, pairs, cfg.batch_size, pad_id, device, progress,
+                                                 objective.head)
                       for name, pairs in (("train", data.train), ("eval", data.eval))}
         model.train()
         if cfg.fsdp:
