@@ -4,8 +4,12 @@ import logging
 import os
 import warnings
 
-# Nothing is ever fetched from a hub: set before transformers/peft import huggingface_hub, which reads it once.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# No library fetches anything on its own (bitsandbytes would fetch a CPU kernel at import): set before
+# transformers/peft import huggingface_hub, which reads it once. A model or dataset the user names by its Hub id is
+# still fetched (gnlorp.models.hub), unless the user set HF_HUB_OFFLINE: GNLORP_HUB_DOWNLOADS says it was gnlorp.
+if "HF_HUB_OFFLINE" not in os.environ and "TRANSFORMERS_OFFLINE" not in os.environ:
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["GNLORP_HUB_DOWNLOADS"] = "1"
 
 
 class _DropLine(logging.Filter):

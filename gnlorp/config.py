@@ -36,9 +36,13 @@ def knob(default: Any, help: str, *, choices: tuple | None = None, min: float | 
 @dataclass
 class RunConfig:
     model: str = knob("tiny", "A preset (tiny, llama-60m … llama-7b from random init; minilm, smollm2 pretrained, "
-                              "from their pip packages) or a local Hugging Face model folder.")
+                              "from their pip packages), a local Hugging Face model folder, or a Hub id "
+                              "ORG/NAME[@REVISION] (fetched once into the Hugging Face cache; the run records the "
+                              "commit it trained).")
     data: str = knob("presets/data/fortunes.jsonl",
-                     "A .jsonl, .json, .csv, .tsv, .parquet or .txt file, or a `datasets` save_to_disk folder.")
+                     "A .jsonl, .json, .csv, .tsv, .parquet or .txt file, a `datasets` save_to_disk folder, or a "
+                     "Hugging Face Hub dataset ORG/NAME[@REVISION][:SPLIT] (read with `datasets`, cached as it "
+                     "caches).")
     task: str = knob("causal-lm", "causal-lm: next-token prediction; seq-cls: classify each text.", choices=TASKS)
     method: str = knob("gradnormlorp", "What trains and how its optimizer state is kept.", choices=METHOD_NAMES)
     objective: str = knob("sft", "What the loss rewards: sft = the next token of the data; dpo, orpo, simpo = "
@@ -67,6 +71,8 @@ class RunConfig:
     seq_len: int = knob(128, "Tokens per sequence (longer texts are cut, shorter ones padded).", min=8, max=1 << 20)
     lr: float = knob(1e-3, "Peak learning rate.", min=0.0, max=10.0)
     seed: int = knob(0, "Seed for initialisation, data order and the held-out split.", min=0, max=2**32 - 1)
+    data_config: str = knob("", "A Hub dataset's configuration (subset) name, as `datasets.load_dataset` takes it "
+                            "(empty = its default).", group="data")
     text_column: str = knob("text", "Column holding the text.", group="data")
     prompt_column: str = knob("prompt", "Column holding the prompt (with response_column: loss on the response only).",
                               group="data")

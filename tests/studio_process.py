@@ -24,12 +24,13 @@ def free_port() -> int:
 
 
 @contextmanager
-def studio(runs_dir: Path, *extra: str) -> Iterator[str]:
-    """Run app.py with `runs_dir` until the block ends; yields its URL once the page is served."""
+def studio(runs_dir: Path, *extra: str, env: dict[str, str] | None = None) -> Iterator[str]:
+    """Run app.py with `runs_dir` (and `env` added to the environment) until the block ends; yields its URL once
+    the page is served."""
     port = free_port()
     log = open(runs_dir.parent / f"studio-{port}.log", "wb")  # noqa: SIM115 - closed below
     process = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--runs-dir", str(runs_dir), *extra],
-                               cwd=ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT)
+                               cwd=ROOT, env={**ENV, **(env or {})}, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     try:
         deadline = time.monotonic() + START_TIMEOUT_S

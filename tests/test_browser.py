@@ -33,9 +33,10 @@ sync_api.expect.set_options(timeout=30_000)  # assertions wait for the page; 5 s
 
 
 @contextmanager
-def studio_page(runs: Path, width: int = 1280, **options) -> Iterator:
-    """A Chromium tab on a fresh studio serving `runs`, once the page has built itself (after loading)."""
-    with studio(runs) as url, sync_api.sync_playwright() as playwright:
+def studio_page(runs: Path, width: int = 1280, env: dict[str, str] | None = None, **options) -> Iterator:
+    """A Chromium tab on a fresh studio serving `runs` (with `env` added to its environment), once the page has built
+    itself (after loading)."""
+    with studio(runs, env=env) as url, sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         tab = browser.new_page(viewport={"width": width, "height": 1000}, **options)
         tab.set_default_timeout(60_000)

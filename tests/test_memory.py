@@ -8,13 +8,14 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from gnlorp.config import METHOD_NAMES, RunConfig
-from gnlorp.memory import CPU_OVERHEAD, PARTS, Device, estimate, fit
+from gnlorp.memory import CPU_OVERHEAD, PARTS, Device, compare, estimate, fit
 from gnlorp.memory.activations import saved_bytes
 from gnlorp.models.load import PRESETS, enable_checkpointing
 from gnlorp.train.engine import TrainingRun
@@ -34,6 +35,89 @@ def test_estimated_optimizer_state_equals_the_bytes_a_run_holds(tmp_path, method
     assert predicted["weights"] == 4 * sum(p.numel() for p in run.model.parameters())
 
 
+
+
+def int8_bytes_by_hand(rows: int, cols: int) -> int:
+    """Int8 trained weights: a byte a weight, and an fp32 scale per group of up to 256 along a row (the largest power
+    of two, at most 256, that divides the row)."""
+    group = 256
+    while cols % group:
+        group //= 2
+    return rows * cols + 4 * rows * (cols // group)
+
+
+def llama_weights_by_hand(hidden: int, ffn: int, heads: int, kv_heads: int, layers: int, vocab: int,
+                          dtype_bytes: int, compute_bytes: int | None) -> int:
+    """A Llama's weight bytes from its config (untied head): in dtype, or (compute_bytes given) with q/k/v/o and
+    gate/up/down held as int8 codes and scales, plus the largest of them dequantized in the compute dtype."""
+    kv = kv_heads * (hidden // heads)
+    targets = [(hidden, hidden), (kv, hidden), (kv, hidden), (hidden, hidden), (ffn, hidden), (ffn, hidden),
+               (hidden, ffn)] * layers
+    others = 2 * vocab * hidden + (2 * layers + 1) * hidden  # embedding, head, two norms a layer, the final norm
+    if compute_bytes is None:
+        return dtype_bytes * (others + sum(m * n for m, n in targets))
+    return (dtype_bytes * others + sum(int8_bytes_by_hand(m, n) for m, n in targets)
+            + compute_bytes * max(m * n for m, n in targets))
+
+
+CPU = Device("cpu", "a large CPU", 2**40, "cpu")
+
+
+@pytest.mark.parametrize("method", ["full", "galore", "gradnormlorp"])
+@pytest.mark.parametrize(("device", "dtype", "dtype_bytes", "compute_bytes"), [
+    (CPU, "float32", 4, 4), ("rtx-4090", "float32", 4, 2), (CPU, "bfloat16", 2, 2)])
+def test_int8_trained_weights_are_their_targets_codes_and_scales_by_hand(tmp_path, method, device, dtype,
+                                                                        dtype_bytes, compute_bytes):
+    """Widths whose rows split into groups of 32 (96) and 8 (200), and grouped-query attention (k, v of 48 rows):
+    the targets count as codes and scales, everything else as before, plus one dequantized matrix (a gate)."""
+    LlamaConfig(hidden_size=96, intermediate_size=200, num_attention_heads=4, num_key_value_heads=2,
+                num_hidden_layers=3, vocab_size=512, tie_word_embeddings=False).save_pretrained(tmp_path)
+    shape = dict(hidden=96, ffn=200, heads=4, kv_heads=2, layers=3, vocab=512, dtype_bytes=dtype_bytes)
+    cfg = RunConfig(model=str(tmp_path), method=method, dtype=dtype)
+    assert estimate(cfg, device)["weights"] == llama_weights_by_hand(**shape, compute_bytes=None)
+    int8 = RunConfig(model=str(tmp_path), method=method, dtype=dtype, weight_bits=8).validate()
+    assert estimate(int8, device)["weights"] == llama_weights_by_hand(**shape, compute_bytes=compute_bytes)
+
+
+def test_llama3_8b_int8_trained_weights_by_hand():
+    """Every Llama-3-8B target row divides into groups of 256: 1 + 4/256 bytes a weight, the embedding and head in
+    bfloat16, and one 14336 x 4096 MLP matrix dequantized to bfloat16 (autocast)."""
+    config = json.loads((Path(__file__).resolve().parents[1] / "gnlorp/assets/configs/llama3-8b.json").read_text())
+    hidden, ffn, layers, vocab = (config[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                                      "vocab_size"))
+    kv = config["num_key_value_heads"] * hidden // config["num_attention_heads"]
+    targeted = layers * (2 * hidden * hidden + 2 * kv * hidden + 3 * ffn * hidden)
+    others = 2 * vocab * hidden + (2 * layers + 1) * hidden
+    expected = 2 * others + targeted + targeted // 64 + 2 * ffn * hidden
+    cfg = RunConfig(model="llama3-8b", method="gradnormlorp", dtype="bfloat16", weight_bits=8).validate()
+    assert estimate(cfg, "rtx-4090")["weights"] == expected
+    assert expected / 2**30 == pytest.approx(8.668, abs=1e-3)  # docs/BENCHMARKS.md's figure
+
+
+def test_estimate_weight_bits_8_for_trained_weights_on_the_command_line():
+    """`estimate --weight-bits 8 --json`'s weights are the tiny LLaMA's int8 targets on a T4 (bfloat16 autocast)."""
+    result = subprocess.run([sys.executable, "-m", "gnlorp", "estimate", "--model", "tiny", "--method", "galore",
+                             "--weight-bits", "8", "--device", "t4", "--json"], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    expected = llama_weights_by_hand(hidden=128, ffn=352, heads=4, kv_heads=4, layers=4, vocab=4096, dtype_bytes=4,
+                                     compute_bytes=2)
+    assert json.loads(result.stdout)["weights"] == expected
+    shown = subprocess.run([sys.executable, "-m", "gnlorp", "estimate", "--model", "tiny", "--method", "galore",
+                            "--weight-bits", "8", "--device", "t4"], capture_output=True, text=True, timeout=300)
+    assert "fits on T4 16 GB with int8 trained weights" in shown.stdout, shown.stderr
+    refused = subprocess.run([sys.executable, "-m", "gnlorp", "estimate", "--model", "tiny", "--method", "galore",
+                              "--weight-bits", "4"], capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
+    assert "--weight-bits 8" in refused.stderr
+
+
+def test_compare_shows_each_method_at_the_weight_width_it_can_take():
+    """Over an NF4 base the adapters keep 4 bits; the methods that train their weights take their least, 8."""
+    table = compare(RunConfig(method="lora", weight_bits=4), CPU)
+    for name in ("full", "galore", "gradnormlorp"):
+        assert table[name] == estimate(RunConfig(method=name, weight_bits=8), CPU)
+    assert table["vera"] == estimate(RunConfig(method="vera", weight_bits=4), CPU)
 
 
 def _count_saved(hidden: int, ffn: int, heads: int, layers: int, batch: int, seq: int, vocab: int,

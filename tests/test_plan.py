@@ -14,8 +14,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from gnlorp.cli.memory import DEVICES
 from gnlorp.config import ConfigError, RunConfig
 from gnlorp.memory import CUDA_CONTEXT, PARTS, Device, estimate, get_device, plan
+from gnlorp.memory.devices import GPU_NAMES
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -34,6 +36,8 @@ def needed(cfg: RunConfig, device: Device) -> int:
 def undone(cfg: RunConfig, asked: RunConfig) -> list[RunConfig]:
     """Each memory-saving setting of `cfg` taken back one at a time (the valid results only)."""
     changes = []
+    if cfg.weight_bits < 16:
+        changes.append({"weight_bits": {4: 8, 8: 16}[cfg.weight_bits]})
     if cfg.optim_bits < 32:
         changes.append({"optim_bits": {4: 8, 8: 32}[cfg.optim_bits]})
     if cfg.proj_dtype in ("int8", "bfloat16"):
@@ -54,6 +58,22 @@ def undone(cfg: RunConfig, asked: RunConfig) -> list[RunConfig]:
         except ConfigError:
             pass
     return variants
+
+
+def leanest_needs(cfg: RunConfig, device: Device, sequences: int) -> int:
+    """The least any setting the planner may choose needs for `cfg` at `sequences` per step and its weight width:
+    4-bit moments, int8 projectors, bfloat16, checkpointing, the chunked loss, and either layer-wise steps on the
+    whole batch or micro-batches of one."""
+    lean = dict(optim_bits=4, proj_dtype="int8", dtype="bfloat16", grad_checkpointing=True, chunked_loss=True)
+    variants = [dict(layerwise=True, max_grad_norm=0.0, batch_size=sequences, grad_accum=1),
+                dict(layerwise=False, batch_size=1, grad_accum=sequences)]
+    needs = []
+    for variant in variants:
+        try:
+            needs.append(needed(dataclasses.replace(cfg, **lean, **variant).validate(), device))
+        except ConfigError:
+            pass  # layer-wise steps for an adapter
+    return min(needs)
 
 
 CASES = [  # model, method, sequences per step, tokens, device: from no saving needed to most of them
@@ -152,3 +172,67 @@ def test_the_planner_finds_the_hand_written_24gb_recipe():
     knobs = ("rank", "optim_bits", "proj_dtype", "dtype", "layerwise", "grad_checkpointing", "chunked_loss",
              "batch_size", "grad_accum", "max_grad_norm")
     assert {k: getattr(chosen, k) for k in knobs} == {k: getattr(preset, k) for k in knobs}
+
+
+@pytest.mark.parametrize(("method", "rank", "sequences", "device", "bits"), [
+    ("gradnormlorp", 512, 2, "rtx-4060ti-16gb", 8),
+    ("full", 8, 1, "a100-80gb", 16),
+    ("lora", 16, 1, "rtx-4090", 16),
+    ("lora", 16, 1, "rtx-3060-12gb", 8),
+    ("lora", 16, 1, "rtx-4060", 4),
+])
+def test_weights_are_quantized_only_when_no_less_lossy_width_fits(method, rank, sequences, device, bits):
+    target = get_device(device)
+    asked = RunConfig(model="llama3-8b", method=method, rank=rank, batch_size=sequences, seq_len=2048)
+    result = plan(asked, target)
+    assert result.fits and result.config.weight_bits == bits
+    budget = result.budget_bytes
+    for wider in (16, 8):
+        if wider > bits:
+            assert leanest_needs(dataclasses.replace(asked, weight_bits=wider), target, sequences) > budget, wider
+    for variant in undone(result.config, asked):
+        assert needed(variant, target) > budget, f"the plan need not have used {variant}"
+
+
+def test_without_a_batch_size_the_most_sequences_that_fit_up_to_the_asked_ones():
+    asked = RunConfig(model="llama3-8b", method="gradnormlorp", seq_len=2048)  # 8 sequences by default
+    result = plan(asked, "rtx-4090", search_rank=True, search_sequences=True)
+    chosen = result.config
+    sequences = chosen.batch_size * chosen.grad_accum
+    assert result.fits and 1 <= sequences < 8 and chosen.weight_bits == 16
+    assert needed(chosen, result.device) == result.predicted_peak_bytes <= result.budget_bytes
+    smallest_rank = dataclasses.replace(asked, rank=4096 // 32)
+    assert leanest_needs(smallest_rank, result.device, sequences + 1) > result.budget_bytes
+    roomy = plan(asked, "h100-80gb", search_rank=True, search_sequences=True).config
+    assert roomy.batch_size * roomy.grad_accum == 8 and roomy.weight_bits == 16
+
+
+def test_cli_plan_without_a_batch_size_finds_a_run_for_the_8b_on_a_24gb_card():
+    proc = gnlorp("plan", "--model", "llama3-8b", "--device", "rtx-4090", "--seq-len", "2048", "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    config = RunConfig.from_dict(result["config"])
+    assert result["fits"] and config.weight_bits == 16 and config.seq_len == 2048
+    assert result["predicted_peak_bytes"] == needed(config, get_device("rtx-4090")) <= result["budget_bytes"]
+    assert 1 <= config.batch_size * config.grad_accum < 8
+
+
+def test_the_16gb_preset_fits_its_card_and_is_what_the_planner_chooses():
+    """The int8-weight recipe fits a 16 GB card by `estimate` (it does not with bfloat16 weights), and the planner,
+    given the model, the card and the tokens, writes the same settings."""
+    path = ROOT / "presets" / "llama3-8b-gradnormlorp-16gb.yaml"
+    proc = gnlorp("estimate", "--config", path, "--device", "rtx-4060ti-16gb", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["fits"] is True
+    preset = RunConfig.from_yaml(path)
+    device = get_device("rtx-4060ti-16gb")
+    assert needed(preset, device) <= int(0.95 * device.capacity_bytes)
+    assert needed(dataclasses.replace(preset, weight_bits=16), device) > device.capacity_bytes
+    chosen = plan(RunConfig(model="llama3-8b", batch_size=2, seq_len=2048), device, search_rank=True).config
+    knobs = ("rank", "optim_bits", "weight_bits", "proj_dtype", "dtype", "layerwise", "grad_checkpointing",
+             "chunked_loss", "batch_size", "grad_accum", "max_grad_norm")
+    assert {k: getattr(chosen, k) for k in knobs} == {k: getattr(preset, k) for k in knobs}
+
+
+def test_the_device_help_names_every_listed_card():
+    assert DEVICES == ", ".join(GPU_NAMES)

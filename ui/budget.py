@@ -12,7 +12,8 @@ from typing import Any
 import gradio as gr
 
 from gnlorp.config import RunConfig
-from gnlorp.memory import PARTS, Fit, Plan, compare, devices, fit, plan
+from gnlorp.memory import PARTS, Fit, Plan, compare, describe_weights, devices, fit, plan
+from gnlorp.models import download_bytes, gigabytes
 
 from .charts import budget_figure, compare_figure, human_bytes
 from .context import Studio
@@ -35,11 +36,19 @@ def verdict(cfg: RunConfig, result: Fit) -> str:
     share = result.total_bytes / result.device.capacity_bytes
     largest = (f"Largest batch that fits at sequence length {cfg.seq_len}: {result.max_batch_size}."
                if result.max_batch_size else "Not even a batch of 1 fits.")
+    weights = describe_weights(cfg.method, cfg.weight_bits, cfg.dtype)
     if result.fits:
-        return ok(f"Fits on {result.device.label}: needs {need} of {have} ({share:.0%}). {largest}")
-    return problem(f"Does not fit on {result.device.label}: needs {need} of {have} ({share:.0%}). {largest} "
-                   "Try a lower batch size or sequence length, 8-bit states, gradnormlorp/galore, activation "
-                   "checkpointing or layer-wise updates.")
+        return ok(f"Fits on {result.device.label} with {weights}: needs {need} of {have} ({share:.0%}). {largest}")
+    return problem(f"Does not fit on {result.device.label} with {weights}: needs {need} of {have} ({share:.0%}). "
+                   f"{largest} Try a lower batch size or sequence length, 8-bit states, gradnormlorp/galore, "
+                   "activation checkpointing, layer-wise updates or 8-bit weights.")
+
+
+def download_note(cfg: RunConfig) -> str:
+    """Beside the verdict for a Hub model whose weights are not cached: the estimate came from its config.json."""
+    size = download_bytes(cfg.model, cfg.task, trust_remote_code=cfg.trust_remote_code)
+    return "" if size is None else ok(f"{cfg.model}: not downloaded yet, {gigabytes(size)} (estimated from its "
+                                      "config.json alone)")
 
 
 def plan_message(result: Plan) -> str:
@@ -51,7 +60,8 @@ def plan_message(result: Plan) -> str:
                        f"{human_bytes(result.over_bytes)} over. Try a shorter sequence, fewer sequences per step or a "
                        "larger device.")
     changed = "; ".join(result.changes) or "nothing: the run fits as it is"
-    return ok(f"Planned for {result.device.label}: needs {need} of {have} ({free}), rough step time "
+    weights = describe_weights(result.config.method, result.config.weight_bits, result.config.dtype)
+    return ok(f"Planned for {result.device.label} with {weights}: needs {need} of {have} ({free}), rough step time "
               f"{result.time_factor:.2f}x the unconstrained run's. Changed: {changed}.")
 
 
@@ -100,7 +110,7 @@ def build_budget(studio: Studio, setup: SetupTab, page: gr.Blocks) -> BudgetPane
         cfg = values_to_config(form)
         studio.check_model(cfg)
         result = fit(cfg, device_name)  # one verdict for the line and the bar
-        return verdict(cfg, result), chosen_figure(cfg, result), device_rows(cfg)
+        return verdict(cfg, result) + download_note(cfg), chosen_figure(cfg, result), device_rows(cfg)
 
     @guarded(2, 0, studio.error_log, cleared={1: None})
     def update_all(*values: Any) -> tuple:

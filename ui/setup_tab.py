@@ -15,7 +15,7 @@ import gradio as gr
 from gnlorp.config import ConfigError, RunConfig
 from gnlorp.data import SUPPORTED, read_records, read_table
 from gnlorp.methods import METHODS
-from gnlorp.models import describe_origin, preset_names
+from gnlorp.models import cached_models, describe_origin, gigabytes, parse_hub_id, pin, preset_names
 
 from .context import NAME, Studio
 from .data_preview import COLOR_MAP, FIELDS, SHOWN_ROWS, training_view
@@ -23,6 +23,7 @@ from .feedback import guarded, in_form_words, ok, problem
 from .widgets import config_to_values, config_widgets, form_fields, preset_files, values_to_config
 
 DEFAULT_PRESET = "tiny-gradnormlorp.yaml"
+DOWNLOAD_PROGRESS = gr.Progress(track_tqdm=True)  # huggingface_hub's download bars, drawn on the page
 PREVIEW_ROWS = 5
 
 
@@ -50,6 +51,12 @@ def shipped_data(studio: Studio) -> list[str]:
     return shipped + uploaded
 
 
+def model_choices() -> list[tuple[str, str]]:
+    """The presets, then every model in the local Hugging Face cache with its size on disk."""
+    cached = [(f"{repo} ({gigabytes(size)} on disk)", repo) for repo, size in cached_models()]
+    return [(name, name) for name in preset_names()] + cached
+
+
 def method_lines() -> str:
     return "\n".join(f"- **{name}**: {method.summary}" for name, method in METHODS.items())
 
@@ -60,9 +67,11 @@ def build_setup(studio: Studio, page: gr.Blocks) -> SetupTab:
     extras: dict[str, Any] = {}
 
     def model_picker(common: dict) -> gr.Component:
-        common["info"] += " Pick a preset or type a folder path."
-        dropdown = gr.Dropdown(choices=preset_names(), allow_custom_value=True, **common)
+        common["info"] += (" Pick a preset or a model in your Hugging Face cache, or type a folder path or a Hub id "
+                           "(ORG/NAME, ORG/NAME@REVISION).")
+        dropdown = gr.Dropdown(choices=model_choices(), allow_custom_value=True, **common)
         extras["model_origin"] = gr.Markdown(elem_id="model-origin")
+        extras["download"] = gr.Button("Download", size="sm", elem_id="model-download")
         return dropdown
 
     def data_picker(common: dict) -> gr.Component:
@@ -130,6 +139,17 @@ def build_setup(studio: Studio, page: gr.Blocks) -> SetupTab:
 
     gr.on([page.load, form["model"].change], origin, inputs=form["model"], outputs=extras["model_origin"],
           api_name="model_origin", show_progress="hidden")
+
+    @guarded(2, 0, log)
+    def download(model: str, trust_remote_code: bool, progress: gr.Progress = DOWNLOAD_PROGRESS) -> tuple:
+        """Fetch a Hub model into the Hugging Face cache here, with a progress bar, so a run trains it offline."""
+        if parse_hub_id(model or "") is None:
+            raise ConfigError("Download fetches a Hub model: type its id (ORG/NAME) in Model")
+        pinned = pin(model, trust_remote_code=trust_remote_code)
+        return ok(f"downloaded {pinned} into the Hugging Face cache"), gr.update(choices=model_choices())
+
+    extras["download"].click(download, inputs=[form["model"], form["trust_remote_code"]],
+                             outputs=[message, form["model"]], api_name="download_model")
 
     @guarded(2, 0, log)
     def upload(file: str | None) -> tuple[str, Any]:

@@ -147,7 +147,7 @@ def build_train(studio: Studio, setup: SetupTab) -> TrainTab:
         processes = min(int(processes or 1), max(visible_gpus, 1))
         if cfg.fsdp and processes < 2:
             raise ConfigError("'Sharded over the GPUs' needs 2 GPUs or more: choose them under GPUs, or turn it off")
-        cfg = studio.check_inputs(replace(cfg, output=str(studio.new_run_dir(cfg, name or ""))))
+        cfg = studio.pinned(studio.check_inputs(replace(cfg, output=str(studio.new_run_dir(cfg, name or "")))))
         try:
             predicted = estimate(cfg, gpus=processes)["total"]
         except ConfigError:

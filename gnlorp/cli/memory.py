@@ -10,6 +10,10 @@ from ..atomic import strict_json
 from ..config import METHOD_NAMES, ConfigError, add_config_arguments, config_from_args
 from .args import int_in_range
 
+# gnlorp.memory's GPU_NAMES, written out: importing it here would load torch before every command's parser.
+DEVICES = ("rtx-4090, rtx-3090, rtx-4080, rtx-4060ti-16gb, rtx-4070, rtx-3060-12gb, rtx-4060, l4, t4, a100-40gb, "
+           "a100-80gb, h100-80gb")
+
 
 def add_estimate(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
@@ -21,8 +25,7 @@ def add_estimate(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--config", help="a YAML run config")
     parser.add_argument("--json", action="store_true", help="print one JSON object of byte counts")
     parser.add_argument("--device", default="this-machine",
-                        help="rtx-4090, rtx-3090, l4, t4, a100-40gb, a100-80gb, h100-80gb or this-machine (its GPU, "
-                        "else its free RAM)")
+                        help=f"{DEVICES} or this-machine (its GPU, else its free RAM)")
     parser.add_argument("--compare", action="store_true", help="every method side by side")
     parser.add_argument("--gpus", type=int_in_range(1, 1 << 16), default=1,
                         help="memory per GPU on N of --device: one process, data-parallel (DDP) and sharded (FSDP) "
@@ -36,7 +39,7 @@ def add_estimate(commands: argparse._SubParsersAction) -> None:
 def _run_estimate(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
-    from gnlorp.memory import fit, get_device, with_method
+    from gnlorp.memory import describe_weights, fit, get_device, with_method
 
     device = get_device(args.device)
     if args.compare and args.gpus > 1:
@@ -60,7 +63,8 @@ def _run_estimate(args: argparse.Namespace) -> int:
         shown = f"{value:,}" if key == "trainable_params" else f"{value / 2**30:8.3f} GiB"
         print(f"{key:<18} {shown}")
     answer = "fits" if verdict.fits else "does NOT fit"
-    print(f"{answer} on {device.label} (needs {verdict.total_bytes / 2**30:.2f} GiB of "
+    print(f"{answer} on {device.label} with {describe_weights(cfg.method, cfg.weight_bits, cfg.dtype)} (needs "
+          f"{verdict.total_bytes / 2**30:.2f} GiB of "
           f"{device.capacity_bytes / 2**30:.2f}); largest batch that fits at seq {cfg.seq_len}: "
           f"{verdict.max_batch_size}" + (" pairs (two sequences each; DPO's reference log-probs are precomputed, "
                                          "no reference model)" if cfg.objective != "sft" else ""))
@@ -117,12 +121,13 @@ def add_plan(commands: argparse._SubParsersAction) -> None:
         "plan", help="find the fastest settings of a run that fit a device, and write them as a config",
         description="Search the memory-saving settings (optimizer bits, projector dtype, weight dtype, layer-wise "
         "steps, activation checkpointing, the chunked loss, micro-batch and accumulation at the same tokens per "
-        "step; the rank too unless given) with the estimator, and print the fastest run that fits. Exit 2 when "
-        "nothing fits, with what comes closest.",
+        "step; the rank and the sequences per step too unless given) with the estimator, and print the fastest run "
+        "that fits, with weights as loaded if any does, else int8, else (adapters) NF4. Exit 2 when nothing fits, "
+        "with what comes closest.",
     )
     parser.add_argument("--config", help="a YAML run config to start from (its data, lr, steps are kept)")
     parser.add_argument("--device", default="this-machine",
-                        help="rtx-4090, rtx-3090, l4, t4, a100-40gb, a100-80gb, h100-80gb or this-machine")
+                        help=f"{DEVICES} or this-machine")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object: fits, config, predicted_peak_bytes, device_bytes, parts")
     parser.add_argument("--write-config", metavar="FILE", help="write the planned run as YAML for train --config")
@@ -136,16 +141,19 @@ def _run_plan(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     if args.write_config and Path(args.write_config).exists():
         raise ConfigError(f"{args.write_config} already exists; choose another --write-config file")
-    from gnlorp.memory import plan
+    from gnlorp.memory import describe_weights, plan
 
-    result = plan(cfg, args.device, search_rank=args.rank is None and args.config is None)
+    chosen_here = args.config is None  # a config's rank and sequences are the user's; without one, the planner's
+    result = plan(cfg, args.device, search_rank=args.rank is None and chosen_here,
+                  search_sequences=args.batch_size is None and chosen_here)
     gib = 2**30
     if args.json:
         print(strict_json(result.to_json()))
     else:
         chosen = result.config
         print(f"{'fits' if result.fits else 'nothing fits'} on {result.device.label}: {chosen.method} rank "
-              f"{chosen.rank} needs {result.predicted_peak_bytes / gib:.2f} of {result.budget_bytes / gib:.2f} GiB "
+              f"{chosen.rank}, {describe_weights(chosen.method, chosen.weight_bits, chosen.dtype)}, needs "
+              f"{result.predicted_peak_bytes / gib:.2f} of {result.budget_bytes / gib:.2f} GiB "
               f"(the card's {result.device.capacity_bytes / gib:.2f} less {result.headroom:.0%} kept free); "
               f"{chosen.batch_size} x {chosen.grad_accum} sequences of {chosen.seq_len} tokens per step; rough step "
               f"time {result.time_factor:.2f}x the unconstrained run's")
@@ -168,8 +176,11 @@ def _run_plan(args: argparse.Namespace) -> int:
 
 def _settings(cfg) -> str:
     """The settings a plan varies, in one phrase."""
+    from gnlorp.memory import describe_weights
+
     on = [name for name in ("layerwise", "grad_checkpointing", "chunked_loss") if getattr(cfg, name)]
-    return (f"{cfg.optim_bits}-bit states, {cfg.proj_dtype} projectors, {cfg.dtype} weights, batch "
+    return (f"{cfg.optim_bits}-bit states, {cfg.proj_dtype} projectors, "
+            f"{describe_weights(cfg.method, cfg.weight_bits, cfg.dtype)}, batch "
             f"{cfg.batch_size} x {cfg.grad_accum}" + "".join(f", {name}" for name in on))
 
 

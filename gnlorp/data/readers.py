@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from gnlorp.config import ConfigError, RunConfig
+from gnlorp.data.hub_data import parse_dataset_id, read_hub_dataset
 
 SUPPORTED = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".txt")
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -39,6 +40,8 @@ def resolve_data_path(path: str | os.PathLike) -> Path:
 
 def read_rows(path: Path, cfg: RunConfig) -> list[Row]:
     """The records as read, each with where it came from, so a skipped one can be pointed to."""
+    if not path.exists() and parse_dataset_id(str(path)) is not None:
+        return read_hub_dataset(str(path), cfg)
     if not path.exists():
         raise ConfigError(f"cannot read data file {path}: {os.strerror(errno.ENOENT)}; check the path")
     if path.is_dir():

@@ -49,11 +49,17 @@ class Classification:
 
 
 def inspect_source(path: str | Path) -> Source:
-    """Tell a run folder from a model folder and read its task; a ConfigError says what the path is not."""
+    """Tell a run folder from a model folder (a Hub id's is its cached snapshot, fetched if needed) and read its
+    task; a ConfigError says what the path is not."""
+    from ..models.hub import hub_folder, parse_hub_id
+
     folder = Path(path).expanduser()
+    if not folder.exists() and parse_hub_id(str(path)) is not None:
+        folder = hub_folder(str(path))
     if not folder.is_dir():
         what = "does not exist" if not folder.exists() else "is a file"
-        raise ConfigError(f"{folder} {what}; give a run folder (from `gnlorp train`) or an exported model folder")
+        raise ConfigError(f"{folder} {what}; give a run folder (from `gnlorp train`), an exported model folder or a "
+                          "Hub id ORG/NAME")
     if (folder / "config.yaml").is_file():
         cfg = RunConfig.from_yaml(folder / "config.yaml")
         return Source(folder, "run", cfg.task, cfg, _run_weights(folder))

@@ -25,12 +25,13 @@ from pathlib import Path
 from torch import nn
 
 from ..config import ADAPTER_METHODS, METHOD_NAMES, RunConfig
+from ..optim.rounding import int8_bytes
 from ..train.loss import chunk_tokens
 from ..train.sharding import decoder_blocks, separate_embedding
 from .activations import layer_bytes, saved_bytes
 from .devices import Device, get_device, this_machine
 from .state import optimizer_state_parts, update_temporaries
-from .weights import dequantized_transient, quantized_bytes
+from .weights import COMPUTE_BYTES, dequantized_transient, quantized_bytes
 
 PARTS = ("weights", "gradients", "optimizer_states", "projectors", "activations", "overhead")
 MIB = 2**20
@@ -114,9 +115,9 @@ def compare(cfg: RunConfig, device: str | Device | None = None) -> dict[str, dic
 
 
 def with_method(cfg: RunConfig, name: str) -> RunConfig:
-    """`cfg` with another method; a quantized base is kept for the adapter methods only (the others train their
-    weights, which cannot be quantized yet), so a comparison shows each method as it can run."""
-    bits = cfg.weight_bits if name in ADAPTER_METHODS else 16
+    """`cfg` with another method, its weights as close to `cfg.weight_bits` as that method can hold them (the ones
+    that train their weights take 8 bits at least), so a comparison shows each method as it can run."""
+    bits = cfg.weight_bits if name in ADAPTER_METHODS else max(cfg.weight_bits, 8)
     return dataclasses.replace(cfg, method=name, weight_bits=bits)
 
 
@@ -176,6 +177,9 @@ class _Counts:
     nf4_bytes: int = 0  # those linears' bytes in NF4, state included
     int8_bytes: int = 0  # and in int8
     quantizable_largest: int = 0  # the largest of them (its dequantized copy is the transient)
+    targeted: int = 0  # numel of the targeted weights, which full/galore/gradnormlorp may hold as int8 (weight_bits 8)
+    targeted_int8_bytes: int = 0  # those weights as int8 codes and their group scales (optim/rounding.py)
+    targeted_largest: int = 0  # the largest of them (its dequantized copy is the transient)
 
     def extrapolate(self, two: _Counts, layers: int) -> _Counts:
         """From the counts of a 1-layer (self) and a 2-layer model to `layers` identical layers."""
@@ -183,8 +187,9 @@ class _Counts:
             return getattr(self, name) + (layers - 1) * (getattr(two, name) - getattr(self, name))
 
         additive = ("params", "trainable", "states", "projectors", "target_features", "outside_blocks",
-                    "outside_trainable", "quantizable", "nf4_bytes", "int8_bytes")
+                    "outside_trainable", "quantizable", "nf4_bytes", "int8_bytes", "targeted", "targeted_int8_bytes")
         return _Counts(**{name: grow(name) for name in additive}, quantizable_largest=two.quantizable_largest,
+                       targeted_largest=two.targeted_largest,
                        block=two.block,
                        block_trainable=two.block_trainable, largest=two.largest, head=two.head,
                        update=two.update, layerwise_step=two.layerwise_step, embedding=two.embedding,
@@ -228,6 +233,9 @@ def _count(cfg: RunConfig, method, base, shards: int) -> _Counts:
         nf4_bytes=sum(quantized_bytes(m, n, 4) for m, n in quantizable),
         int8_bytes=sum(quantized_bytes(m, n, 8) for m, n in quantizable),
         quantizable_largest=max((m * n for m, n in quantizable), default=0),
+        targeted=sum(m * n for m, n in targets),
+        targeted_int8_bytes=sum(int8_bytes(m, n) for m, n in targets),
+        targeted_largest=max((m * n for m, n in targets), default=0),
     )
 
 
@@ -260,10 +268,11 @@ def _identical_layers(base, cfg: RunConfig) -> int | None:
     return count if all(t == per_layer[0] for t in per_layer) else None
 
 
-# What the model's shapes and the optimizer's groups do not depend on: the planner varies these freely.
+# What the model's shapes and the optimizer's groups do not depend on: the planner varies these freely. (_Counts
+# holds the weights' bytes at every width, so weight_bits is among them.)
 _NOT_COUNTED = ("batch_size", "seq_len", "grad_accum", "grad_checkpointing", "chunked_loss", "layerwise", "fsdp",
                 "max_grad_norm", "output", "data", "max_steps", "lr", "seed", "warmup_steps", "eval_every",
-                "checkpoint_every", "eval_fraction")
+                "checkpoint_every", "eval_fraction", "weight_bits", "weight_rounding")
 
 
 def _shapes(cfg: RunConfig, shards: int = 1) -> tuple[object, _Counts]:
@@ -318,9 +327,16 @@ def _budget(cfg: RunConfig, device: Device, gpus: int = 1) -> _Budget:
     if cfg.grad_checkpointing:  # the adapters' extra lives only in the one layer being recomputed
         method_saved /= config.num_hidden_layers
     weights = counts.params * weight_bytes
-    if cfg.weight_bits != 16:  # a frozen bitsandbytes base, and the one matrix dequantized while it computes
+    if cfg.weight_bits != 16 and cfg.method in ADAPTER_METHODS:
+        # A frozen bitsandbytes base, and the one matrix dequantized (bfloat16) while it computes.
         held = counts.nf4_bytes if cfg.weight_bits == 4 else counts.int8_bytes
         weights += held - counts.quantizable * weight_bytes + dequantized_transient(counts.quantizable_largest)
+    elif cfg.weight_bits == 8:
+        # Int8 trained weights (the targets; embeddings, norms and head stay in dtype), each dequantized to the
+        # compute dtype one layer at a time, in forward and again in backward: one matrix at a time.
+        compute = COMPUTE_BYTES if autocast or cfg.dtype == "bfloat16" else 4
+        weights += counts.targeted_int8_bytes - counts.targeted * weight_bytes + \
+            dequantized_transient(counts.targeted_largest, compute)
     gradients = (counts.largest if cfg.layerwise else counts.trainable) * weight_bytes
     if sharded:
         # 1/N of every weight and gradient, plus what FSDP gathers: the root unit (final norm, head) for the whole

@@ -8,16 +8,21 @@ a third time, and splitting the asked sequences into smaller micro-batches (more
 per step) runs each matmul on fewer tokens. The plan is the candidate with the lowest time × (1 + weight ×
 quality) whose estimate fits the device with HEADROOM to spare (the estimate's own error, measured within 5%, and
 the allocator's fragmentation on a GPU).
+
+Two choices come before that score, in the order a user gives things up. Weights first stay as loaded, then int8,
+then (adapters over a frozen base only) NF4: a run at a lossier width is planned only when none at the one before
+fits. Within a width, when the sequences per step are the planner's to choose, the most that fit, up to those asked.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 from dataclasses import dataclass
 
-from ..config import ConfigError, RunConfig
+from ..config import ADAPTER_METHODS, ConfigError, RunConfig
 from ..train.loss import SUPPORTED as CHUNKED_LOSS_MODELS
 from .devices import Device
 from .estimate import CUDA_CONTEXT, PARTS, _device, _shapes, estimate
@@ -35,6 +40,9 @@ HEADROOM = 0.05  # of the device's memory, left free
 # A matmul on fewer tokens than this runs well below the GPU's peak: time per token ~ 1 + SATURATION / tokens.
 SATURATION_TOKENS = 256
 RECOMPUTE = 1 / 3  # activation checkpointing: one more forward of the decoder, forward being 1/3 of a step
+# Weight widths, least lossy first: adapters freeze their base in bitsandbytes int8 or NF4; the methods that train
+# their weights hold them in int8 with stochastic rounding (not 4 bits).
+WEIGHT_BITS = {"adapter": (16, 8, 4), "trained": (16, 8)}
 
 
 @dataclass(frozen=True)
@@ -64,18 +72,46 @@ class Plan:
                 "time_factor": round(self.time_factor, 4), "changes": list(self.changes)}
 
 
-def plan(cfg: RunConfig, device: str | Device, *, search_rank: bool = False, headroom: float = HEADROOM) -> Plan:
-    """The best-scoring settings of `cfg`'s run that fit `device`, keeping its tokens per step (sequences × length).
+def plan(cfg: RunConfig, device: str | Device, *, search_rank: bool = False, search_sequences: bool = False,
+         headroom: float = HEADROOM) -> Plan:
+    """The best-scoring settings of `cfg`'s run that fit `device` at the least lossy weight width that can.
 
-    `search_rank` also tries smaller projection ranks (hidden/4, the paper's 7B choice, down to hidden/32) with
-    a quality cost of one per halving; otherwise `cfg.rank` is kept.
+    It keeps `cfg`'s tokens per step (sequences × length); with `search_sequences`, the most sequences per step that
+    fit instead, up to `cfg`'s. `search_rank` also tries smaller projection ranks (hidden/4, the paper's 7B choice,
+    down to hidden/32) with a quality cost of one per halving; otherwise `cfg.rank` is kept.
     """
     target = _device(device)
     context = CUDA_CONTEXT if target.kind == "cuda" else 0
     budget = int(target.capacity_bytes * (1 - headroom))
-    best: tuple | None = None
     leanest: tuple | None = None
-    for candidate, quality in _candidates(cfg, search_rank):
+
+    def best_at(widened: RunConfig, sequences: int) -> tuple | None:
+        nonlocal leanest
+        best, lean = _search(widened, sequences, search_rank, target, budget, context)
+        if lean is not None and (leanest is None or lean[2] < leanest[2]):
+            leanest = lean
+        return best
+
+    asked = cfg.batch_size * cfg.grad_accum
+    for bits in WEIGHT_BITS["adapter" if cfg.method in ADAPTER_METHODS else "trained"]:
+        widened = dataclasses.replace(cfg, weight_bits=bits)
+        if search_sequences:
+            chosen = _most_sequences(functools.partial(best_at, widened), asked)
+        else:
+            chosen = best_at(widened, asked)
+        if chosen is not None:
+            return _plan(cfg, target, budget, context, chosen, fits=True)
+    if leanest is None:
+        raise ConfigError(f"no valid setting to plan for {cfg.method} on {cfg.model}; check --method and --task")
+    return _plan(cfg, target, budget, context, leanest, fits=False)
+
+
+def _search(cfg: RunConfig, sequences: int, search_rank: bool, target: Device, budget: int,
+            context: int) -> tuple[tuple | None, tuple | None]:
+    """(the best-scoring candidate that fits `budget`, the one that needs least) at `sequences` per step, each as
+    (config, estimate, bytes needed); None where there is none."""
+    best, leanest = None, None
+    for candidate, quality in _candidates(cfg, sequences, search_rank):
         parts = estimate(candidate, target)
         needed = parts["total"] + context
         entry = (candidate, parts, needed)
@@ -85,12 +121,28 @@ def plan(cfg: RunConfig, device: str | Device, *, search_rank: bool = False, hea
             key = (round(time_factor(candidate) * (1 + QUALITY_WEIGHT * quality), 6), needed)
             if best is None or key < best[0]:
                 best = (key, entry)
-    chosen, fits = (best[1], True) if best is not None else (leanest, False)
-    if chosen is None:
-        raise ConfigError(f"no valid setting to plan for {cfg.method} on {cfg.model}; check --method and --task")
-    candidate, parts, needed = chosen
+    return (best[1] if best is not None else None), leanest
+
+
+def _most_sequences(best_at, asked: int) -> tuple | None:
+    """The best entry at the most sequences per step, up to `asked`, for which `best_at` finds one. Bisection: if S
+    sequences fit, S - 1 do (one fewer in the micro-batch, or one micro-batch of one fewer accumulated)."""
+    low, high, found = 0, asked + 1, None  # S = low fits (or is 0), S = high does not (or is beyond what was asked)
+    while high - low > 1:
+        middle = (low + high) // 2
+        entry = best_at(middle)
+        if entry is not None:
+            low, found = middle, entry
+        else:
+            high = middle
+    return found
+
+
+def _plan(asked: RunConfig, target: Device, budget: int, context: int, entry: tuple, fits: bool) -> Plan:
+    candidate, parts, needed = entry
     shown = {name: parts[name] for name in PARTS} | {"cuda_context": context}
-    return Plan(fits, candidate, target, budget, shown, needed, time_factor(candidate), tuple(_changes(cfg, candidate)))
+    return Plan(fits, candidate, target, budget, shown, needed, time_factor(candidate),
+                tuple(_changes(asked, candidate)))
 
 
 def time_factor(cfg: RunConfig) -> float:
@@ -110,12 +162,12 @@ def time_factor(cfg: RunConfig) -> float:
     return factor
 
 
-def _candidates(cfg: RunConfig, search_rank: bool):
-    """Every valid combination of the settings the planner may change, with its quality cost."""
+def _candidates(cfg: RunConfig, sequences: int, search_rank: bool):
+    """Every valid combination of the settings the planner may change at `sequences` per step, with its quality
+    cost."""
     from ..methods import ProjectedMethod, get_method
 
     config, _ = _shapes(cfg)
-    sequences = cfg.batch_size * cfg.grad_accum
     micro_batches = [b for b in range(sequences, 0, -1) if sequences % b == 0]
     projected = isinstance(get_method(cfg.method), ProjectedMethod)  # only these have projectors to store
     ranks = [cfg.rank]

@@ -6,9 +6,13 @@ quantization) with an fp32 scale per 256 absmax values; a 16-entry fp32 code boo
 code book of the nested quantization is one table the process shares, too small to count.
 int8: one byte per weight and an fp32 scale per output row.
 While a layer computes, its weight exists dequantized in the compute dtype: one matrix at a time (the transient).
+Int8 *trained* weights (full, galore, gradnormlorp at weight_bits 8) have their own group format, whose single
+source is optim/rounding.py (`int8_bytes`); they dequantize the same way, one matrix at a time.
 """
 
 from __future__ import annotations
+
+from ..config import ADAPTER_METHODS
 
 NF4_BLOCK = 64
 NESTED_BLOCK = 256
@@ -28,6 +32,15 @@ def quantized_bytes(rows: int, cols: int, bits: int) -> int:
     raise ValueError(f"quantized weights are 8 or 4 bits, got {bits}")
 
 
-def dequantized_transient(largest: int) -> int:
+def dequantized_transient(largest: int, compute_bytes: int = COMPUTE_BYTES) -> int:
     """The one matrix that exists dequantized at a time: the largest quantized weight, in the compute dtype."""
-    return largest * COMPUTE_BYTES
+    return largest * compute_bytes
+
+
+def describe_weights(method: str, weight_bits: int, dtype: str) -> str:
+    """How a run holds its weights, in a few words for plan and the studio's budget."""
+    if weight_bits == 16:
+        return f"{dtype} weights"
+    if method in ADAPTER_METHODS:
+        return f"{'NF4' if weight_bits == 4 else 'int8'} frozen base"
+    return "int8 trained weights"

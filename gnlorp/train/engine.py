@@ -34,6 +34,7 @@ from ..config import ConfigError, RunConfig
 from ..data import describe, prepare_data, summary_line
 from ..memory import MemoryMonitor, estimate, predict_optimizer_state_bytes, return_freed_memory, this_machine
 from ..methods import get_method
+from ..models.hub import pin
 from ..models.load import enable_checkpointing, load_tokenizer
 from ..models.load import load_model as load_base_model
 from ..models.quantize import weight_bytes
@@ -119,8 +120,9 @@ class TrainingRun:
             return_freed_memory()  # freed gradients and activations leave the RSS instead of piling up in the heap
         memory = self._memory = MemoryMonitor(accelerator.device)
 
-        # Data, model, method, optimizer, schedule.
-        tokenizer = load_tokenizer(cfg.model)
+        # Data, model, method, optimizer, schedule. A Hub model is pinned to the commit it trains (config.yaml).
+        cfg = self.cfg = dataclasses.replace(cfg, model=pin(cfg.model, trust_remote_code=cfg.trust_remote_code))
+        tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
         data = prepare_data(cfg, tokenizer)
         if data.chat_template is not None:  # saved with every checkpoint and export: the format the model learns
             tokenizer.chat_template = data.chat_template
