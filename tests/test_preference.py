@@ -189,3 +189,23 @@ def test_chunked_log_probs_and_their_gradients_equal_the_plain_ones():
     assert torch.equal(plain_counts, chunked_counts)
     assert torch.allclose(plain, chunked, rtol=1e-5, atol=1e-4)
     assert all((a - b).abs().max() <= 1e-5 * a.abs().max() for a, b in zip(plain_grads, chunked_grads, strict=True))
+
+
+def test_estimate_counts_two_sequences_a_pair_and_no_reference_model():
+    from gnlorp.memory import estimate
+
+    dpo = estimate(RunConfig(model="llama-60m", objective="dpo", batch_size=4), "a100-40gb")
+    sft = estimate(RunConfig(model="llama-60m", batch_size=8), "a100-40gb")
+    assert dpo == sft  # 4 pairs are 8 sequences; the weights are the policy's alone
+
+
+def test_the_loss_chart_shows_margin_and_accuracy_beside_the_loss():
+    from ui.charts import loss_figure
+
+    steps = [{"step": s, "loss": 0.69 - s / 100, "reward_margin": s / 10, "reward_accuracy": s / 4} for s in (1, 2)]
+    evals = [{"step": 2, "eval_loss": 0.6, "eval_reward_margin": 0.3, "eval_reward_accuracy": 0.8}]
+    fig = loss_figure(steps, evals)
+    beside = {trace.name: list(trace.y) for trace in fig.data if trace.xaxis == "x2"}
+    assert beside == {"reward margin": [0.1, 0.2], "eval reward margin": [0.3], "reward accuracy": [0.25, 0.5],
+                      "eval reward accuracy": [0.8]}
+    assert [trace.name for trace in loss_figure([{"step": 1, "loss": 1.0}], []).data] == ["train", "eval"]
