@@ -78,8 +78,9 @@ class RunConfig:
                               group="data")
     response_column: str = knob("response", "Column holding the response.", group="data")
     label_column: str = knob("label", "Column holding the class label (seq-cls).", group="data")
-    data_format: str = knob("auto", "Layout of the records: auto detects it from the columns (messages, conversations, "
-                            "instruction+output, prompt+response, else text).", choices=DATA_FORMATS, group="data")
+    data_format: str = knob("auto", "Layout of the records: auto detects it from the columns (prompt+chosen+rejected: "
+                            "preference pairs, then messages, conversations, instruction+output, prompt+response, "
+                            "else text).", choices=DATA_FORMATS, group="data")
     train_on: str = knob("assistant", "Chat formats: which tokens carry the loss: every assistant turn (its text and "
                          "end-of-turn marker), only the last one, or all tokens.",
                          choices=("assistant", "last", "all"), group="data")

@@ -196,7 +196,7 @@ def prepare_reference(objective: PreferenceObjective, data: TokenizedData, run_d
     if computed:
         model.eval()
         with tqdm(total=len(data.train) + len(data.eval), desc="dpo reference", unit="pair",
-                  disable=None if main else True, leave=False) as progress:
+                  disable=not main, leave=False) as progress:
             stored = {name: compute_reference(model, pairs, cfg.batch_size, pad_id, device, progress,
                                                  objective.head)
                       for name, pairs in (("train", data.train), ("eval", data.eval))}
