@@ -113,7 +113,9 @@ class PreferenceObjective:
         self._add(chosen_rewards, rejected_rewards, chosen, rejected)
         return loss
 
-    def _add(self, chosen_rewards, rejected_rewards, chosen, rejected) -> None:
+    def _add(self, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, chosen: torch.Tensor,
+             rejected: torch.Tensor) -> None:
+        """Sum one batch's statistics on its device (no synchronisation until `pop_metrics`)."""
         margin = chosen_rewards - rejected_rewards
         sums = torch.stack([torch.tensor(float(margin.numel()), device=margin.device), margin.sum(),
                             (margin > 0).sum().float(), chosen.sum(), rejected.sum()]).double()
