@@ -137,6 +137,7 @@ def test_bad_pairs_are_counted_by_reason_with_their_lines(tmp_path):
     assert described["dropped"] == {EMPTY_SIDE: 1, IDENTICAL: 1, NOT_A_PAIR: 1,
                                     "the turns before the first trained one fill seq_len": 1}
     assert described["first"]["the turns before the first trained one fill seq_len"] == "line 4"
+    assert described["bad_pairs"] == data.report["bad_pairs"]
     assert len(data.train) == 6 and all(p.chosen.input_ids != p.rejected.input_ids for p in data.train)
 
 
