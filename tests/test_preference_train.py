@@ -43,6 +43,13 @@ def test_dpo_starts_at_ln2_with_every_method(tmp_path, few_pairs, method):
     assert first["reward_margin"] == pytest.approx(0.0, abs=1e-5) and first["chosen_logps"] < 0
 
 
+def test_dpo_starts_at_ln2_with_int8_weights_layerwise_steps_and_the_chunked_loss(tmp_path, few_pairs):
+    summary, events = train(tmp_path, data=few_pairs, method="gradnormlorp", weight_bits=8, layerwise=True,
+                            max_grad_norm=0.0, chunked_loss=True, optim_bits=4, max_steps=2, **QUICK)
+    assert summary is not None, events
+    assert step_losses(events)[0] == pytest.approx(math.log(2), abs=1e-5)
+
+
 def test_the_stored_reference_is_the_starting_models_log_probs(tmp_path, few_pairs):
     train(tmp_path, data=few_pairs, method="lora", max_steps=1, **QUICK)
     stored = load_file(tmp_path / REFERENCE_FILE)
