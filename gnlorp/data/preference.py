@@ -21,7 +21,7 @@ from gnlorp.config import ConfigError, RunConfig
 from gnlorp.data.batches import collate
 from gnlorp.data.chat import PROMPT_FILLS, chat_template, data_report, encode, merge_outcomes, render
 from gnlorp.data.examples import IGNORE_INDEX, Example, TokenizedData
-from gnlorp.data.formats import ROLES, BadRecord, Message, _turns
+from gnlorp.data.formats import ROLES, BadRecord, Message, parse_turns
 from gnlorp.data.readers import Row
 
 COLUMNS = ("prompt", "chosen", "rejected")
@@ -75,7 +75,7 @@ def collate_rows(rows: list[Any], pad_id: int) -> dict[str, torch.Tensor]:
 
 def _messages(value: Any, trained: bool) -> list[Message]:
     """A side given as messages (a list, or one message as a dict); assistant turns carry the loss when `trained`."""
-    turns = _turns([value] if isinstance(value, dict) else value, "role", "content", {r: r for r in ROLES})
+    turns = parse_turns([value] if isinstance(value, dict) else value, "role", "content", {r: r for r in ROLES})
     return [replace(m, trained=trained and m.role == "assistant") for m in turns]
 
 
