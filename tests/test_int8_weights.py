@@ -211,3 +211,26 @@ def test_the_export_is_a_plain_model_with_the_dequantized_weights(tmp_path):
     training.model.eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=ids).logits, training.model(input_ids=ids).logits)
+
+
+def test_layerwise_int8_steps_with_checkpointing_equal_ordinary_ones(tmp_path):
+    settings = {"method": "gradnormlorp", "max_grad_norm": 0.0, "max_steps": 4, "checkpoint_every": 4}
+    ordinary, _ = run(tmp_path / "ordinary", **settings)
+    layerwise, _ = run(tmp_path / "layerwise", layerwise=True, grad_checkpointing=True, **settings)
+    a = load_file(tmp_path / "ordinary" / "final" / "model.safetensors")
+    b = load_file(tmp_path / "layerwise" / "final" / "model.safetensors")
+    assert ordinary["final_loss"] == layerwise["final_loss"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_model_moved_after_quantizing_keeps_its_layerwise_hooks():
+    # accelerate.prepare moves the model to its device after the optimizer is built: on its own device that move
+    # must leave the int8 parameters (and the hooks on them) as they are.
+    layer = nn.Linear(256, 8)
+    layer.weight = nn.Parameter(Int8Weight.from_float(layer.weight.detach()), requires_grad=True)
+    weight, fired = layer.weight, []
+    weight.register_post_accumulate_grad_hook(lambda p: fired.append(p.grad.clone()))
+    layer.to(weight.device)
+    layer(torch.ones(2, 256)).sum().backward()
+    assert layer.weight is weight and len(fired) == 1
+    torch.testing.assert_close(fired[0], torch.full((8, 256), 2.0))

@@ -107,7 +107,8 @@ class ProjectedAdamW(Optimizer):
             self.param_groups.pop()
             raise
         self._position.update((id(p), i) for i, p in enumerate(group["params"]))
-        self._order.update((id(p), len(self._order) + i) for i, p in enumerate(group["params"]))
+        known = len(self._order)
+        self._order.update((id(p), known + i) for i, p in enumerate(group["params"]))
         self._numel = sum(p.numel() for g in self.param_groups for p in g["params"])
 
     def pop_incidents(self, limit: int = 5) -> list[str]:

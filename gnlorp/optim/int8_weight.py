@@ -5,6 +5,10 @@ linear layers keep their class: `F.linear` on it runs `_Int8Linear`, which dequa
 and again in backward (one layer's matrix at a time) and returns a plain gradient in the weight's dtype. The
 optimizer reads and writes it by rows (`read_rows`, `write_rows`); any other read (`.float()`, an index, a
 norm) sees the dequantized value, and any other in-place write is refused rather than lost.
+
+It is deliberately not a traceable subclass (no `__tensor_flatten__`): `Module.to` would then swap the parameter
+with itself even on its own device, which silently drops its gradient hooks (the layer-wise updates). A move to
+another device makes a new parameter, so a model holding int8 weights moves before its optimizer is built.
 """
 
 from __future__ import annotations
@@ -13,9 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils._pytree import tree_map
 
-from .rounding import dequantize, quantize
+from .rounding import dequantize, group_size, quantize
 
 aten = torch.ops.aten
+QUANTIZE_NUMEL = 1 << 20
 
 
 class Int8Weight(torch.Tensor):
@@ -34,19 +39,18 @@ class Int8Weight(torch.Tensor):
 
     @classmethod
     def from_float(cls, weight: torch.Tensor) -> Int8Weight:
-        """`weight` rounded to the nearest codes: deterministic, so a rebuilt model starts where the run did."""
-        codes, scale = quantize(weight)
+        """`weight` rounded to the nearest codes: deterministic, so a rebuilt model starts where the run did. By row
+        chunks of about QUANTIZE_NUMEL weights, so quantizing a large matrix holds no fp32 copy of it."""
+        rows, cols = weight.shape
+        codes = torch.empty(rows, cols, dtype=torch.int8, device=weight.device)
+        scale = torch.empty(rows, cols // group_size(cols), dtype=torch.float32, device=weight.device)
+        step = max(1, QUANTIZE_NUMEL // cols)
+        for start in range(0, rows, step):
+            codes[start:start + step], scale[start:start + step] = quantize(weight[start:start + step])
         return cls(codes, scale, weight.dtype)
 
     def __repr__(self) -> str:
         return f"Int8Weight(shape={tuple(self.shape)}, dtype={self.dtype}, groups={self.scale.shape[1]})"
-
-    def __tensor_flatten__(self):
-        return ["codes", "scale"], self.dtype
-
-    @staticmethod
-    def __tensor_unflatten__(inner, dtype, outer_size, outer_stride):
-        return Int8Weight(inner["codes"], inner["scale"], dtype)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return dequantize(self.codes, self.scale, dtype or self.dtype)

@@ -135,6 +135,8 @@ class TrainingRun:
         model = method.prepare(model, cfg)
         if cfg.grad_checkpointing:
             enable_checkpointing(model)
+        if cfg.int8_trained:  # a move makes new int8 parameters: before the optimizer and its hooks take them
+            model.to(accelerator.device)
         if cfg.fsdp:  # before the optimizer is built: its parameters are the shards
             shard_model(model, bf16=cuda)
         optimizer = build_optimizer(model, **optimizer_settings(cfg))  # with layerwise, its hooks are on
