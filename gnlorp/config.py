@@ -19,7 +19,8 @@ from .atomic import write_text_atomic
 METHOD_NAMES = ("full", "lora", "dora", "vera", "galore", "gradnormlorp")
 ADAPTER_METHODS = ("lora", "dora", "vera")  # the ones that train on a frozen base
 TASKS = ("causal-lm", "seq-cls")
-DATA_FORMATS = ("auto", "text", "prompt-response", "alpaca", "messages", "sharegpt")
+DATA_FORMATS = ("auto", "text", "prompt-response", "alpaca", "messages", "sharegpt", "preference")
+OBJECTIVES = ("sft", "dpo", "orpo", "simpo")
 
 
 class ConfigError(ValueError):
@@ -44,6 +45,15 @@ class RunConfig:
                      "caches).")
     task: str = knob("causal-lm", "causal-lm: next-token prediction; seq-cls: classify each text.", choices=TASKS)
     method: str = knob("gradnormlorp", "What trains and how its optimizer state is kept.", choices=METHOD_NAMES)
+    objective: str = knob("sft", "What the loss rewards: sft = the next token of the data; dpo, orpo, simpo = "
+                          "preference tuning on prompt/chosen/rejected pairs (DPO against the starting model's "
+                          "log-probabilities, computed once before step 0; ORPO and SimPO need no reference).",
+                          choices=OBJECTIVES)
+    beta: float = knob(0.1, "DPO and SimPO: the scale β of the implicit reward (DPO's paper uses 0.1; SimPO's 2 to "
+                       "10).", min=1e-6, max=100.0)
+    simpo_gamma: float = knob(0.5, "SimPO: the target reward margin γ.", min=0.0, max=100.0, group="advanced")
+    orpo_lambda: float = knob(0.1, "ORPO: the weight λ of the odds-ratio term beside the SFT loss on the chosen "
+                              "answer.", min=0.0, max=100.0, group="advanced")
     rank: int = knob(8, "Rank r of the adapter or of the gradient projection.", min=1, max=65536)
     optim_bits: int = knob(8, "Adam moments in 32-bit, or 8- or 4-bit blockwise quantized form.", choices=(32, 8, 4))
     weight_bits: int = knob(16, "Weights in memory: 16 = as loaded (dtype). lora, dora, vera: 8 = a frozen "
@@ -68,8 +78,9 @@ class RunConfig:
                               group="data")
     response_column: str = knob("response", "Column holding the response.", group="data")
     label_column: str = knob("label", "Column holding the class label (seq-cls).", group="data")
-    data_format: str = knob("auto", "Layout of the records: auto detects it from the columns (messages, conversations, "
-                            "instruction+output, prompt+response, else text).", choices=DATA_FORMATS, group="data")
+    data_format: str = knob("auto", "Layout of the records: auto detects it from the columns (prompt+chosen+rejected: "
+                            "preference pairs, then messages, conversations, instruction+output, prompt+response, "
+                            "else text).", choices=DATA_FORMATS, group="data")
     train_on: str = knob("assistant", "Chat formats: which tokens carry the loss: every assistant turn (its text and "
                          "end-of-turn marker), only the last one, or all tokens.",
                          choices=("assistant", "last", "all"), group="data")
@@ -177,6 +188,9 @@ class RunConfig:
         if self.fsdp and self.sample_every and self.task == "causal-lm":
             raise ConfigError("sample_every cannot run with fsdp yet (generating would need every rank's shards): "
                               "set sample_every to 0")
+        if self.objective != "sft" and self.task != "causal-lm":
+            raise ConfigError(f"objective {self.objective} trains a causal-lm on preference pairs: use --task "
+                              "causal-lm")
         self._validate_weight_bits()
         return self
 

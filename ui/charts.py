@@ -6,6 +6,7 @@ from typing import Any
 
 import plotly.graph_objects as go
 from plotly.colors import qualitative
+from plotly.subplots import make_subplots
 
 PART_LABELS = {"weights": "weights", "gradients": "gradients", "optimizer_states": "optimizer states",
                "projectors": "projectors", "activations": "activations", "overhead": "overhead",
@@ -66,12 +67,25 @@ def compare_figure(by_method: dict[str, dict[str, int]], parts_order: tuple[str,
 
 
 def loss_figure(steps: list[dict[str, Any]], evals: list[dict[str, Any]]) -> go.Figure:
-    """Training loss per step and held-out loss at each evaluation."""
-    fig = go.Figure()
-    fig.add_scatter(x=[r["step"] for r in steps], y=[r["loss"] for r in steps], mode="lines", name="train")
+    """Training loss per step and held-out loss at each evaluation; a preference run (its records carry
+    reward_margin) also gets the reward margin and accuracy beside the loss."""
+    preference = any("reward_margin" in r for r in steps)
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("Loss", "Reward margin and accuracy")) if preference \
+        else go.Figure()
+    at = {"row": 1, "col": 1} if preference else {}
+    fig.add_scatter(x=[r["step"] for r in steps], y=[r["loss"] for r in steps], mode="lines", name="train", **at)
     fig.add_scatter(x=[r["step"] for r in evals], y=[r["eval_loss"] for r in evals], mode="lines+markers",
-                    name="eval")
-    return _layout(fig, "Loss", "step", "loss")
+                    name="eval", **at)
+    if not preference:
+        return _layout(fig, "Loss", "step", "loss")
+    for key, records, mode in (("reward_margin", steps, "lines"), ("eval_reward_margin", evals, "lines+markers"),
+                               ("reward_accuracy", steps, "lines"), ("eval_reward_accuracy", evals, "lines+markers")):
+        shown = [r for r in records if key in r]
+        fig.add_scatter(x=[r["step"] for r in shown], y=[r[key] for r in shown], mode=mode,
+                        name=key.replace("_", " "), row=1, col=2)
+    _layout(fig, "", "step", "loss")
+    fig.update_xaxes(title_text="step", row=1, col=2)
+    return fig
 
 
 def memory_figure(steps: list[dict[str, Any]], predicted_peak: int | None) -> go.Figure:

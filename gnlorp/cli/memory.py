@@ -32,7 +32,7 @@ def add_estimate(commands: argparse._SubParsersAction) -> None:
                         "side by side")
     add_config_arguments(parser, ["model", "task", "method", "rank", "optim_bits", "weight_bits", "batch_size",
                                   "seq_len", "grad_accum", "targets", "proj_type", "proj_dtype", "layerwise",
-                                  "grad_checkpointing", "chunked_loss", "dtype"])
+                                  "grad_checkpointing", "chunked_loss", "dtype", "objective"])
     parser.set_defaults(run=_run_estimate)
 
 
@@ -66,7 +66,8 @@ def _run_estimate(args: argparse.Namespace) -> int:
     print(f"{answer} on {device.label} with {describe_weights(cfg.method, cfg.weight_bits, cfg.dtype)} (needs "
           f"{verdict.total_bytes / 2**30:.2f} GiB of "
           f"{device.capacity_bytes / 2**30:.2f}); largest batch that fits at seq {cfg.seq_len}: "
-          f"{verdict.max_batch_size}")
+          f"{verdict.max_batch_size}" + (" pairs (two sequences each; DPO's reference log-probs are precomputed, "
+                                         "no reference model)" if cfg.objective != "sft" else ""))
     return 0
 
 

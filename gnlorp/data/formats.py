@@ -65,6 +65,8 @@ def detect_format(columns: list[str], cfg: RunConfig) -> str:
     their columns are specific; a plain text column is the fallback)."""
     if cfg.data_format != "auto":
         return cfg.data_format
+    if all(name in columns for name in ("prompt", "chosen", "rejected")):
+        return "preference"
     if "messages" in columns:
         return "messages"
     if "conversations" in columns:
@@ -82,7 +84,9 @@ def _text(value: Any) -> str:
     return value
 
 
-def _turns(value: Any, role_key: str, content_key: str, roles: dict[str, str]) -> list[Message]:
+def parse_turns(value: Any, role_key: str, content_key: str, roles: dict[str, str]) -> list[Message]:
+    """A list of turns (or its JSON text) as messages; raises BadRecord with the kind of problem. Shared with the
+    conversational preference pairs (preference.py), so both read messages alike."""
     if isinstance(value, str):  # a CSV cell (or any text column) holding the list as JSON
         try:
             value = json.loads(value)
@@ -106,11 +110,11 @@ def _turns(value: Any, role_key: str, content_key: str, roles: dict[str, str]) -
 
 
 def _messages(record: dict[str, Any]) -> list[Message]:
-    return _turns(record.get("messages"), "role", "content", {role: role for role in ROLES})
+    return parse_turns(record.get("messages"), "role", "content", {role: role for role in ROLES})
 
 
 def _sharegpt(record: dict[str, Any]) -> list[Message]:
-    return _turns(record.get("conversations"), "from", "value", SHAREGPT_ROLES)
+    return parse_turns(record.get("conversations"), "from", "value", SHAREGPT_ROLES)
 
 
 def _alpaca(record: dict[str, Any]) -> list[Message]:

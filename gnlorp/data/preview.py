@@ -24,6 +24,7 @@ def describe(data: TokenizedData, show: int) -> dict[str, Any]:
             status.removeprefix("dropped: "): n for status, n in outcomes.items() if status.startswith("dropped")},
         "first": {key.removeprefix("dropped: "): where for key, where in report.get("first", {}).items()},
         "warnings": report.get("warnings", []),
+        **({"bad_pairs": report["bad_pairs"]} if "bad_pairs" in report else {}),  # preference data: every line
         "preview": [{"input_ids": r.input_ids, "labels": r.labels,
                      "position_ids": r.position_ids or list(range(len(r.input_ids)))} for r in data.train[:show]],
     }

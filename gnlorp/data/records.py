@@ -19,6 +19,7 @@ from gnlorp.data.batches import pack_examples
 from gnlorp.data.chat import chat_data, data_report, merge_outcomes
 from gnlorp.data.examples import IGNORE_INDEX, Example, TokenizedData
 from gnlorp.data.formats import CHAT_FORMATS, Conversations, Message, conversations, detect_format
+from gnlorp.data.preference import check_objective, preference_data
 from gnlorp.data.readers import Row, columns, read_rows, resolve_data_path
 
 OPENING_WORDS = 6  # a held-out text's first words make a sampling prompt
@@ -126,6 +127,11 @@ def prepare_data(cfg: RunConfig, tokenizer: Any) -> TokenizedData:
     path = resolve_data_path(cfg.data)
     rows = _rows(path, cfg)
     fmt = "text" if cfg.task == "seq-cls" else detect_format(columns(rows), cfg)
+    check_objective(fmt, cfg, path)
+    if fmt == "preference":  # pairs are never packed: chosen and rejected are two rows of one batch
+        data = preference_data(rows, *split_records(rows, cfg.eval_fraction, cfg.seed, path), tokenizer, cfg)
+        data.report["examples"] = data.report["rows"] = len(data.train) + len(data.eval)
+        return data
     if fmt in CHAT_FORMATS or (fmt == "prompt-response" and (tokenizer.chat_template or cfg.chat_template)):
         found = conversations(rows, fmt, path) if fmt in CHAT_FORMATS else _exchanges(rows, path, cfg)
         data = chat_data(found, *split_records(found.items, cfg.eval_fraction, cfg.seed, path), tokenizer, cfg)

@@ -109,7 +109,7 @@ def estimate(cfg: RunConfig, device: str | Device | None = None, gpus: int = 1) 
     what the framework itself costs. With `gpus` > 1, what each one holds: data-parallel, or sharded when
     `cfg.fsdp` (rank 0, whose shards are the largest), each with `cfg.batch_size` sequences per micro-batch.
     """
-    return _report(_budget(cfg, _device(device), gpus), cfg.batch_size)
+    return _report(_budget(cfg, _device(device), gpus), cfg.batch_size * sequences_per_example(cfg))
 
 
 def compare(cfg: RunConfig, device: str | Device | None = None) -> dict[str, dict[str, int]]:
@@ -131,8 +131,10 @@ def fit(cfg: RunConfig, device: str | Device, gpus: int = 1) -> Fit:
     budget = _budget(cfg, target, gpus)
     context = CUDA_CONTEXT if target.kind == "cuda" else 0
 
+    per_example = sequences_per_example(cfg)
+
     def needed(batch: int) -> int:
-        return sum(budget.parts(batch).values()) + context
+        return sum(budget.parts(batch * per_example).values()) + context
 
     low, high = 0, 1
     while high <= 1 << 20 and needed(high) <= target.capacity_bytes:
@@ -140,9 +142,15 @@ def fit(cfg: RunConfig, device: str | Device, gpus: int = 1) -> Fit:
     while high - low > 1:
         middle = (low + high) // 2
         low, high = (middle, high) if needed(middle) <= target.capacity_bytes else (low, middle)
-    report = _report(budget, cfg.batch_size)
+    report = _report(budget, cfg.batch_size * per_example)
     total = report["total"] + context
     return Fit(target, report, total, total <= target.capacity_bytes, low)
+
+
+def sequences_per_example(cfg: RunConfig) -> int:
+    """A preference pair is two sequences (its chosen and rejected answers) in one batch. DPO's reference
+    log-probabilities are computed before step 0 and stored, so no reference model is counted."""
+    return 1 if cfg.objective == "sft" else 2
 
 
 def _report(budget: _Budget, batch: int) -> dict[str, int]:

@@ -56,6 +56,7 @@ from .events import (
     WarningEvent,
 )
 from .loss import loss_function
+from .preference import preference_objective, prepare_reference
 from .samples import Sampler
 from .schedule import lr_factor, micro_batches
 from .sharding import full_state_dict, full_value, local_value, shard_model
@@ -162,7 +163,10 @@ class TrainingRun:
             optimizer = accelerator.prepare(optimizer)
         else:
             model, optimizer = accelerator.prepare(model, optimizer)
-        loss_of = loss_function(model, accelerator.unwrap_model(model), cfg.chunked_loss)
+        objective = preference_objective(cfg, model, accelerator.unwrap_model(model))  # None for sft
+        if cfg.objective == "dpo":  # before a checkpoint is loaded: the model is still the starting one
+            prepare_reference(objective, data, self.run_dir, tokenizer.pad_token_id, accelerator.device, main)
+        loss_of = objective or loss_function(model, accelerator.unwrap_model(model), cfg.chunked_loss)
         sampler = Sampler.for_run(cfg, accelerator.unwrap_model(model), tokenizer, data) if main else None
         position = Position()
         if self.resume:
@@ -229,6 +233,7 @@ class TrainingRun:
                 if optimizer.optimizer.skipped_steps_in_a_row >= 3:  # one bad gradient is survived; a streak is not
                     raise self._diverged(position.step + 1, "the gradients were non-finite for 3 steps in a row")
             lr = scheduler.get_last_lr()[0]
+            rewards = objective.pop_metrics(lambda t: accelerator.reduce(t, "sum")) if objective else {}
             scheduler.step()
             position.step += 1
             last_loss = loss_value
@@ -245,7 +250,7 @@ class TrainingRun:
                 event = StepEvent(position.step, loss_value, lr, grad_norm, tokens * world / elapsed,
                                   memory.current(), memory.peak(), time.time(), kept)
                 self._append_metrics({k: v for k, v in asdict(event).items()
-                                      if v is not None or k != "grad_energy_kept"})
+                                      if v is not None or k != "grad_energy_kept"} | rewards)
                 self._append_lines(spectrum_log.FILE, refreshed)
                 self._emit(event)
                 for message in optimizer.optimizer.pop_incidents():
@@ -254,15 +259,20 @@ class TrainingRun:
                 if sampler is not None and (position.step % cfg.sample_every == 0 or position.step == cfg.max_steps):
                     self._sample(sampler, position.step)
             if data.eval and (position.step % cfg.eval_every == 0 or position.step == cfg.max_steps):
-                eval_loss, accuracy = held_out(model, loss_of, data.eval, cfg, tokenizer.pad_token_id,
-                                               accelerator.device)
+                eval_rewards, accuracy = {}, None
+                if objective:
+                    eval_loss, eval_rewards = objective.held_out(data.eval, cfg.batch_size, tokenizer.pad_token_id,
+                                                                 accelerator.device)
+                else:
+                    eval_loss, accuracy = held_out(model, loss_of, data.eval, cfg, tokenizer.pad_token_id,
+                                                   accelerator.device)
                 if cfg.fsdp:
                     model.reshard()  # a forward with no backward after it leaves the root's weights gathered
                 last_eval = {"data": "held-out", "examples": len(data.eval), "step": position.step,
                              **figures(eval_loss, accuracy)}
                 if main:
                     self._append_metrics({"step": position.step, "eval_loss": eval_loss, "time": time.time()}
-                                         | ({} if accuracy is None else {"eval_accuracy": accuracy}))
+                                         | ({} if accuracy is None else {"eval_accuracy": accuracy}) | eval_rewards)
                     self._emit(EvalEvent(position.step, eval_loss, accuracy))
             stopping = self._stop.is_set()
             if world > 1:  # a stop reaches each process at its own moment: they agree on the step to stop after

@@ -8,8 +8,9 @@ from collections.abc import Iterator
 import torch
 
 from ..config import ConfigError, RunConfig
-from ..data.batches import batches, collate
+from ..data.batches import batches
 from ..data.examples import Example
+from ..data.preference import collate_rows
 from .state import Position
 
 
@@ -40,5 +41,5 @@ def micro_batches(examples: list[Example], cfg: RunConfig, position: Position, w
         for i in range(index, len(epoch_batches)):
             shard = epoch_batches[i][rank * cfg.batch_size:(rank + 1) * cfg.batch_size]
             following = (epoch, i + 1) if i + 1 < len(epoch_batches) else (epoch + 1, 0)
-            yield collate(shard, pad_id), sum(len(e.input_ids) for e in shard), *following
+            yield collate_rows(shard, pad_id), sum(len(e.input_ids) for e in shard), *following
         epoch, index = epoch + 1, 0
