@@ -10,11 +10,8 @@ Checkpoints are train_state.py's.
 from __future__ import annotations
 
 import dataclasses
-import errno
-import json
 import math
 import queue
-import shutil
 import statistics
 import threading
 import time
@@ -57,6 +54,7 @@ from .events import (
 )
 from .loss import loss_function
 from .preference import preference_objective, prepare_reference
+from .run_log import disk_full, truncate_lines
 from .samples import Sampler
 from .schedule import lr_factor, micro_batches
 from .sharding import full_state_dict, full_value, local_value, shard_model
@@ -66,7 +64,6 @@ from .summary import read_summary, whole_run, write_summary
 __all__ = ["CheckpointEvent", "DataEvent", "DoneEvent", "ErrorEvent", "EvalEvent", "Event", "SampleEvent",
            "StepEvent", "TrainingRun", "WarningEvent"]
 
-DISK_FULL_FREE_BYTES = 1 << 20  # a failed write with less than this left free is a full disk (torch.save hides ENOSPC)
 
 
 class TrainingRun:
@@ -359,7 +356,7 @@ class TrainingRun:
         try:
             yield
         except Exception as exc:
-            if not _disk_full(exc, self.run_dir):
+            if not disk_full(exc, self.run_dir):
                 raise
             kept = [c.name for c in checkpoints(self.run_dir)]
             after = (f"continue with --resume from the last checkpoint ({kept[0]})" if kept
@@ -369,29 +366,7 @@ class TrainingRun:
 
     def _truncate(self, name: str, step: int) -> None:
         """Drop lines logged after the checkpoint we resume from, so the resumed run does not log them twice."""
-        metrics = self.run_dir / name
-        if metrics.exists():
-            kept = []
-            for line in metrics.read_text(encoding="utf-8").splitlines():
-                try:
-                    if json.loads(line)["step"] <= step:
-                        kept.append(line)
-                except (ValueError, KeyError, TypeError):
-                    continue  # a line cut short when the process died or the disk filled up
-            write_text_atomic(metrics, "".join(line + "\n" for line in kept))
-
-
-def _disk_full(exc: BaseException, folder: Path) -> bool:
-    """ENOSPC/EDQUOT anywhere in the chain, or any failed write with (almost) nothing left free on that disk."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        if "No space left on device" in str(seen) or "Disk quota exceeded" in str(seen):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
-    return existing is not None and shutil.disk_usage(existing).free < DISK_FULL_FREE_BYTES
+        truncate_lines(self.run_dir / name, step)
 
 
 def warm_imports(cfg: RunConfig) -> None:
