@@ -80,6 +80,9 @@ def test_held_out_reward_accuracy_rises_on_the_shipped_pairs(tmp_path):
     assert accuracy[-1] > accuracy[0] and accuracy[-1] >= 0.75, accuracy
     assert evals[-1]["eval_reward_margin"] > evals[0]["eval_reward_margin"] > 0
     assert evals[-1]["eval_loss"] < math.log(2)
+    written = json.loads((tmp_path / "eval.json").read_text())  # the run's own evaluation: the policy is its
+    assert written["base"]["loss"] == pytest.approx(math.log(2), abs=1e-5)  # reference at the start
+    assert written["eval_reward_accuracy"] == accuracy[-1] and written["base"]["eval_reward_accuracy"] == 0.0
 
 
 @pytest.mark.parametrize("objective", ["dpo", "simpo"])

@@ -180,7 +180,18 @@ def preference_data(rows: list[Row], train: list[Row], held: list[Row], tokenize
     report["bad_pairs"] = bad | {status.removeprefix("dropped: "): where for status, where in outcomes.items()
                                  if status.startswith("dropped")}
     template = (encoder.template or tokenizer.chat_template) if encoder.chat or _conversational(rows) else None
-    return TokenizedData(pairs, held_pairs, report=report, chat_template=template)
+    return TokenizedData(pairs, held_pairs, report=report, chat_template=template, prompts=held_prompts(held))
+
+
+def held_prompts(held: list[Row]) -> list[Any]:
+    """The prompts of the held-out pairs (a string or a list of messages): what samples during training answer."""
+    prompts = []
+    for _, record in held:
+        try:
+            prompts.append(parse_pair(record)[0])
+        except BadRecord:
+            continue
+    return prompts
 
 
 def _conversational(rows: list[Row]) -> bool:

@@ -195,7 +195,9 @@ class TrainingRun:
         names = {id(p): name for name, p in accelerator.unwrap_model(model).named_parameters()}
         order = {name: i for i, name in enumerate(names.values())}  # spectrum.jsonl lists matrices in model order
         if data.eval and not self.resume:  # the starting model's held-out figures, eval.json's `base`
-            base = figures(*held_out(model, loss_of, data.eval, cfg, tokenizer.pad_token_id, accelerator.device))
+            base_loss, base_accuracy, base_rewards = evaluate(model, loss_of, objective, data.eval, cfg,
+                                                              tokenizer.pad_token_id, accelerator.device)
+            base = figures(base_loss, base_accuracy) | base_rewards
             if cfg.fsdp:
                 model.reshard()
             if main:
@@ -256,17 +258,12 @@ class TrainingRun:
                 if sampler is not None and (position.step % cfg.sample_every == 0 or position.step == cfg.max_steps):
                     self._sample(sampler, position.step)
             if data.eval and (position.step % cfg.eval_every == 0 or position.step == cfg.max_steps):
-                eval_rewards, accuracy = {}, None
-                if objective:
-                    eval_loss, eval_rewards = objective.held_out(data.eval, cfg.batch_size, tokenizer.pad_token_id,
-                                                                 accelerator.device)
-                else:
-                    eval_loss, accuracy = held_out(model, loss_of, data.eval, cfg, tokenizer.pad_token_id,
-                                                   accelerator.device)
+                eval_loss, accuracy, eval_rewards = evaluate(model, loss_of, objective, data.eval, cfg,
+                                                             tokenizer.pad_token_id, accelerator.device)
                 if cfg.fsdp:
                     model.reshard()  # a forward with no backward after it leaves the root's weights gathered
                 last_eval = {"data": "held-out", "examples": len(data.eval), "step": position.step,
-                             **figures(eval_loss, accuracy)}
+                             **figures(eval_loss, accuracy), **eval_rewards}
                 if main:
                     self._append_metrics({"step": position.step, "eval_loss": eval_loss, "time": time.time()}
                                          | ({} if accuracy is None else {"eval_accuracy": accuracy}) | eval_rewards)
@@ -367,6 +364,15 @@ class TrainingRun:
     def _truncate(self, name: str, step: int) -> None:
         """Drop lines logged after the checkpoint we resume from, so the resumed run does not log them twice."""
         truncate_lines(self.run_dir / name, step)
+
+
+def evaluate(model, loss_of, objective, pairs_or_examples: list, cfg: RunConfig, pad_id: int,
+             device: torch.device) -> tuple[float, float | None, dict[str, float]]:
+    """Held-out loss, a classifier's accuracy, and a preference run's eval_ rewards (its objective scores pairs)."""
+    if objective:
+        loss, rewards = objective.held_out(pairs_or_examples, cfg.batch_size, pad_id, device)
+        return loss, None, rewards
+    return (*held_out(model, loss_of, pairs_or_examples, cfg, pad_id, device), {})
 
 
 def warm_imports(cfg: RunConfig) -> None:
