@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from gnlorp.config import ConfigError, RunConfig
@@ -55,10 +56,18 @@ def read_hub_dataset(name: str, cfg: RunConfig) -> list[Row]:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ConfigError(f"cannot read the Hub dataset {name} ({reason}); check its split (ORG/NAME:SPLIT) and "
                               "--data-config") from None
+    return dataset_rows(loaded, lambda splits: f"the Hub dataset {name} has splits {', '.join(splits)} but no "
+                        f"'train'; name one: {hub}:{splits[0]}")
+
+
+def dataset_rows(loaded: Any, no_train: Callable[[list[str]], str]) -> list[tuple[str, dict[str, Any]]]:
+    """The rows of a `datasets` Dataset, or of a DatasetDict's 'train' split (or its only one); `no_train` says, given
+    the split names, what to do when it has several and none is 'train'."""
+    import datasets
+
     if isinstance(loaded, datasets.DatasetDict):
         splits = list(loaded)
         if "train" not in loaded and len(splits) != 1:
-            raise ConfigError(f"the Hub dataset {name} has splits {', '.join(splits)} but no 'train'; name one: "
-                              f"{hub}:{splits[0]}")
+            raise ConfigError(no_train(splits))
         loaded = loaded["train" if "train" in loaded else splits[0]]
     return [(f"row {i}", row) for i, row in enumerate(loaded.to_list(), start=1)]

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from gnlorp.config import ConfigError, RunConfig
-from gnlorp.data.hub_data import parse_dataset_id, read_hub_dataset
+from gnlorp.data.hub_data import dataset_rows, parse_dataset_id, read_hub_dataset
 
 SUPPORTED = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".txt")
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -169,13 +169,8 @@ def _read_saved_dataset(path: Path) -> list[Row]:
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot load the dataset folder {path} ({_first_line(exc)}); "
                           "save it again") from None
-    if isinstance(loaded, datasets.DatasetDict):
-        splits = list(loaded)
-        if "train" not in loaded and len(splits) != 1:
-            raise ConfigError(f"{path} holds splits {', '.join(splits)} but no 'train'; "
-                              "save the one to train on")
-        loaded = loaded["train" if "train" in loaded else splits[0]]
-    return [(f"row {i}", row) for i, row in enumerate(loaded.to_list(), start=1)]
+    return dataset_rows(loaded, lambda splits: f"{path} holds splits {', '.join(splits)} but no 'train'; save the "
+                        "one to train on")
 
 
 
