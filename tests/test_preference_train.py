@@ -83,6 +83,13 @@ def test_held_out_reward_accuracy_rises_on_the_shipped_pairs(tmp_path):
     written = json.loads((tmp_path / "eval.json").read_text())  # the run's own evaluation: the policy is its
     assert written["base"]["loss"] == pytest.approx(math.log(2), abs=1e-5)  # reference at the start
     assert written["eval_reward_accuracy"] == accuracy[-1] and written["base"]["eval_reward_accuracy"] == 0.0
+    # `gnlorp eval` rebuilds both models from the run folder and the reference from the base: the same figures.
+    from gnlorp.export.evaluation import evaluate_run
+
+    rebuilt = evaluate_run(tmp_path)
+    assert rebuilt["loss"] == pytest.approx(evals[-1]["eval_loss"], abs=1e-4)
+    assert rebuilt["reward_accuracy"] == accuracy[-1]
+    assert rebuilt["base"]["loss"] == pytest.approx(math.log(2), abs=1e-5)
 
 
 @pytest.mark.parametrize("objective", ["dpo", "simpo"])

@@ -34,12 +34,28 @@ def evaluate_run(run: str | Path, data: str | None = None, choices: str | None =
     record: dict[str, Any] = {"data": data or "held-out", "examples": len(examples), "step": _step(source.weights)}
     if questions:
         record |= {"choices_file": str(choices), "questions": len(questions)}
-    trained = load_for_try(source.path)
-    record |= _figures(trained, cfg, examples, questions)
-    del trained
-    record["base"] = _figures(load_for_try(source.path, base=True), cfg, examples, questions)
+    base = load_for_try(source.path, base=True)  # first: a DPO run's reference is its starting model
+    if cfg.objective == "dpo":
+        _attach_reference(base, cfg, examples)
+    base_figures = _figures(base, cfg, examples, questions)
+    del base
+    record |= _figures(load_for_try(source.path), cfg, examples, questions)
+    record["base"] = base_figures
     write_eval(source.path, record)
     return record
+
+
+def _attach_reference(loaded, cfg: RunConfig, pairs: list) -> None:
+    """DPO's reference log-probabilities of `pairs`, from the starting model: what the run trained against."""
+    from tqdm import tqdm
+
+    from ..train.preference import compute_reference
+
+    with tqdm(total=len(pairs), disable=True) as progress:
+        reference = compute_reference(loaded.model, pairs, cfg.batch_size, loaded.tokenizer.pad_token_id,
+                                      loaded.model.device, progress)
+    for pair, (chosen, rejected) in zip(pairs, reference.tolist(), strict=True):
+        pair.reference = (chosen, rejected)
 
 
 def _examples(cfg: RunConfig, run: Path, data: str | None) -> list:
@@ -68,6 +84,12 @@ def _figures(loaded, cfg: RunConfig, examples: list, questions: list | None) -> 
     from ..train.loss import loss_function
 
     model = loaded.model
+    if cfg.objective != "sft":  # preference pairs: the objective's loss and how often chosen beats rejected
+        from ..train.preference import PreferenceObjective
+
+        loss, rewards = PreferenceObjective(cfg, model).held_out(examples, cfg.batch_size,
+                                                                 loaded.tokenizer.pad_token_id, model.device)
+        return {"loss": loss} | {key.removeprefix("eval_"): value for key, value in rewards.items()}
     loss, accuracy = held_out(model, loss_function(model, model, False), examples, cfg,
                               loaded.tokenizer.pad_token_id, model.device)
     result = figures(loss, accuracy)
@@ -88,7 +110,8 @@ def comparison(record: dict[str, Any]) -> list[str]:
     """The figures as lines a person reads: each one trained against base."""
     base = record.get("base", {})
     lines = []
-    for key in ("loss", "perplexity", "accuracy", "choices_accuracy", "choices_accuracy_norm"):
+    for key in ("loss", "perplexity", "accuracy", "choices_accuracy", "choices_accuracy_norm", "reward_accuracy",
+                "reward_margin"):
         if key in record:
             lines.append(f"{key:<22} {record[key]:>12.4f}   base {base.get(key, float('nan')):>12.4f}")
     return lines
