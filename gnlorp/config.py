@@ -130,8 +130,8 @@ class RunConfig:
                       choices=("float32", "bfloat16"), group="advanced")
     eval_every: int = knob(50, "Evaluate every N steps (and at the end).", min=1, max=10**9, group="advanced")
     sample_every: int = knob(0, "Causal LMs: every N steps (and at step 0 and the end) write the model's greedy "
-                             "answers to the sample prompts into samples.jsonl (0 = off).", min=0, max=10**9,
-                             group="advanced")
+                             "answers to the sample prompts into samples.jsonl (0 = off; skipped, with a warning, "
+                             "under fsdp).", min=0, max=10**9, group="advanced")
     sample_prompts: str = knob("", "What to sample: a file with one prompt (or one JSON list of chat messages) a "
                                "line, or the prompts themselves, one a line; empty = a few prompts from the "
                                "held-out data.", group="advanced")
@@ -185,9 +185,6 @@ class RunConfig:
                               "columns: set data_format to auto")
         if self.layerwise and self.method not in ("full", "galore", "gradnormlorp"):
             raise ConfigError(f"layerwise applies to full, galore and gradnormlorp, not {self.method}")
-        if self.fsdp and self.sample_every and self.task == "causal-lm":
-            raise ConfigError("sample_every cannot run with fsdp yet (generating would need every rank's shards): "
-                              "set sample_every to 0")
         if self.objective != "sft" and self.task != "causal-lm":
             raise ConfigError(f"objective {self.objective} trains a causal-lm on preference pairs: use --task "
                               "causal-lm")

@@ -195,7 +195,7 @@ def test_train_refuse_second_stop_resume_export(client: Client, api: dict, tmp_p
 
     running = wait_for(client, lambda s: s["train_points"] >= 3)
     run = Path(running["run_dir"])
-    _, loss_plot, memory_plot, _, advice, energy_plot, heat_plot = client.predict(api_name="/refresh")
+    _, loss_plot, memory_plot, _, advice, energy_plot, heat_plot, _samples = client.predict(api_name="/refresh")
     spectrum = [json.loads(line) for line in (run / "spectrum.jsonl").read_text().splitlines()]
     assert "would keep 90% of the gradient's energy" in advice  # the default method projects
     refreshes = figure(energy_plot)["data"][0]

@@ -26,6 +26,8 @@ from ..export.infer import encode_prompt
 
 DEFAULT_PROMPTS = 3  # held-out openings sampled when no prompts are given
 PATH_SUFFIXES = (".txt", ".jsonl", ".json")
+# Generating under fsdp would need every rank's shards gathered: such a run trains on and says so once.
+SKIPPED_WITH_FSDP = "no samples with --fsdp yet (generating would need every rank's shards): training goes on without"
 
 Prompt = str | list[dict[str, str]]
 
@@ -99,8 +101,8 @@ class Sampler:
 
     @classmethod
     def for_run(cls, cfg: RunConfig, model: torch.nn.Module, tokenizer: Any, data: TokenizedData) -> Sampler | None:
-        """The run's sampler, or None when it samples nothing (sample_every 0, or a classifier)."""
-        if not cfg.sample_every or cfg.task != "causal-lm":
+        """The run's sampler, or None when it samples nothing (sample_every 0, a classifier, or fsdp)."""
+        if not cfg.sample_every or cfg.task != "causal-lm" or cfg.fsdp:  # fsdp: see SKIPPED_WITH_FSDP
             return None
         chat = data.chat_template is not None  # conversations and templated prompt/response: answer as a user turn
         return cls(model, tokenizer, read_prompts(cfg.sample_prompts, data.prompts), chat, cfg.sample_tokens)
