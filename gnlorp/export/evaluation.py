@@ -49,13 +49,11 @@ def _attach_reference(loaded, cfg: RunConfig, pairs: list) -> None:
     """DPO's reference log-probabilities of `pairs`, from the starting model: what the run trained against."""
     from tqdm import tqdm
 
-    from ..train.preference import compute_reference
+    from ..train.preference import attach_reference, compute_reference
 
     with tqdm(total=len(pairs), disable=True) as progress:
-        reference = compute_reference(loaded.model, pairs, cfg.batch_size, loaded.tokenizer.pad_token_id,
-                                      loaded.model.device, progress)
-    for pair, (chosen, rejected) in zip(pairs, reference.tolist(), strict=True):
-        pair.reference = (chosen, rejected)
+        attach_reference(pairs, compute_reference(loaded.model, pairs, cfg.batch_size, loaded.tokenizer.pad_token_id,
+                                                  loaded.model.device, progress))
 
 
 def _examples(cfg: RunConfig, run: Path, data: str | None) -> list:

@@ -36,10 +36,6 @@ def dequantize_trained(model: nn.Module) -> nn.Module:
     return model
 
 
-def has_int8(model: nn.Module) -> bool:
-    return any(isinstance(p, Int8Weight) for p in model.parameters())
-
-
 def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's parameters and persistent buffers by state_dict name, a tied tensor under its first name only."""
     seen: set[int] = set()
@@ -86,8 +82,3 @@ def load_stored(model: nn.Module, saved: dict[str, torch.Tensor]) -> tuple[list[
         else:
             target.copy_(value)
     return [], []
-
-
-def int8_bytes_held(model: nn.Module) -> int:
-    """Bytes the int8 trained weights hold (codes and scales), counted from their tensors."""
-    return sum(p.codes.nbytes + p.scale.nbytes for p in model.parameters() if isinstance(p, Int8Weight))

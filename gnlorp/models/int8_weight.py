@@ -66,9 +66,6 @@ class Int8Weight(torch.Tensor):
         self.codes[start:end] = codes
         self.scale[start:end] = scale
 
-    def nbytes_held(self) -> int:
-        return self.codes.nbytes + self.scale.nbytes
-
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

@@ -55,7 +55,7 @@ from .events import (
 from .loss import loss_function
 from .preference import preference_objective, prepare_reference
 from .run_log import disk_full, truncate_lines
-from .samples import SKIPPED_WITH_FSDP, Sampler
+from .samples import SKIPPED_WITH_FSDP, Sampler, skipped_with_fsdp
 from .schedule import lr_factor, micro_batches
 from .sharding import full_state_dict, full_value, local_value, shard_model
 from .state import Position, all_finite, load_checkpoint, save_checkpoint, save_final
@@ -179,7 +179,7 @@ class TrainingRun:
             with self._writing():
                 cfg.to_yaml(self.run_dir / "config.yaml")
             self._emit(DataEvent(summary_line(describe(data, 0))))
-            skipped = [SKIPPED_WITH_FSDP] if cfg.fsdp and cfg.sample_every and cfg.task == "causal-lm" else []
+            skipped = [SKIPPED_WITH_FSDP] if skipped_with_fsdp(cfg) else []
             for message in data.report.get("warnings", []) + skipped:  # records the reader could not use; no samples
                 self._append_metrics({"step": position.step, "warning": message})
                 self._emit(WarningEvent(position.step, message))

@@ -209,9 +209,14 @@ def prepare_reference(objective: PreferenceObjective, data: TokenizedData, run_d
             with atomic_file(path) as tmp:
                 save_file(stored, str(tmp), metadata={"fingerprint": key})
     for name, pairs in (("train", data.train), ("eval", data.eval)):
-        for pair, (chosen, rejected) in zip(pairs, stored[name].tolist(), strict=True):
-            pair.reference = (chosen, rejected)
+        attach_reference(pairs, stored[name])
     return computed
+
+
+def attach_reference(pairs: list[Pair], reference: torch.Tensor) -> None:
+    """Give each pair its row of `reference` (pairs × 2: chosen, rejected) as DPO's reference log-probabilities."""
+    for pair, (chosen, rejected) in zip(pairs, reference.tolist(), strict=True):
+        pair.reference = (chosen, rejected)
 
 
 def _read_reference(path: Path, key: str) -> dict[str, Any] | None:

@@ -89,6 +89,11 @@ def untouched(model: torch.nn.Module) -> Iterator[None]:
         np.random.set_state(numpy)
 
 
+def skipped_with_fsdp(cfg: RunConfig) -> bool:
+    """A run that asks for samples under fsdp: it trains without them and says so once (SKIPPED_WITH_FSDP)."""
+    return bool(cfg.sample_every) and cfg.task == "causal-lm" and cfg.fsdp
+
+
 class Sampler:
     """The prompts of a run, encoded once, and the greedy answers of the model to them at a step."""
 
@@ -102,7 +107,7 @@ class Sampler:
     @classmethod
     def for_run(cls, cfg: RunConfig, model: torch.nn.Module, tokenizer: Any, data: TokenizedData) -> Sampler | None:
         """The run's sampler, or None when it samples nothing (sample_every 0, a classifier, or fsdp)."""
-        if not cfg.sample_every or cfg.task != "causal-lm" or cfg.fsdp:  # fsdp: see SKIPPED_WITH_FSDP
+        if not cfg.sample_every or cfg.task != "causal-lm" or skipped_with_fsdp(cfg):
             return None
         chat = data.chat_template is not None  # conversations and templated prompt/response: answer as a user turn
         return cls(model, tokenizer, read_prompts(cfg.sample_prompts, data.prompts), chat, cfg.sample_tokens)
